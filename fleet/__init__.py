@@ -1,0 +1,33 @@
+"""The fleet file schema, shared by the agent (``agentcheck``) and the config generator."""
+
+from fleet.schema import (
+    DEFAULT_FLEET_YAML,
+    Address,
+    AgentConfig,
+    Backend,
+    BalancerConfig,
+    Fleet,
+    FleetError,
+    default_fleet,
+    load_fleet,
+    parse_address,
+    parse_duration,
+    parse_fleet,
+    validate_name,
+)
+
+__all__ = [
+    "DEFAULT_FLEET_YAML",
+    "Address",
+    "AgentConfig",
+    "Backend",
+    "BalancerConfig",
+    "Fleet",
+    "FleetError",
+    "default_fleet",
+    "load_fleet",
+    "parse_address",
+    "parse_duration",
+    "parse_fleet",
+    "validate_name",
+]

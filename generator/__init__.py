@@ -1,0 +1,1 @@
+"""paddler-gen: renders HAProxy and Envoy configs from the fleet file (see generator/main.py)."""
