@@ -1,0 +1,5 @@
+import sys
+
+from agentcheck.main import main
+
+sys.exit(main())

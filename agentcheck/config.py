@@ -1,0 +1,36 @@
+"""The agent's settings: one typed object, built once from the fleet and the command line."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fleet import Address, Backend, Fleet
+
+POLL_TIMEOUT_FRACTION = 0.8  # a poll must finish before the next one is due
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    backends: tuple[Backend, ...]
+    listen: Address = Address("127.0.0.1", 5555)
+    interval: float = 1.0
+    # How long to wait for HAProxy's agent-send line. In fleet mode the name is needed, so wait
+    # longer; with one backend a check may send nothing at all, so answer quickly.
+    request_wait: float = 1.0
+    single_backend_request_wait: float = 0.1
+
+    @property
+    def poll_timeout(self) -> float:
+        return self.interval * POLL_TIMEOUT_FRACTION
+
+    @property
+    def single_backend(self) -> Backend | None:
+        return self.backends[0] if len(self.backends) == 1 else None
+
+    @classmethod
+    def from_fleet(cls, fleet: Fleet, listen: Address | None = None, interval: float | None = None) -> "AgentSettings":
+        return cls(
+            backends=fleet.all_backends(),
+            listen=listen or fleet.agent.listen,
+            interval=interval or fleet.agent.interval,
+        )

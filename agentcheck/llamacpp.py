@@ -1,0 +1,244 @@
+"""Read a llama.cpp server's slot state: a pure interpreter of its answers, and a thin HTTP poller.
+
+``interpret`` turns raw answers from ``/health``, ``/slots``, ``/props`` (and ``/metrics``
+when ``/slots`` is disabled) into a ``BackendStatus``; it is where every quirk of the
+llama.cpp versions in the wild is handled, and it is tested without sockets.
+``LlamaCppClient`` only fetches those answers, concurrently and with bounded size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from agentcheck.status import BackendStatus, SlotSource, State
+from fleet import Backend
+
+MAX_BODY_BYTES = 4 * 1024 * 1024  # /slots of a big server is tens of KB; anything this size is broken
+
+
+@dataclass(frozen=True)
+class Reply:
+    """An HTTP answer, whatever its status."""
+
+    status: int
+    body: bytes
+
+
+@dataclass(frozen=True)
+class Failure:
+    """No usable HTTP answer: connect failure, timeout, connection cut, oversized body."""
+
+    reason: str
+
+
+Outcome = Reply | Failure
+
+
+def interpret(
+    health: Outcome | None,
+    slots: Outcome,
+    props: Outcome | None = None,
+    metrics: Outcome | None = None,
+    configured_slots: int | None = None,
+) -> BackendStatus:
+    """Decide a backend's state from its endpoints' answers (see docs/agent.md for the table).
+
+    ``health`` is None when it was not fetched: a 200 from ``/slots`` already proves the
+    server is up and loaded (llama-server answers 503 everywhere while loading).
+    """
+    if health is None:
+        health = Reply(200, b"{}")
+    if isinstance(health, Failure):
+        return BackendStatus.down(State.UNREACHABLE, health.reason)
+    if health.status in (401, 403):
+        return BackendStatus.down(State.UNAUTHORIZED, f"GET /health answered HTTP {health.status}")
+    if health.status == 503:
+        return BackendStatus.down(State.LOADING, "")
+    if health.status != 200:
+        return BackendStatus.down(State.ERROR, f"GET /health answered HTTP {health.status}")
+    health_body = _json(health.body)
+    if not isinstance(health_body, dict):
+        return BackendStatus.down(State.ERROR, "GET /health: body is not a JSON object")
+
+    model, total_from_props, sleeping = _props(props)
+
+    if isinstance(slots, Failure):
+        return BackendStatus.down(State.UNREACHABLE, f"GET /slots: {slots.reason}")
+    if slots.status == 200:
+        counted = _count_slots(_json(slots.body))
+        if isinstance(counted, str):
+            return BackendStatus.down(State.ERROR, f"GET /slots: {counted}")
+        total, processing = counted
+        return _ready(configured_slots or total, processing, SlotSource.SLOTS, model, sleeping)
+
+    legacy = _legacy_health(health_body)
+    if legacy is not None:
+        idle, processing = legacy
+        return _ready(configured_slots or idle + processing, processing, SlotSource.LEGACY_HEALTH, model, sleeping)
+
+    if slots.status in (401, 403):
+        return BackendStatus.down(State.UNAUTHORIZED, f"GET /slots answered HTTP {slots.status}")
+    if slots.status not in (404, 501):
+        return BackendStatus.down(State.ERROR, f"GET /slots answered HTTP {slots.status}")
+
+    # /slots is disabled (--no-slots): fall back to /metrics, then to what is configured.
+    total = configured_slots or total_from_props
+    if total is None:
+        return BackendStatus.down(
+            State.ERROR, "/slots is disabled and the slot count is unknown: set slots in the fleet file"
+        )
+    if isinstance(metrics, Reply) and metrics.status == 200:
+        processing = _requests_processing(metrics.body)
+        if isinstance(processing, str):
+            return BackendStatus.down(State.ERROR, f"GET /metrics: {processing}")
+        return _ready(total, processing, SlotSource.METRICS, model, sleeping)
+    return _ready(total, 0, SlotSource.CONFIGURED, model, sleeping)
+
+
+def _ready(total: int, processing: int, source: SlotSource, model: str | None, sleeping: bool) -> BackendStatus:
+    if total < 1:
+        return BackendStatus.down(State.ERROR, "server reports no slots")
+    return BackendStatus(
+        state=State.READY,
+        slots_total=total,
+        slots_processing=processing,
+        slot_source=source,
+        model=model,
+        sleeping=sleeping,
+    )
+
+
+def _json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: absurdly nested JSON
+        return _INVALID
+
+
+_INVALID = object()
+
+
+def _count_slots(data: Any) -> tuple[int, int] | str:
+    """(total, processing) from /slots, or a description of what is wrong with it."""
+    if data is _INVALID:
+        return "body is not valid JSON"
+    if not isinstance(data, list):
+        return "expected a JSON list of slots"
+    if not data:
+        return "server lists no slots"
+    processing = 0
+    for index, slot in enumerate(data):
+        if not isinstance(slot, dict):
+            return f"slot {index} is not a JSON object"
+        busy = slot.get("is_processing")
+        if busy is None and isinstance(slot.get("state"), int) and not isinstance(slot.get("state"), bool):
+            busy = slot["state"] != 0  # builds before 2024 reported state 0 (idle) / 1 (processing)
+        if not isinstance(busy, bool):
+            return f"slot {index} has no boolean is_processing"
+        processing += busy
+    return len(data), processing
+
+
+def _legacy_health(body: dict[str, Any]) -> tuple[int, int] | None:
+    """Old llama.cpp (before Aug 2024) and Paddler-style balancers put slot counts in /health."""
+    idle, processing = body.get("slots_idle"), body.get("slots_processing")
+    if _is_count(idle) and _is_count(processing):
+        return idle, processing
+    return None
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _props(props: Outcome | None) -> tuple[str | None, int | None, bool]:
+    """(model, total_slots, is_sleeping) from /props; all optional, older builds lack some."""
+    if not isinstance(props, Reply) or props.status != 200:
+        return None, None, False
+    data = _json(props.body)
+    if not isinstance(data, dict):
+        return None, None, False
+    model = data.get("model_alias") or data.get("model_path")
+    total = data.get("total_slots")
+    return (
+        model if isinstance(model, str) else None,
+        total if _is_count(total) and total > 0 else None,
+        data.get("is_sleeping") is True,
+    )
+
+
+def _requests_processing(body: bytes) -> int | str:
+    try:
+        families = list(text_string_to_metric_families(body.decode("utf-8")))
+    except Exception:  # the parser raises assorted types on garbage; all mean the same here
+        return "not Prometheus text"
+    for family in families:
+        for sample in family.samples:
+            if sample.name == "llamacpp:requests_processing":
+                if not math.isfinite(sample.value):
+                    return f"llamacpp:requests_processing is {sample.value}"
+                return max(0, int(sample.value))
+    return "no llamacpp:requests_processing metric"
+
+
+class LlamaCppClient:
+    """Fetches a backend's endpoints; never raises for anything the backend does.
+
+    A healthy server costs one request per poll: ``/slots``. ``/props`` (model, slot count)
+    rarely changes and is refreshed every ``PROPS_REFRESH_POLLS`` polls; ``/health`` and
+    ``/metrics`` are only asked when ``/slots`` cannot answer, to say why.
+    """
+
+    PROPS_REFRESH_POLLS = 30
+
+    def __init__(self, session: aiohttp.ClientSession) -> None:
+        self._session = session
+        self._props: dict[str, tuple[Outcome, int]] = {}
+
+    async def poll(self, backend: Backend, api_key: str | None) -> BackendStatus:
+        base = f"http://{backend.address}"
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        slots_request = self._get(base + "/slots", headers)
+        cached = self._props.get(backend.name)
+        if cached is None or cached[1] >= self.PROPS_REFRESH_POLLS:
+            slots, props = await asyncio.gather(slots_request, self._get(base + "/props", headers))
+            age = 0
+        else:
+            slots, (props, age) = await slots_request, cached
+        self._props[backend.name] = (props, age + 1)
+        if isinstance(slots, Reply) and slots.status == 200:
+            status = interpret(None, slots, props, None, backend.slots)
+            if status.state is State.READY:
+                return status
+        health, props = await asyncio.gather(self._get(base + "/health", headers), self._get(base + "/props", headers))
+        self._props[backend.name] = (props, 1)
+        metrics = None
+        if isinstance(slots, Reply) and slots.status in (404, 501):
+            metrics = await self._get(base + "/metrics", headers)
+        return interpret(health, slots, props, metrics, backend.slots)
+
+    async def _get(self, url: str, headers: dict[str, str]) -> Outcome:
+        try:
+            async with self._session.get(url, headers=headers, allow_redirects=False) as response:
+                chunks, size = [], 0
+                async for chunk in response.content.iter_chunked(64 * 1024):
+                    size += len(chunk)
+                    if size > MAX_BODY_BYTES:
+                        return Failure(f"response larger than {MAX_BODY_BYTES} bytes")
+                    chunks.append(chunk)
+                return Reply(response.status, b"".join(chunks))
+        except aiohttp.ClientConnectorError as exc:
+            return Failure(f"connection failed ({exc.os_error.strerror or exc.os_error})")
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError):
+            return Failure("connection closed mid-response")
+        except aiohttp.ClientResponseError as exc:
+            return Failure(f"invalid HTTP response ({exc.message})")
+        except aiohttp.ClientError as exc:
+            return Failure(f"HTTP client error ({type(exc).__name__})")

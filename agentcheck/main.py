@@ -1,0 +1,107 @@
+"""``paddler-agent``: command line → AgentSettings → Agent, and signal handling."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import resource
+import signal
+import sys
+
+from agentcheck.config import AgentSettings
+from agentcheck.server import Agent
+from fleet import FleetError, default_fleet, load_fleet, parse_address, parse_duration, parse_fleet
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="paddler-agent",
+        description="Watch llama.cpp servers' slots and answer HAProxy agent-checks with their real state.",
+        epilog="With neither --fleet nor --backend, watches one llama-server on 127.0.0.1:8080.",
+    )
+    parser.add_argument("--fleet", metavar="FILE", help="fleet YAML file (backends, standby, agent, balancer)")
+    parser.add_argument("--backend", metavar="NAME=HOST:PORT", action="append", default=[],
+                        help="a llama.cpp server to watch; repeatable; instead of --fleet")
+    parser.add_argument("--listen", metavar="HOST:PORT", help="agent-check address (default 127.0.0.1:5555)")
+    parser.add_argument("--interval", metavar="DURATION", help="poll interval, e.g. 500ms, 1s (default 1s)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> AgentSettings:
+    if args.fleet and args.backend:
+        raise FleetError("command line", "--backend", "give either --fleet or --backend, not both")
+    if args.fleet:
+        fleet = load_fleet(args.fleet)
+    elif args.backend:
+        entries = []
+        for index, spec in enumerate(args.backend):
+            name, sep, address = spec.partition("=")
+            if not sep:
+                raise FleetError("command line", f"--backend {spec!r}", "expected NAME=HOST:PORT")
+            entries.append({"name": name, "address": address})
+        fleet = parse_fleet({"backends": entries}, source="command line")
+    else:
+        fleet = default_fleet()
+    listen = _option("--listen", parse_address, args.listen)
+    interval = _option("--interval", parse_duration, args.interval)
+    return AgentSettings.from_fleet(fleet, listen=listen, interval=interval)
+
+
+def _option(flag: str, parse, value):  # type: ignore[no-untyped-def]
+    if value is None:
+        return None
+    try:
+        return parse(value)
+    except ValueError as exc:
+        raise FleetError("command line", flag, str(exc)) from None
+
+
+def raise_open_file_limit() -> None:
+    """A fleet of N backends needs N polling connections plus HAProxy's checks: use the hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _loop_factory():  # type: ignore[no-untyped-def]
+    """uvloop where installed (it halves the agent's CPU per check); asyncio's own loop otherwise."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
+async def _run(settings: AgentSettings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await Agent(settings).serve(stop)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = settings_from_args(args)
+        raise_open_file_limit()
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            runner.run(_run(settings))
+    except FleetError as exc:
+        print(f"paddler-agent: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"paddler-agent: cannot listen: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""The decision the agent exists for: a backend's status → one HAProxy agent-check reply line.
+
+Pure functions only. HAProxy semantics that shape every line here (see docs/agent.md):
+
+* A busy backend is never drained or weighted 0%: when every server is drained HAProxy
+  answers 503 at once instead of queueing. Busy is expressed by ``maxconn:<slots>``, so
+  the excess waits in HAProxy's backend queue and leaves it the moment a slot frees.
+* ``maxconn:0`` means *unlimited* to HAProxy, so it is never sent.
+* After an agent ``down`` only an agent ``up`` revives a server, so every ready reply
+  says ``up`` explicitly.
+* Text after ``#`` is shown in HAProxy's logs and stats; it is reduced to a safe charset
+  so nothing a backend says can forge extra words or lines.
+"""
+
+from __future__ import annotations
+
+import re
+
+from agentcheck.status import BackendStatus, State
+
+MIN_WEIGHT_PERCENT = 1
+MAX_COMMENT_LENGTH = 160
+_UNSAFE_COMMENT_CHARS = re.compile(r"[^A-Za-z0-9 _.:/()=,'\"+-]")
+
+
+def weight_percent(status: BackendStatus, fleet_max_slots: int) -> int:
+    """Weight relative to the largest backend: HAProxy's leastconn then compares utilisation.
+
+    leastconn picks the server with the lowest connections/weight; with weight ∝ slots that
+    is the lowest fraction of busy slots, so a 2-slot and a 4-slot server fill evenly
+    instead of the small one filling first (measured in docs/agent.md). Never below 1%.
+    """
+    if status.state is not State.READY or fleet_max_slots < 1:
+        return MIN_WEIGHT_PERCENT
+    return max(MIN_WEIGHT_PERCENT, min(100, round(100 * status.slots_total / fleet_max_slots)))
+
+
+def agent_reply(status: BackendStatus, fleet_max_slots: int) -> str:
+    """The full reply line, ``\\n``-terminated, for a known backend."""
+    if status.state is State.READY and status.slots_total < 1:
+        return f"down #{_comment('error: server reports no slots')}\n"
+    if status.state is State.READY:
+        weight = weight_percent(status, fleet_max_slots)
+        detail = f"idle={status.slots_idle} processing={status.slots_processing} via {status.slot_source.value}"
+        if status.sleeping:
+            detail += " sleeping"
+        return f"up ready {weight}% maxconn:{status.slots_total} #{_comment(detail)}\n"
+    if status.state is State.PENDING:
+        # Never vouch for a server we have not seen: HAProxy sends it nothing until the first poll.
+        return f"down #{_comment(status.reason)}\n"
+    text = status.state.value if not status.reason else f"{status.state.value}: {status.reason}"
+    return f"down #{_comment(text)}\n"
+
+
+def unknown_backend_reply(name: str) -> str:
+    """agent-send names no backend of this fleet: down, with the misconfiguration in HAProxy's stats."""
+    return f"down #paddler-agent: unknown backend {_comment(name)!r}, check agent-send\n"
+
+
+def invalid_request_reply(problem: str) -> str:
+    """The agent-send line is unusable (too long, not text, cut off, missing in fleet mode)."""
+    return f"down #paddler-agent: {_comment(problem)}\n"
+
+
+def _comment(text: str) -> str:
+    return _UNSAFE_COMMENT_CHARS.sub("?", text)[:MAX_COMMENT_LENGTH]

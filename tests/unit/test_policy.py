@@ -1,0 +1,225 @@
+"""agentcheck.policy: the exact agent-check line HAProxy receives for every status."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agentcheck.policy import (
+    MAX_COMMENT_LENGTH,
+    agent_reply,
+    invalid_request_reply,
+    unknown_backend_reply,
+    weight_percent,
+)
+from agentcheck.status import PENDING, BackendStatus, SlotSource, State
+
+# Words HAProxy acts on in an agent reply (src/tcpcheck.c, tcpcheck_agent_expect_reply).
+HAPROXY_STATE_WORDS = {"up", "down", "stopped", "fail", "ready", "drain", "maint"}
+
+
+def haproxy_parse(reply: str) -> tuple[list[str], str]:
+    """Split a reply the way HAProxy does: cut at the first CR/LF, words split on space, tab
+    or comma, and a word starting with '#' begins the description (never parsed for words)."""
+    line = re.split(r"[\r\n]", reply, maxsplit=1)[0]
+    words: list[str] = []
+    index = 0
+    while index < len(line):
+        char = line[index]
+        if char in " \t,":
+            index += 1
+            continue
+        if char == "#":
+            return words, line[index + 1:].lstrip(" \t")
+        end = index + 1
+        while end < len(line) and line[end] not in " \t,":
+            end += 1
+        words.append(line[index:end])
+        index = end + 1
+    return words, ""
+
+
+def ready(total: int, processing: int = 0, source: SlotSource = SlotSource.SLOTS, sleeping: bool = False) -> BackendStatus:
+    return BackendStatus(State.READY, slots_total=total, slots_processing=processing, slot_source=source,
+                         sleeping=sleeping)
+
+
+def assert_single_line(reply: str) -> None:
+    assert reply.endswith("\n")
+    assert reply.count("\n") == 1
+    assert "\r" not in reply
+
+
+# --- exact lines ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "fleet_max", "line"),
+    [
+        pytest.param(ready(4, 1, SlotSource.SLOTS), 4,
+                     "up ready 100% maxconn:4 #idle=3 processing=1 via slots\n", id="ready-slots"),
+        pytest.param(ready(4, 1, SlotSource.LEGACY_HEALTH), 4,
+                     "up ready 100% maxconn:4 #idle=3 processing=1 via health\n", id="ready-legacy-health"),
+        pytest.param(ready(2, 2, SlotSource.METRICS), 4,
+                     "up ready 50% maxconn:2 #idle=0 processing=2 via metrics\n", id="ready-metrics"),
+        pytest.param(ready(4, 0, SlotSource.CONFIGURED), 4,
+                     "up ready 100% maxconn:4 #idle=4 processing=0 via configured\n", id="ready-configured"),
+        pytest.param(ready(4, 0, SlotSource.SLOTS, sleeping=True), 4,
+                     "up ready 100% maxconn:4 #idle=4 processing=0 via slots sleeping\n", id="ready-sleeping"),
+        pytest.param(ready(2, 5, SlotSource.METRICS), 2,
+                     "up ready 100% maxconn:2 #idle=0 processing=5 via metrics\n", id="ready-overcommitted"),
+        pytest.param(PENDING, 0, "down #awaiting first poll\n", id="pending"),
+        pytest.param(BackendStatus.down(State.LOADING, ""), 4, "down #loading\n", id="loading"),
+        pytest.param(BackendStatus.down(State.UNREACHABLE, "connection failed (Connection refused)"), 4,
+                     "down #unreachable: connection failed (Connection refused)\n", id="unreachable"),
+        pytest.param(BackendStatus.down(State.UNREACHABLE, "no answer within 0.8s"), 4,
+                     "down #unreachable: no answer within 0.8s\n", id="unreachable-timeout"),
+        pytest.param(BackendStatus.down(State.UNAUTHORIZED, "GET /slots answered HTTP 401"), 4,
+                     "down #unauthorized: GET /slots answered HTTP 401\n", id="unauthorized"),
+        pytest.param(BackendStatus.down(State.ERROR, "GET /slots: body is not valid JSON"), 4,
+                     "down #error: GET /slots: body is not valid JSON\n", id="error"),
+        pytest.param(BackendStatus.down(State.ERROR, ""), 4, "down #error\n", id="error-without-reason"),
+    ],
+)
+def test_reply_line_for_each_state(status: BackendStatus, fleet_max: int, line: str) -> None:
+    reply = agent_reply(status, fleet_max)
+
+    assert reply == line
+    assert_single_line(reply)
+
+
+@pytest.mark.parametrize("source", list(SlotSource))
+def test_ready_reply_is_parsed_by_haproxy_as_up_ready_weight_and_maxconn(source: SlotSource) -> None:
+    words, description = haproxy_parse(agent_reply(ready(2, 1, source), 4))
+
+    assert words == ["up", "ready", "50%", "maxconn:2"]
+    assert description == f"idle=1 processing=1 via {source.value}"
+
+
+@pytest.mark.parametrize("state", [s for s in State if s is not State.READY])
+def test_every_non_ready_state_is_parsed_by_haproxy_as_down_only(state: State) -> None:
+    words, _ = haproxy_parse(agent_reply(BackendStatus.down(state, "some reason"), 4))
+
+    assert words == ["down"]
+
+
+def test_loading_is_exactly_down_loading() -> None:
+    assert agent_reply(BackendStatus.down(State.LOADING, ""), 4) == "down #loading\n"
+
+
+def test_long_reason_is_truncated_in_the_comment() -> None:
+    reply = agent_reply(BackendStatus.down(State.ERROR, "x" * 1000), 4)
+
+    assert reply == "down #" + ("error: " + "x" * 1000)[:MAX_COMMENT_LENGTH] + "\n"
+
+
+# --- weights and maxconn --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("slots", "fleet_max", "percent"),
+    [
+        (2, 4, 50),
+        (4, 4, 100),
+        (3, 4, 75),
+        (1, 3, 33),
+        (1, 1000, 1),  # rounds to 0: never below 1
+        (1, 201, 1),
+        (8, 4, 100),  # larger than the recorded maximum: capped
+    ],
+)
+def test_weight_percent_is_relative_to_the_largest_backend(slots: int, fleet_max: int, percent: int) -> None:
+    assert weight_percent(ready(slots), fleet_max) == percent
+
+
+@pytest.mark.parametrize(
+    ("status", "fleet_max"),
+    [(BackendStatus.down(State.ERROR, "x"), 4), (PENDING, 4), (ready(4), 0), (ready(4), -1)],
+    ids=["not-ready", "pending", "no-fleet-max", "negative-fleet-max"],
+)
+def test_weight_percent_is_never_0(status: BackendStatus, fleet_max: int) -> None:
+    assert weight_percent(status, fleet_max) == 1
+
+
+@settings(database=None, derandomize=True, max_examples=300)
+@given(
+    total=st.integers(min_value=1, max_value=10_000),
+    processing=st.integers(min_value=0, max_value=20_000),
+    fleet_max=st.integers(min_value=-1, max_value=20_000),
+    source=st.sampled_from(list(SlotSource)),
+    sleeping=st.booleans(),
+)
+def test_ready_reply_weight_is_1_to_100_and_maxconn_is_never_0(
+    total: int, processing: int, fleet_max: int, source: SlotSource, sleeping: bool
+) -> None:
+    reply = agent_reply(ready(total, processing, source, sleeping), fleet_max)
+
+    assert_single_line(reply)
+    words, _ = haproxy_parse(reply)
+    assert words[:2] == ["up", "ready"]
+    weight = int(words[2].rstrip("%"))
+    assert 1 <= weight <= 100
+    assert words[3] == f"maxconn:{total}"
+    assert words[3] != "maxconn:0"
+
+
+def test_ready_status_with_zero_slots_never_sends_maxconn_0() -> None:
+    # maxconn:0 means "unlimited" to HAProxy; the module promises it is never sent.
+    reply = agent_reply(ready(0), 4)
+
+    assert "maxconn:0" not in reply
+
+
+# --- hostile text never escapes the comment -------------------------------------------------
+
+hostile_text = st.one_of(
+    st.text(),
+    st.sampled_from([
+        "up",
+        "up ready 100% maxconn:1000",
+        "\nup ready 100%",
+        "x\r\nup",
+        "# up",
+        "ok, up, ready, 100%, maxconn:999",
+        "\tup\tdrain",
+        "düsseldorf \u2028 up \u0085 ready",
+        "\x00up",
+    ]),
+    st.lists(st.sampled_from(["up", "down", "ready", "drain", "maint", "100%", "maxconn:9", "#", ",", " ", "\n",
+                              "\r", "\t", "é", "\u2028"]), max_size=12).map("".join),
+)
+
+
+@settings(database=None, derandomize=True, max_examples=500)
+@given(state=st.sampled_from([s for s in State if s is not State.READY]), reason=hostile_text)
+def test_reason_text_never_adds_lines_or_haproxy_words(state: State, reason: str) -> None:
+    reply = agent_reply(BackendStatus.down(state, reason), 4)
+
+    assert_single_line(reply)
+    assert reply.isascii()
+    assert reply.count("#") == 1
+    words, _ = haproxy_parse(reply)
+    assert words == ["down"]
+
+
+@settings(database=None, derandomize=True, max_examples=300)
+@given(text=hostile_text)
+def test_unknown_backend_and_invalid_request_replies_stay_down_and_single_line(text: str) -> None:
+    for reply in (unknown_backend_reply(text), invalid_request_reply(text)):
+        assert_single_line(reply)
+        assert reply.isascii()
+        assert reply.startswith("down #")
+        assert reply.count("#") == 1
+        words, _ = haproxy_parse(reply)
+        assert words == ["down"]
+
+
+def test_unknown_backend_reply_names_the_backend() -> None:
+    assert unknown_backend_reply("gpu9") == "down #paddler-agent: unknown backend 'gpu9', check agent-send\n"
+
+
+def test_invalid_request_reply_states_the_problem() -> None:
+    assert invalid_request_reply("agent-send is not ASCII text") == "down #paddler-agent: agent-send is not ASCII text\n"

@@ -1,0 +1,237 @@
+"""agentcheck.protocol: parsing agent-send, and the one-line conversation over a real socket."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import AsyncIterator
+
+import pytest
+
+from agentcheck.config import AgentSettings
+from agentcheck.policy import agent_reply, invalid_request_reply, unknown_backend_reply
+from agentcheck.protocol import MAX_REQUEST_BYTES, AgentCheckProtocol, Request, parse_request
+from agentcheck.server import Agent
+from agentcheck.status import PENDING, BackendStatus, SlotSource, State
+from fleet import Address, Backend
+
+NOT_TERMINATED = Request(problem="agent-send line not terminated in time")
+TOO_LONG = Request(problem=f"agent-send longer than {MAX_REQUEST_BYTES} bytes")
+
+# --- parse_request --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "complete", "expected"),
+    [
+        pytest.param(b"gpu1\n", True, Request(name="gpu1"), id="name-with-newline"),
+        pytest.param(b"gpu1", True, Request(name="gpu1"), id="name-at-eof"),
+        pytest.param(b"gpu1\r\n", True, Request(name="gpu1"), id="crlf"),
+        pytest.param(b"  gpu-1.a_b \t", True, Request(name="gpu-1.a_b"), id="surrounding-blanks"),
+        pytest.param(b"", True, Request(), id="empty"),
+        pytest.param(b" \t\r\n", True, Request(), id="whitespace-only"),
+        pytest.param(b"", False, Request(), id="nothing-before-deadline"),
+        pytest.param(b"a" * (MAX_REQUEST_BYTES + 1), True, TOO_LONG, id="oversized"),
+        pytest.param(b"gpu\xc3\xa91", True, Request(problem="agent-send is not ASCII text"), id="non-ascii"),
+        pytest.param(b"\xff\xfe\x00", True, Request(problem="agent-send is not ASCII text"), id="binary"),
+        pytest.param(b"gpu#1", True, Request(problem="agent-send is not a valid backend name"), id="hash-in-name"),
+        pytest.param(b"gpu 1", True, Request(problem="agent-send is not a valid backend name"), id="space-in-name"),
+        pytest.param(b"gpu1 8080 0 ", True, Request(problem="agent-send is not a valid backend name"),
+                     id="several-words"),
+        pytest.param(b"gp", False, NOT_TERMINATED, id="incomplete-partial-name"),
+    ],
+)
+def test_parse_request(data: bytes, complete: bool, expected: Request) -> None:
+    assert parse_request(data, complete) == expected
+
+
+def test_request_of_exactly_max_bytes_is_not_refused_for_length() -> None:
+    request = parse_request(b" " * (MAX_REQUEST_BYTES - 4) + b"gpu1", True)
+
+    assert request == Request(name="gpu1")
+
+
+# --- handle_connection over a real loopback socket ------------------------------------------
+
+
+class Recorder:
+    """The answer callback: records each Request and replies with a line that identifies it."""
+
+    def __init__(self) -> None:
+        self.requests: list[Request] = []
+        self.changed = asyncio.Event()
+
+    def __call__(self, request: Request) -> str:
+        self.requests.append(request)
+        self.changed.set()
+        return self.line_for(request)
+
+    @staticmethod
+    def line_for(request: Request) -> str:
+        if request.problem is not None:
+            return invalid_request_reply(request.problem)
+        return f"up ready 100% maxconn:1 #for {request.name or 'no name'}\n"
+
+
+@contextlib.asynccontextmanager
+async def agent_socket(wait: float) -> AsyncIterator[tuple[int, Recorder]]:
+    recorder = Recorder()
+    server = await asyncio.get_running_loop().create_server(
+        lambda: AgentCheckProtocol(recorder, wait), host="127.0.0.1", port=0
+    )
+    try:
+        yield server.sockets[0].getsockname()[1], recorder
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def read_until_closed(reader: asyncio.StreamReader) -> bytes:
+    """Everything the agent sends before closing; a reset after the reply also counts as closed."""
+    data = b""
+    try:
+        while chunk := await reader.read(4096):
+            data += chunk
+    except ConnectionResetError:
+        pass
+    return data
+
+
+@contextlib.asynccontextmanager
+async def client(port: int) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        yield reader, writer
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+async def test_named_request_gets_its_reply_line_and_the_connection_closes() -> None:
+    async with agent_socket(wait=1.0) as (port, recorder), asyncio.timeout(5):
+        async with client(port) as (reader, writer):
+            writer.write(b"gpu1\n")
+            await writer.drain()
+            received = await read_until_closed(reader)
+
+    assert recorder.requests == [Request(name="gpu1")]
+    assert received == Recorder.line_for(Request(name="gpu1")).encode()
+
+
+async def test_silent_client_gets_the_no_name_reply_after_the_wait() -> None:
+    wait = 0.1
+    async with agent_socket(wait=wait) as (port, recorder), asyncio.timeout(5):
+        async with client(port) as (reader, _writer):
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            received = await read_until_closed(reader)  # the client keeps its side open
+            elapsed = loop.time() - started
+
+    assert recorder.requests == [Request()]
+    assert received == Recorder.line_for(Request()).encode()
+    assert elapsed >= wait * 0.9
+
+
+async def test_client_that_stalls_mid_name_gets_a_problem_reply() -> None:
+    async with agent_socket(wait=0.1) as (port, recorder), asyncio.timeout(5):
+        async with client(port) as (reader, writer):
+            writer.write(b"gp")
+            await writer.drain()
+            received = await read_until_closed(reader)
+
+    assert recorder.requests == [NOT_TERMINATED]
+    assert received == invalid_request_reply(NOT_TERMINATED.problem or "").encode()
+
+
+async def test_oversized_request_gets_a_problem_reply_and_the_connection_is_closed() -> None:
+    async with agent_socket(wait=1.0) as (port, recorder), asyncio.timeout(5):
+        async with client(port) as (reader, writer):
+            writer.write(b"a" * 10_240)
+            await writer.drain()
+            line = await reader.readline()
+            rest = await read_until_closed(reader)
+
+    assert recorder.requests == [TOO_LONG]
+    assert line == invalid_request_reply(TOO_LONG.problem or "").encode()
+    assert rest == b""
+
+
+async def test_client_that_closes_at_once_does_not_stop_the_server() -> None:
+    async with agent_socket(wait=1.0) as (port, recorder), asyncio.timeout(5):
+        _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.close()
+        await writer.wait_closed()
+        await recorder.changed.wait()  # the first connection has been handled (answered into the void)
+
+        async with client(port) as (reader, writer):
+            writer.write(b"gpu2\n")
+            await writer.drain()
+            received = await read_until_closed(reader)
+
+    assert recorder.requests[-1] == Request(name="gpu2")
+    assert received == Recorder.line_for(Request(name="gpu2")).encode()
+
+
+async def test_many_concurrent_clients_are_each_answered() -> None:
+    async def ask(port: int, name: str) -> bytes:
+        async with client(port) as (reader, writer):
+            writer.write(name.encode() + b"\n")
+            await writer.drain()
+            return await read_until_closed(reader)
+
+    async with agent_socket(wait=1.0) as (port, _recorder), asyncio.timeout(10):
+        names = [f"gpu{index}" for index in range(50)]
+        replies = await asyncio.gather(*(ask(port, name) for name in names))
+
+    assert replies == [Recorder.line_for(Request(name=name)).encode() for name in names]
+
+
+# --- Agent.answer ---------------------------------------------------------------------------
+
+
+def backend(name: str, port: int) -> Backend:
+    return Backend(name, Address("127.0.0.1", port))
+
+
+def make_agent(*backends: Backend) -> Agent:
+    return Agent(AgentSettings(backends=backends), environ={})
+
+
+READY_4 = BackendStatus(State.READY, slots_total=4, slots_processing=1, slot_source=SlotSource.SLOTS)
+
+
+def test_agent_answers_unknown_name_with_unknown_backend_reply() -> None:
+    agent = make_agent(backend("gpu1", 1))
+
+    assert agent.answer(Request(name="gpu9")) == unknown_backend_reply("gpu9")
+
+
+def test_agent_with_one_backend_answers_a_nameless_request_for_that_backend() -> None:
+    agent = make_agent(backend("gpu1", 1))
+    assert agent.answer(Request()) == agent_reply(PENDING, 0)
+
+    agent.state.update("gpu1", READY_4, now=0.0)
+
+    assert agent.answer(Request()) == agent_reply(READY_4, 4)
+    assert agent.answer(Request()) == agent.answer(Request(name="gpu1"))
+
+
+def test_agent_with_two_backends_refuses_a_nameless_request() -> None:
+    agent = make_agent(backend("gpu1", 1), backend("gpu2", 2))
+
+    assert agent.answer(Request()) == invalid_request_reply("agent-send must name a backend (this agent watches several)")
+
+
+def test_agent_with_two_backends_answers_each_by_name() -> None:
+    agent = make_agent(backend("gpu1", 1), backend("gpu2", 2))
+    agent.state.update("gpu2", READY_4, now=0.0)
+
+    assert agent.answer(Request(name="gpu1")) == agent_reply(PENDING, 4)
+    assert agent.answer(Request(name="gpu2")) == agent_reply(READY_4, 4)
+
+
+def test_agent_answers_a_bad_request_with_its_problem() -> None:
+    agent = make_agent(backend("gpu1", 1))
+
+    assert agent.answer(NOT_TERMINATED) == invalid_request_reply("agent-send line not terminated in time")
