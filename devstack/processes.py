@@ -1,0 +1,275 @@
+"""Real processes on free loopback ports: llama-server, HAProxy and paddler-agent.
+
+Each runner is a context manager that starts the real binary, waits for it to *answer*
+(HTTP 200 on /health, the stats socket replying, the agent-check port accepting), keeps
+its output in a log file that is attached to any start-up error, and always stops it.
+Tests, benchmarks and the demo share these, so all of them exercise the same stack.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
+LOOPBACK = "127.0.0.1"
+
+
+class StartError(RuntimeError):
+    """A process did not become ready; the message carries the tail of its log."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(condition: Callable[[], T], timeout: float, interval: float = 0.05, what: str = "condition") -> T:
+    """Poll ``condition`` until it returns something truthy; raise TimeoutError naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def http_get(url: str, timeout: float = 2.0, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    """(status, body); status 0 when nothing answered."""
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+    except (urllib.error.URLError, OSError):
+        return 0, b""
+
+
+class _Process:
+    """A child process with a log file, stopped on exit; subclasses say how to start and probe it."""
+
+    name = "process"
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.workdir / f"{self.name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def environment(self) -> dict[str, str] | None:
+        """The child's environment; None inherits ours."""
+        return None
+
+    def ready(self) -> bool:
+        raise NotImplementedError
+
+    def start(self, timeout: float = 60.0) -> "_Process":
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True, env=self.environment())
+        log.close()
+        deadline = time.monotonic() + timeout
+        while not self.ready():
+            if self.proc.poll() is not None:
+                raise StartError(f"{self.name} exited with status {self.proc.returncode}:\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise StartError(f"{self.name} not ready after {timeout}s:\n{self.log_tail()}")
+            time.sleep(0.05)
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def kill(self) -> None:
+        """Die abruptly, like a crashed or OOM-killed server."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def __enter__(self) -> "_Process":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class LlamaServer(_Process):
+    """A real llama-server serving ``model`` with ``slots`` parallel slots."""
+
+    def __init__(self, binary: Path, model: Path, workdir: Path, slots: int = 2, port: int | None = None,
+                 ctx_per_slot: int = 1024, api_key: str | None = None, extra_args: list[str] | None = None,
+                 name: str | None = None) -> None:
+        self.name = name or f"llama-server-{slots}slots"
+        super().__init__(workdir)
+        self.binary, self.model, self.slots = binary, model, slots
+        self.port = port or free_port()
+        self.ctx_per_slot, self.api_key = ctx_per_slot, api_key
+        self.extra_args = extra_args or []
+
+    @property
+    def address(self) -> str:
+        return f"{LOOPBACK}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}"
+
+    def command(self) -> list[str]:
+        cmd = [str(self.binary), "-m", str(self.model), "--host", LOOPBACK, "--port", str(self.port),
+               "-np", str(self.slots), "-c", str(self.slots * self.ctx_per_slot), "--metrics",
+               "-t", "1", "--no-warmup"]
+        if self.api_key:
+            cmd += ["--api-key", self.api_key]
+        return cmd + self.extra_args
+
+    def ready(self) -> bool:
+        return http_get(self.url + "/health", timeout=1.0)[0] == 200
+
+    def metric(self, name: str) -> float | None:
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else None
+        status, body = http_get(self.url + "/metrics", headers=headers)
+        if status != 200:
+            return None
+        for line in body.decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+        return None
+
+    def busy_slots(self) -> int | None:
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else None
+        status, body = http_get(self.url + "/slots", headers=headers)
+        if status != 200:
+            return None
+        return sum(1 for slot in json.loads(body) if slot.get("is_processing"))
+
+
+class HAProxy(_Process):
+    """Real HAProxy running ``config_text``; a stats socket is added for tests to read state."""
+
+    name = "haproxy"
+
+    def __init__(self, config_text: str, workdir: Path) -> None:
+        super().__init__(workdir)
+        self.config_path = self.workdir / "haproxy.cfg"
+        self.stats_socket = self.workdir / "haproxy.sock"
+        self.config_path.write_text(config_text)
+
+    @staticmethod
+    def binary() -> str:
+        path = shutil.which("haproxy") or "/usr/sbin/haproxy"
+        if not os.access(path, os.X_OK):
+            raise StartError("haproxy not found: apt-get install haproxy")
+        return path
+
+    def command(self) -> list[str]:
+        return [self.binary(), "-db", "-f", str(self.config_path)]
+
+    def check_config(self) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([self.binary(), "-c", "-f", str(self.config_path)], capture_output=True, text=True)
+
+    def ready(self) -> bool:
+        try:
+            return bool(self.runtime("show info"))
+        except OSError:
+            return False
+
+    def runtime(self, command: str) -> str:
+        """One command on the runtime API (stats socket)."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(2.0)
+            sock.connect(str(self.stats_socket))
+            sock.sendall(command.encode() + b"\n")
+            chunks = []
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        return b"".join(chunks).decode()
+
+    def stats(self) -> list[dict[str, str]]:
+        """``show stat`` as rows keyed by column name (pxname, svname, status, qcur, scur, ...)."""
+        text = self.runtime("show stat")
+        lines = [line for line in text.splitlines() if line]
+        header = lines[0].lstrip("# ").split(",")
+        return [dict(zip(header, line.split(","))) for line in lines[1:]]
+
+    def server(self, backend: str, server: str) -> dict[str, str]:
+        for row in self.stats():
+            if row["pxname"] == backend and row["svname"] == server:
+                return row
+        raise KeyError(f"{backend}/{server} not in HAProxy stats")
+
+    def server_is_up(self, backend: str, server: str) -> bool:
+        """HAProxy shows an agent-only server that is up as "no check", a checked one as "UP"."""
+        status = self.server(backend, server)["status"]
+        return status in ("UP", "no check") or status.startswith("UP ")
+
+
+class AgentProcess(_Process):
+    """The real ``paddler-agent`` command, as an operator would run it."""
+
+    name = "paddler-agent"
+
+    def __init__(self, workdir: Path, args: list[str], port: int | None = None,
+                 extra_env: dict[str, str] | None = None) -> None:
+        super().__init__(workdir)
+        self.port = port or free_port()
+        self.args = args
+        self.extra_env = extra_env or {}
+
+    def environment(self) -> dict[str, str] | None:
+        return {**os.environ, **self.extra_env}
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "agentcheck", "--listen", f"{LOOPBACK}:{self.port}", *self.args]
+
+    def ready(self) -> bool:
+        try:
+            with socket.create_connection((LOOPBACK, self.port), timeout=0.5):
+                return True
+        except OSError:
+            return False
+
+    def check(self, send: bytes = b"", timeout: float = 3.0) -> str:
+        """One agent-check exchange, exactly as HAProxy performs it."""
+        with socket.create_connection((LOOPBACK, self.port), timeout=timeout) as sock:
+            if send:
+                sock.sendall(send)
+            data = b""
+            while chunk := sock.recv(4096):
+                data += chunk
+        return data.decode()
+

@@ -1,0 +1,155 @@
+"""Real llama-servers + the real agent + real HAProxy with a minimal hand-written config.
+
+The config (devstack/haproxy_minimal.py) deliberately sets no ``maxconn``: every per-server limit HAProxy enforces here
+comes from the agent's replies, so these tests fail if the agent stops doing its job.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from devstack.haproxy_minimal import minimal_haproxy_config
+from devstack.processes import AgentProcess, HAProxy, LlamaServer, free_port, wait_until
+
+pytestmark = pytest.mark.real
+
+AGENT_INTER = 1.0  # HAProxy agent-inter, and the agent's own poll interval
+SLOTS = {"small": 2, "large": 4}
+N_PREDICT = 600  # keeps a slot busy for a few hundred ms with the tiny model
+CONCURRENT_REQUESTS = 18
+
+class Stack:
+    def __init__(self, servers: dict[str, LlamaServer], agent: AgentProcess, haproxy: HAProxy, port: int) -> None:
+        self.servers, self.agent, self.haproxy, self.port = servers, agent, haproxy, port
+
+    def completion(self, n_predict: int = N_PREDICT, timeout: float = 120.0) -> tuple[int, dict]:
+        body = json.dumps({"prompt": "Tell me a story", "n_predict": n_predict, "ignore_eos": True}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}/completion", data=body,
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, {}
+
+    def server_status(self, name: str) -> dict[str, str]:
+        return self.haproxy.server("llama", name)
+
+
+@pytest.fixture(scope="module")
+def stack(llama_binary: Path, tiny_model: Path, haproxy_available: None,
+          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    workdir = tmp_path_factory.mktemp("real-stack")
+    servers = {name: LlamaServer(llama_binary, tiny_model, workdir, slots=slots, name=name)
+               for name, slots in SLOTS.items()}
+    agent = AgentProcess(workdir, [arg for name, server in servers.items()
+                                   for arg in ("--backend", f"{name}={server.address}")]
+                         + ["--interval", f"{int(AGENT_INTER * 1000)}ms"])
+    port = free_port()
+    started: list = []
+    try:
+        for server in servers.values():
+            started.append(server.start())
+        started.append(agent.start())
+        config = minimal_haproxy_config({name: server.address for name, server in servers.items()},
+                                        listen=f"127.0.0.1:{port}", agent_host="127.0.0.1",
+                                        agent_port=agent.port, stats_socket=workdir / "haproxy.sock",
+                                        agent_inter=AGENT_INTER)
+        haproxy = HAProxy(config, workdir)
+        started.append(haproxy.start())
+        stack = Stack(servers, agent, haproxy, port)
+        # Only the agent can set these limits: the config has no maxconn.
+        for name, slots in SLOTS.items():
+            wait_until(lambda: stack.server_status(name)["slim"] == str(slots), timeout=10,
+                       what=f"agent to set maxconn {slots} on {name}")
+        yield stack
+    finally:
+        for process in reversed(started):
+            process.stop()
+
+
+class Sampler:
+    """Samples llama.cpp and HAProxy state in a background thread while load runs."""
+
+    def __init__(self, stack: Stack) -> None:
+        self.stack = stack
+        self.max_deferred = {name: 0.0 for name in stack.servers}
+        self.max_busy = {name: 0 for name in stack.servers}
+        self.max_haproxy_sessions = {name: 0 for name in stack.servers}
+        self.max_queue = 0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for name, server in self.stack.servers.items():
+                deferred = server.metric("llamacpp:requests_deferred")
+                if deferred is not None:
+                    self.max_deferred[name] = max(self.max_deferred[name], deferred)
+                busy = server.busy_slots()
+                if busy is not None:
+                    self.max_busy[name] = max(self.max_busy[name], busy)
+            rows = self.stack.haproxy.stats()
+            for row in rows:
+                if row["pxname"] == "llama" and row["svname"] in self.max_haproxy_sessions:
+                    self.max_haproxy_sessions[row["svname"]] = max(self.max_haproxy_sessions[row["svname"]],
+                                                                   int(row["scur"] or 0))
+                if row["pxname"] == "llama" and row["svname"] == "BACKEND":
+                    self.max_queue = max(self.max_queue, int(row["qcur"] or 0))
+            self.samples += 1
+            self._stop.wait(0.02)
+
+    def __enter__(self) -> "Sampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def test_oversubscription_waits_in_haproxy_queue_not_in_llama_cpp(stack: Stack) -> None:
+    with Sampler(stack) as sampler, ThreadPoolExecutor(CONCURRENT_REQUESTS) as pool:
+        results = list(pool.map(lambda _: stack.completion(), range(CONCURRENT_REQUESTS)))
+
+    assert [status for status, _ in results] == [200] * CONCURRENT_REQUESTS
+    assert all(body["tokens_predicted"] == N_PREDICT for _, body in results)
+    assert sampler.samples > 10
+    assert sampler.max_deferred == {name: 0 for name in SLOTS}, "llama.cpp queued requests internally"
+    for name, slots in SLOTS.items():
+        assert sampler.max_haproxy_sessions[name] <= slots
+        assert sampler.max_busy[name] == slots, f"{name} never had all {slots} slots busy"
+        assert int(stack.server_status(name)["smax"]) <= slots
+    assert sampler.max_queue > 0, "the excess never waited in HAProxy's queue"
+
+
+def test_stopped_server_is_marked_down_then_recovers(stack: Stack) -> None:
+    small = stack.servers["small"]
+    small.kill()
+    stopped_at = time.monotonic()
+    wait_until(lambda: not stack.haproxy.server_is_up("llama", "small"),
+               timeout=2 * AGENT_INTER + 0.5, interval=0.02, what="HAProxy to mark 'small' down")
+    down_after = time.monotonic() - stopped_at
+    print(f"marked down {down_after:.2f}s after the kill")
+    assert "unreachable" in stack.server_status("small")["last_agt"]
+
+    served_before = int(stack.server_status("large")["stot"])
+    with ThreadPoolExecutor(6) as pool:
+        statuses = [status for status, _ in pool.map(lambda _: stack.completion(n_predict=50), range(6))]
+    assert statuses == [200] * 6
+    assert not stack.haproxy.server_is_up("llama", "small")
+    assert int(stack.server_status("large")["stot"]) - served_before == 6
+
+    small.start()
+    wait_until(lambda: stack.haproxy.server_is_up("llama", "small"), timeout=10,
+               what="HAProxy to bring 'small' back up")
+    assert stack.server_status("small")["slim"] == "2"
