@@ -199,9 +199,6 @@ class HAProxy(_Process):
     def command(self) -> list[str]:
         return [self.binary(), "-db", "-f", str(self.config_path)]
 
-    def check_config(self) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([self.binary(), "-c", "-f", str(self.config_path)], capture_output=True, text=True)
-
     def ready(self) -> bool:
         try:
             return bool(self.runtime("show info"))
