@@ -3,7 +3,7 @@
 from agentcheck.config import AgentSettings
 from agentcheck.llamacpp import Failure, LlamaCppClient, Reply, interpret
 from agentcheck.monitor import FleetState, Monitor
-from agentcheck.policy import agent_reply, invalid_request_reply, unknown_backend_reply, weight_percent
+from agentcheck.policy import WeightFormula, agent_reply, invalid_request_reply, unknown_backend_reply, weight_percent
 from agentcheck.protocol import Request, parse_request
 from agentcheck.server import Agent
 from agentcheck.status import PENDING, BackendStatus, SlotSource, State
@@ -21,6 +21,7 @@ __all__ = [
     "Request",
     "SlotSource",
     "State",
+    "WeightFormula",
     "agent_reply",
     "interpret",
     "invalid_request_reply",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from agentcheck.policy import DEFAULT_WEIGHT_FORMULA, WeightFormula
 from fleet import Address, Backend, Fleet
 
 POLL_TIMEOUT_FRACTION = 0.8  # a poll must finish before the next one is due
@@ -14,6 +15,7 @@ class AgentSettings:
     backends: tuple[Backend, ...]
     listen: Address = Address("127.0.0.1", 5555)
     interval: float = 1.0
+    weight: WeightFormula = DEFAULT_WEIGHT_FORMULA
     # How long to wait for HAProxy's agent-send line. In fleet mode the name is needed, so wait
     # longer; with one backend a check may send nothing at all, so answer quickly.
     request_wait: float = 1.0
@@ -28,9 +30,11 @@ class AgentSettings:
         return self.backends[0] if len(self.backends) == 1 else None
 
     @classmethod
-    def from_fleet(cls, fleet: Fleet, listen: Address | None = None, interval: float | None = None) -> "AgentSettings":
+    def from_fleet(cls, fleet: Fleet, listen: Address | None = None, interval: float | None = None,
+                   weight: WeightFormula | None = None) -> "AgentSettings":
         return cls(
             backends=fleet.all_backends(),
             listen=listen or fleet.agent.listen,
             interval=interval or fleet.agent.interval,
+            weight=weight or DEFAULT_WEIGHT_FORMULA,
         )

@@ -10,6 +10,7 @@ import signal
 import sys
 
 from agentcheck.config import AgentSettings
+from agentcheck.policy import WeightFormula
 from agentcheck.server import Agent
 from fleet import FleetError, default_fleet, load_fleet, parse_address, parse_duration, parse_fleet
 
@@ -25,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a llama.cpp server to watch; repeatable; instead of --fleet")
     parser.add_argument("--listen", metavar="HOST:PORT", help="agent-check address (default 127.0.0.1:5555)")
     parser.add_argument("--interval", metavar="DURATION", help="poll interval, e.g. 500ms, 1s (default 1s)")
+    parser.add_argument("--weight", choices=[formula.value for formula in WeightFormula],
+                        help="how ready backends are weighted (default idle: proportional to idle slots; see docs/agent.md)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser
 
@@ -46,7 +49,8 @@ def settings_from_args(args: argparse.Namespace) -> AgentSettings:
         fleet = default_fleet()
     listen = _option("--listen", parse_address, args.listen)
     interval = _option("--interval", parse_duration, args.interval)
-    return AgentSettings.from_fleet(fleet, listen=listen, interval=interval)
+    weight = WeightFormula(args.weight) if args.weight else None
+    return AgentSettings.from_fleet(fleet, listen=listen, interval=interval, weight=weight)
 
 
 def _option(flag: str, parse, value):  # type: ignore[no-untyped-def]

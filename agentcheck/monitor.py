@@ -12,7 +12,7 @@ import logging
 import time
 from typing import Awaitable, Callable, Iterable
 
-from agentcheck.policy import agent_reply
+from agentcheck.policy import DEFAULT_WEIGHT_FORMULA, WeightFormula, agent_reply
 from agentcheck.status import PENDING, BackendStatus, State
 from fleet import Backend
 
@@ -24,7 +24,8 @@ Poller = Callable[[Backend], Awaitable[BackendStatus]]
 class FleetState:
     """Latest status per backend and the agent-check reply it implies (cached: checks are hot)."""
 
-    def __init__(self, backends: Iterable[Backend]) -> None:
+    def __init__(self, backends: Iterable[Backend], formula: WeightFormula = DEFAULT_WEIGHT_FORMULA) -> None:
+        self._formula = formula
         self._backends = {backend.name: backend for backend in backends}
         self._status: dict[str, BackendStatus] = {name: PENDING for name in self._backends}
         self._updated: dict[str, float] = {}
@@ -63,7 +64,7 @@ class FleetState:
             status = self._status.get(name)
             if status is None:
                 return None
-            reply = self._replies[name] = agent_reply(status, self._largest_slots)
+            reply = self._replies[name] = agent_reply(status, self._largest_slots, self._formula)
         return reply
 
 

@@ -14,6 +14,7 @@ Pure functions only. HAProxy semantics that shape every line here (see docs/agen
 
 from __future__ import annotations
 
+import enum
 import re
 
 from agentcheck.status import BackendStatus, State
@@ -23,24 +24,43 @@ MAX_COMMENT_LENGTH = 160
 _UNSAFE_COMMENT_CHARS = re.compile(r"[^A-Za-z0-9 _.:/()=,'\"+-]")
 
 
-def weight_percent(status: BackendStatus, fleet_max_slots: int) -> int:
-    """Weight relative to the largest backend: HAProxy's leastconn then compares utilisation.
+class WeightFormula(enum.Enum):
+    """How a ready backend's weight is chosen; docs/agent.md has the measurement behind the default."""
 
-    leastconn picks the server with the lowest connections/weight; with weight ∝ slots that
-    is the lowest fraction of busy slots, so a 2-slot and a 4-slot server fill evenly
-    instead of the small one filling first (measured in docs/agent.md). Never below 1%.
+    CAPACITY = "capacity"  # ∝ total slots: leastconn then balances the fraction of busy slots
+    EQUAL = "equal"  # 100% for all: leastconn balances absolute connection counts
+    IDLE = "idle"  # ∝ idle fraction at the last poll: also sees load that bypasses HAProxy
+
+
+DEFAULT_WEIGHT_FORMULA = WeightFormula.IDLE  # chosen by measurement, see docs/agent.md
+
+
+def weight_percent(status: BackendStatus, fleet_max_slots: int,
+                   formula: WeightFormula = DEFAULT_WEIGHT_FORMULA) -> int:
+    """A weight percentage for a ready backend, never below 1% (0% would mean drained).
+
+    HAProxy's leastconn picks the server with the lowest connections/weight among those
+    below their maxconn. The weight only orders servers that still have room; busy slots
+    are limited by maxconn and queued by HAProxy whatever the weight.
     """
-    if status.state is not State.READY or fleet_max_slots < 1:
+    if status.state is not State.READY or status.slots_total < 1:
         return MIN_WEIGHT_PERCENT
-    return max(MIN_WEIGHT_PERCENT, min(100, round(100 * status.slots_total / fleet_max_slots)))
+    if formula is WeightFormula.EQUAL:
+        percent = 100.0
+    elif formula is WeightFormula.IDLE:
+        percent = 100 * status.slots_idle / status.slots_total
+    else:
+        percent = 100 * status.slots_total / max(fleet_max_slots, status.slots_total)
+    return max(MIN_WEIGHT_PERCENT, min(100, round(percent)))
 
 
-def agent_reply(status: BackendStatus, fleet_max_slots: int) -> str:
+def agent_reply(status: BackendStatus, fleet_max_slots: int,
+                formula: WeightFormula = DEFAULT_WEIGHT_FORMULA) -> str:
     """The full reply line, ``\\n``-terminated, for a known backend."""
     if status.state is State.READY and status.slots_total < 1:
         return f"down #{_comment('error: server reports no slots')}\n"
     if status.state is State.READY:
-        weight = weight_percent(status, fleet_max_slots)
+        weight = weight_percent(status, fleet_max_slots, formula)
         detail = f"idle={status.slots_idle} processing={status.slots_processing} via {status.slot_source.value}"
         if status.sleeping:
             detail += " sleeping"

@@ -41,7 +41,7 @@ def resolve_api_keys(backends: tuple[Backend, ...], environ: Mapping[str, str] =
 class Agent:
     def __init__(self, settings: AgentSettings, environ: Mapping[str, str] = os.environ) -> None:
         self.settings = settings
-        self.state = FleetState(settings.backends)
+        self.state = FleetState(settings.backends, settings.weight)
         self._api_keys = resolve_api_keys(settings.backends, environ)
         self._session: aiohttp.ClientSession | None = None
         self._server: asyncio.AbstractServer | None = None

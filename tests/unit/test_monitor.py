@@ -9,7 +9,7 @@ import logging
 import pytest
 
 from agentcheck.monitor import FleetState, Monitor
-from agentcheck.policy import agent_reply
+from agentcheck.policy import WeightFormula, agent_reply
 from agentcheck.status import PENDING, BackendStatus, SlotSource, State
 from fleet import Address, Backend
 
@@ -44,7 +44,7 @@ def test_update_to_ready_changes_the_reply() -> None:
 
     assert state.status("gpu1") == ready(4, 1)
     assert state.updated_at("gpu1") == 123.0
-    assert state.reply_for("gpu1") == "up ready 100% maxconn:4 #idle=3 processing=1 via slots\n"
+    assert state.reply_for("gpu1") == "up ready 75% maxconn:4 #idle=3 processing=1 via slots\n"
 
 
 def test_busy_slot_change_changes_the_reply() -> None:
@@ -67,8 +67,8 @@ def test_going_down_after_ready_changes_the_reply() -> None:
     assert state.reply_for("gpu1") == "down #loading\n"
 
 
-def test_a_new_larger_backend_rescales_the_weight_of_the_others() -> None:
-    state = FleetState([GPU1, GPU2])
+def test_with_capacity_weights_a_new_larger_backend_rescales_the_others() -> None:
+    state = FleetState([GPU1, GPU2], WeightFormula.CAPACITY)
     state.update("gpu1", ready(2), now=1.0)
     assert state.reply_for("gpu1") == "up ready 100% maxconn:2 #idle=2 processing=0 via slots\n"
 

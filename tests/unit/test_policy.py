@@ -13,6 +13,7 @@ from agentcheck.policy import (
     agent_reply,
     invalid_request_reply,
     unknown_backend_reply,
+    WeightFormula,
     weight_percent,
 )
 from agentcheck.status import PENDING, BackendStatus, SlotSource, State
@@ -60,17 +61,17 @@ def assert_single_line(reply: str) -> None:
     ("status", "fleet_max", "line"),
     [
         pytest.param(ready(4, 1, SlotSource.SLOTS), 4,
-                     "up ready 100% maxconn:4 #idle=3 processing=1 via slots\n", id="ready-slots"),
+                     "up ready 75% maxconn:4 #idle=3 processing=1 via slots\n", id="ready-slots"),
         pytest.param(ready(4, 1, SlotSource.LEGACY_HEALTH), 4,
-                     "up ready 100% maxconn:4 #idle=3 processing=1 via health\n", id="ready-legacy-health"),
+                     "up ready 75% maxconn:4 #idle=3 processing=1 via health\n", id="ready-legacy-health"),
         pytest.param(ready(2, 2, SlotSource.METRICS), 4,
-                     "up ready 50% maxconn:2 #idle=0 processing=2 via metrics\n", id="ready-metrics"),
+                     "up ready 1% maxconn:2 #idle=0 processing=2 via metrics\n", id="ready-metrics"),
         pytest.param(ready(4, 0, SlotSource.CONFIGURED), 4,
                      "up ready 100% maxconn:4 #idle=4 processing=0 via configured\n", id="ready-configured"),
         pytest.param(ready(4, 0, SlotSource.SLOTS, sleeping=True), 4,
                      "up ready 100% maxconn:4 #idle=4 processing=0 via slots sleeping\n", id="ready-sleeping"),
         pytest.param(ready(2, 5, SlotSource.METRICS), 2,
-                     "up ready 100% maxconn:2 #idle=0 processing=5 via metrics\n", id="ready-overcommitted"),
+                     "up ready 1% maxconn:2 #idle=0 processing=5 via metrics\n", id="ready-overcommitted"),
         pytest.param(PENDING, 0, "down #awaiting first poll\n", id="pending"),
         pytest.param(BackendStatus.down(State.LOADING, ""), 4, "down #loading\n", id="loading"),
         pytest.param(BackendStatus.down(State.UNREACHABLE, "connection failed (Connection refused)"), 4,
@@ -131,17 +132,37 @@ def test_long_reason_is_truncated_in_the_comment() -> None:
         (8, 4, 100),  # larger than the recorded maximum: capped
     ],
 )
-def test_weight_percent_is_relative_to_the_largest_backend(slots: int, fleet_max: int, percent: int) -> None:
-    assert weight_percent(ready(slots), fleet_max) == percent
+def test_capacity_weight_is_relative_to_the_largest_backend(slots: int, fleet_max: int, percent: int) -> None:
+    assert weight_percent(ready(slots), fleet_max, WeightFormula.CAPACITY) == percent
 
 
 @pytest.mark.parametrize(
     ("status", "fleet_max"),
-    [(BackendStatus.down(State.ERROR, "x"), 4), (PENDING, 4), (ready(4), 0), (ready(4), -1)],
-    ids=["not-ready", "pending", "no-fleet-max", "negative-fleet-max"],
+    [(BackendStatus.down(State.ERROR, "x"), 4), (PENDING, 4)],
+    ids=["not-ready", "pending"],
 )
-def test_weight_percent_is_never_0(status: BackendStatus, fleet_max: int) -> None:
+def test_weight_percent_of_unusable_backend_is_the_minimum_not_0(status: BackendStatus, fleet_max: int) -> None:
     assert weight_percent(status, fleet_max) == 1
+
+
+@pytest.mark.parametrize("fleet_max", [0, -1])
+def test_backend_larger_than_any_recorded_counts_as_the_largest(fleet_max: int) -> None:
+    assert weight_percent(ready(4), fleet_max, WeightFormula.CAPACITY) == 100
+
+
+@pytest.mark.parametrize(
+    ("formula", "slots", "processing", "percent"),
+    [
+        (WeightFormula.EQUAL, 2, 2, 100),
+        (WeightFormula.EQUAL, 4, 0, 100),
+        (WeightFormula.IDLE, 4, 1, 75),
+        (WeightFormula.IDLE, 4, 4, 1),  # all busy: still never 0, HAProxy's queue holds the excess
+        (WeightFormula.IDLE, 2, 0, 100),
+        (WeightFormula.CAPACITY, 2, 2, 50),
+    ],
+)
+def test_each_weight_formula(formula: WeightFormula, slots: int, processing: int, percent: int) -> None:
+    assert weight_percent(ready(slots, processing), 4, formula) == percent
 
 
 @settings(database=None, derandomize=True, max_examples=300)
