@@ -73,7 +73,9 @@ def _log(message: str) -> None:
 
 def _run(cmd: list[str], cwd: Path | None = None) -> None:
     _log("$ " + " ".join(cmd))
-    proc = subprocess.run(cmd, cwd=cwd)
+    # The tool's own output (cmake's "[ 42%] Building ..." lines) is the progress report; it goes
+    # to stderr because stdout carries only the binary's path.
+    proc = subprocess.run(cmd, cwd=cwd, stdout=sys.stderr)
     if proc.returncode != 0:
         raise BuildError(f"command failed with status {proc.returncode}: {' '.join(cmd)}")
 
