@@ -24,6 +24,7 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 _HOSTNAME_PATTERN = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
 _IPV6_TEXT_PATTERN = re.compile(r"[0-9A-Fa-f:.]+")
 _PORT_PATTERN = re.compile(r"[0-9]{1,5}")
+_SOCKET_PATH_PATTERN = re.compile(r"/[A-Za-z0-9_./-]{1,200}")
 _ENV_NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _DURATION_PATTERN = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m)")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0}
@@ -77,6 +78,13 @@ class BalancerConfig:
     listen: Address = Address("127.0.0.1", 8000)
     max_buffered_requests: int = 30
     buffered_request_timeout: float = 10.0
+    # Inactivity limit on both sides of a request; bounds the worst time to first token.
+    idle_timeout: float = 300.0
+    # /slots shows prompts; admin endpoints (/metrics, POST /props, POST /lora-adapters) change or
+    # reveal server state. Neither is reachable through the balancer unless turned on.
+    expose_slots: bool = False
+    expose_admin: bool = False
+    stats_socket: str | None = None
 
 
 @dataclass(frozen=True)
@@ -226,11 +234,7 @@ class _Reader:
             raise self.fail(key, str(exc)) from None
 
     def positive_int(self, key: str, value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise self.fail(key, f"expected a whole number, got {value!r}")
-        if value < 1:
-            raise self.fail(key, f"must be at least 1, got {value}")
-        return value
+        return self.convert(key, _positive_int, value)
 
     def backend_list(self, value: Any, key: str, required: bool) -> list[Backend]:
         if value is None:
@@ -263,27 +267,55 @@ class _Reader:
             slots=None if slots is None else self.positive_int(f"{key}.slots", slots),
         )
 
+    def optional(self, item: dict[str, Any], section: str, key: str, parse: Any, default: Any) -> Any:
+        if key not in item:
+            return default
+        return self.convert(f"{section}.{key}", parse, item[key])
+
     def agent(self, value: Any) -> AgentConfig:
         item = self.mapping(value, "agent", allowed={"listen", "management", "interval"})
         defaults = AgentConfig()
         return AgentConfig(
-            listen=self.convert("agent.listen", parse_address, item["listen"]) if "listen" in item else defaults.listen,
-            management=(self.convert("agent.management", parse_address, item["management"])
-                        if "management" in item else defaults.management),
-            interval=self.convert("agent.interval", parse_duration, item["interval"]) if "interval" in item else defaults.interval,
+            listen=self.optional(item, "agent", "listen", parse_address, defaults.listen),
+            management=self.optional(item, "agent", "management", parse_address, defaults.management),
+            interval=self.optional(item, "agent", "interval", parse_duration, defaults.interval),
         )
 
     def balancer(self, value: Any) -> BalancerConfig:
-        item = self.mapping(value, "balancer", allowed={"listen", "max_buffered_requests", "buffered_request_timeout"})
         defaults = BalancerConfig()
+        item = self.mapping(value, "balancer", allowed=set(defaults.__dataclass_fields__))
         return BalancerConfig(
-            listen=self.convert("balancer.listen", parse_address, item["listen"]) if "listen" in item else defaults.listen,
-            max_buffered_requests=(self.positive_int("balancer.max_buffered_requests", item["max_buffered_requests"])
-                                   if "max_buffered_requests" in item else defaults.max_buffered_requests),
-            buffered_request_timeout=(self.convert("balancer.buffered_request_timeout", parse_duration,
-                                                   item["buffered_request_timeout"])
-                                      if "buffered_request_timeout" in item else defaults.buffered_request_timeout),
+            listen=self.optional(item, "balancer", "listen", parse_address, defaults.listen),
+            max_buffered_requests=self.optional(item, "balancer", "max_buffered_requests", _positive_int,
+                                                defaults.max_buffered_requests),
+            buffered_request_timeout=self.optional(item, "balancer", "buffered_request_timeout", parse_duration,
+                                                   defaults.buffered_request_timeout),
+            idle_timeout=self.optional(item, "balancer", "idle_timeout", parse_duration, defaults.idle_timeout),
+            expose_slots=self.optional(item, "balancer", "expose_slots", _boolean, defaults.expose_slots),
+            expose_admin=self.optional(item, "balancer", "expose_admin", _boolean, defaults.expose_admin),
+            stats_socket=self.optional(item, "balancer", "stats_socket", _socket_path, defaults.stats_socket),
         )
+
+
+def _positive_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"expected a whole number, got {value!r}")
+    if value < 1:
+        raise ValueError(f"must be at least 1, got {value}")
+    return value
+
+
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {value!r}")
+    return value
+
+
+def _socket_path(value: Any) -> str:
+    """An absolute path that can sit unquoted on a haproxy.cfg line."""
+    if not isinstance(value, str) or not _SOCKET_PATH_PATTERN.fullmatch(value):
+        raise ValueError(f"expected an absolute path of A-Z a-z 0-9 _ . - / characters, got {value!r}")
+    return value
 
 
 def _kind(value: Any) -> str:
