@@ -1,0 +1,155 @@
+-- paddler.lua: the HAProxy side of llama.cpp-aware balancing (HAProxy 2.6+, Lua 5.3).
+--
+-- HAProxy itself does the balancing: leastconn, per-server maxconn = llama.cpp slots (set live
+-- by paddler-agent over agent-check), and the backend queue as the request buffer. This file
+-- adds what HAProxy has no directive for:
+--
+--   lua.paddler_admit   http-request action. Bounds the buffer (HAProxy's queue plus requests
+--                       held here) at PADDLER_MAX_BUFFERED, and when no server is usable at all
+--                       (all down, or scaling from zero) holds the request, yielding, until one
+--                       is or PADDLER_BUFFER_TIMEOUT_MS passes. It only sets the variable
+--                       txn.paddler_verdict to "overflow" or "timeout"; haproxy.cfg decides
+--                       what to answer.
+--   lua.paddler_health  http service: Paddler-compatible aggregated /health,
+--                       {"status":"ok","slots_idle":N,"slots_processing":M,"requests_buffered":K}.
+--
+-- haproxy.cfg lines (paddler-gen haproxy writes them):
+--   global
+--       setenv PADDLER_BACKEND llama
+--       setenv PADDLER_MAX_BUFFERED 30
+--       setenv PADDLER_BUFFER_TIMEOUT_MS 10000
+--       lua-load /etc/haproxy/paddler/paddler.lua
+--   frontend llm
+--       http-request use-service lua.paddler_health if { path /health }
+--   backend llama
+--       http-request lua.paddler_admit
+--       http-request return status 503 ... if { var(txn.paddler_verdict) -m str overflow }
+--       http-request return status 503 ... if { var(txn.paddler_verdict) -m str timeout }
+
+local paddler = {}
+
+local settings = {
+  backend = "llama",
+  max_buffered = 30,
+  timeout_ms = 10000,
+  hold_poll_ms = 50,
+}
+
+-- Requests held while no server is usable: held[id] = deadline in ms. A client that goes away
+-- kills its stream without running Lua cleanup, so entries also expire at their deadline.
+local held = {}
+local next_id = 0
+
+local function now_ms()
+  local now = core.now()
+  return now.sec * 1000 + now.usec // 1000
+end
+
+function paddler.held_count(now)
+  local count = 0
+  for id, deadline in pairs(held) do
+    if deadline <= now then
+      held[id] = nil
+    else
+      count = count + 1
+    end
+  end
+  return count
+end
+
+-- HAProxy shows an agent-checked server that is up as "no check", a health-checked one as "UP".
+function paddler.is_usable(status)
+  return status == "UP" or status == "no check" or string.sub(status or "", 1, 3) == "UP "
+end
+
+-- Sum slots over the servers HAProxy would send new requests to: usable primaries, or usable
+-- standby (backup) servers when no primary is. Each item: {status=, slim=, scur=, bck=}.
+function paddler.aggregate(servers)
+  local totals = { [false] = { idle = 0, processing = 0, usable = 0 },
+                   [true] = { idle = 0, processing = 0, usable = 0 } }
+  for _, server in ipairs(servers) do
+    if paddler.is_usable(server.status) then
+      local group = totals[server.bck == 1]
+      local busy = server.scur or 0
+      group.processing = group.processing + busy
+      group.idle = group.idle + math.max(0, (server.slim or 0) - busy)
+      group.usable = group.usable + 1
+    end
+  end
+  if totals[false].usable > 0 then
+    return totals[false]
+  end
+  return totals[true]
+end
+
+function paddler.health_body(aggregate, buffered)
+  local status = aggregate.usable > 0 and "ok" or "unavailable"
+  return string.format('{"status":"%s","slots_idle":%d,"slots_processing":%d,"requests_buffered":%d}',
+                       status, aggregate.idle, aggregate.processing, buffered),
+         aggregate.usable > 0 and 200 or 503
+end
+
+local function server_stats()
+  local servers = {}
+  local backend = core.backends[settings.backend]
+  for _, server in pairs(backend.servers) do
+    local stats = server:get_stats()
+    servers[#servers + 1] = { status = stats.status, slim = tonumber(stats.slim) or 0,
+                              scur = tonumber(stats.scur) or 0, bck = tonumber(stats.bck) or 0 }
+  end
+  return servers
+end
+
+function paddler.admit(txn)
+  local backend = settings.backend
+  local now = now_ms()
+  local buffered = (tonumber(txn.f:queue(backend)) or 0) + paddler.held_count(now)
+  if buffered >= settings.max_buffered then
+    txn:set_var("txn.paddler_verdict", "overflow")
+    return
+  end
+  if (tonumber(txn.f:nbsrv(backend)) or 0) > 0 then
+    return -- HAProxy places it now, or queues it until a slot frees
+  end
+  next_id = next_id + 1
+  local id = next_id
+  local deadline = now + settings.timeout_ms
+  held[id] = deadline
+  while (tonumber(txn.f:nbsrv(backend)) or 0) == 0 do
+    if now_ms() >= deadline then
+      held[id] = nil
+      txn:set_var("txn.paddler_verdict", "timeout")
+      return
+    end
+    core.msleep(settings.hold_poll_ms)
+  end
+  held[id] = nil
+end
+
+function paddler.health(applet)
+  local queued = tonumber(core.backends[settings.backend]:get_stats().qcur) or 0
+  local body, status = paddler.health_body(paddler.aggregate(server_stats()), queued + paddler.held_count(now_ms()))
+  applet:set_status(status)
+  applet:add_header("content-type", "application/json")
+  applet:add_header("content-length", tostring(#body))
+  applet:add_header("cache-control", "no-store")
+  applet:start_response()
+  applet:send(body)
+end
+
+local function read_settings()
+  settings.backend = os.getenv("PADDLER_BACKEND") or settings.backend
+  settings.max_buffered = tonumber(os.getenv("PADDLER_MAX_BUFFERED")) or settings.max_buffered
+  settings.timeout_ms = tonumber(os.getenv("PADDLER_BUFFER_TIMEOUT_MS")) or settings.timeout_ms
+  if core.backends[settings.backend] == nil then
+    error("paddler.lua: PADDLER_BACKEND names no backend: " .. settings.backend)
+  end
+end
+
+if core ~= nil and core.register_action ~= nil then
+  core.register_init(read_settings)
+  core.register_action("paddler_admit", { "http-req" }, paddler.admit, 0)
+  core.register_service("paddler_health", "http", paddler.health)
+end
+
+return paddler

@@ -1,0 +1,95 @@
+"""Render haproxy.cfg from a fleet: a plain context builder plus a Jinja template in configs/haproxy/.
+
+The template holds structure; every decision (starting maxconn, addresses, units) is made
+here, in Python, where it is tested. Missing template variables are errors (StrictUndefined).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from fleet import Fleet
+
+BACKEND_NAME = "llama"
+LUA_FILE = "paddler.lua"
+DEFAULT_LUA_DIR = "/etc/haproxy/paddler"
+GLOBAL_MAXCONN = 4096
+
+
+def packaged_lua_path() -> Path:
+    """paddler.lua as shipped with this package (configs/haproxy/)."""
+    return Path(str(resources.files("configs.haproxy") / LUA_FILE))
+
+
+def haproxy_duration(seconds: float) -> str:
+    """HAProxy time syntax: whole seconds as ``10s``, anything finer in milliseconds."""
+    milliseconds = round(seconds * 1000)
+    return f"{milliseconds // 1000}s" if milliseconds % 1000 == 0 else f"{milliseconds}ms"
+
+
+def haproxy_context(fleet: Fleet, lua_dir: str = DEFAULT_LUA_DIR) -> dict[str, Any]:
+    agent = fleet.agent.listen
+    # An agent listening on every address is reached on loopback from a co-located HAProxy.
+    agent_host = "127.0.0.1" if agent.host in ("0.0.0.0", "::") else agent.host
+    servers = [{"name": backend.name, "address": str(backend.address),
+                # Until the agent's first reply: the configured slots, else 1 (safe: never overfill).
+                "maxconn": backend.slots or 1, "backup": backup}
+               for backup, group in ((False, fleet.backends), (True, fleet.standby)) for backend in group]
+    balancer = fleet.balancer
+    return {
+        "source": fleet.source,
+        "agent_address": str(agent),
+        "agent_host": agent_host,
+        "agent_port": agent.port,
+        "agent_inter": haproxy_duration(fleet.agent.interval),
+        "backend_name": BACKEND_NAME,
+        "servers": servers,
+        "listen": str(balancer.listen),
+        "max_buffered_requests": balancer.max_buffered_requests,
+        "buffered_request_timeout": haproxy_duration(balancer.buffered_request_timeout),
+        "buffered_request_timeout_ms": round(balancer.buffered_request_timeout * 1000),
+        "idle_timeout": haproxy_duration(balancer.idle_timeout),
+        "expose_slots": balancer.expose_slots,
+        "expose_admin": balancer.expose_admin,
+        "stats_socket": balancer.stats_socket,
+        "global_maxconn": GLOBAL_MAXCONN,
+        "lua_path": f"{lua_dir.rstrip('/')}/{LUA_FILE}",
+    }
+
+
+def render_haproxy(fleet: Fleet, lua_dir: str = DEFAULT_LUA_DIR) -> str:
+    environment = jinja2.Environment(
+        loader=jinja2.PackageLoader("configs", "haproxy"),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+    return environment.get_template("haproxy.cfg.j2").render(haproxy_context(fleet, lua_dir))
+
+
+class CheckError(RuntimeError):
+    """haproxy -c refused the rendered config; the message is HAProxy's own output."""
+
+
+def check_haproxy(fleet: Fleet, haproxy: str | None = None) -> str | None:
+    """Validate with the local ``haproxy -c`` (Lua from this package); None when HAProxy is absent."""
+    binary = haproxy or shutil.which("haproxy") or ("/usr/sbin/haproxy" if Path("/usr/sbin/haproxy").exists() else None)
+    if binary is None:
+        return None
+    text = render_haproxy(fleet, lua_dir=str(packaged_lua_path().parent))
+    with tempfile.NamedTemporaryFile("w", suffix=".cfg", prefix="paddler-check-") as handle:
+        handle.write(text)
+        handle.flush()
+        result = subprocess.run([binary, "-c", "-f", handle.name], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise CheckError((result.stdout + result.stderr).strip())
+    return binary

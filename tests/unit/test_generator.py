@@ -1,0 +1,93 @@
+"""paddler-gen haproxy: golden files for the rendered text, real `haproxy -c`, and refusals."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fleet import default_fleet, load_fleet
+from generator.haproxy import check_haproxy, haproxy_duration, render_haproxy
+from generator.main import main
+
+GOLDEN = Path(__file__).parent.parent / "golden" / "haproxy"
+UPDATE = os.environ.get("PADDLER_UPDATE_GOLDEN") == "1"  # regenerate after an intended change, then review the diff
+
+FLEETS = {
+    "default": default_fleet,
+    "three-backends": lambda: load_fleet(GOLDEN / "three-backends.yaml"),
+    "standby": lambda: load_fleet(GOLDEN / "standby.yaml"),
+}
+
+
+def rendered(name: str) -> str:
+    # Golden files must not depend on where the checkout lives.
+    return render_haproxy(FLEETS[name](), lua_dir="/etc/haproxy/paddler").replace(str(GOLDEN) + "/", "")
+
+
+@pytest.mark.parametrize("name", FLEETS)
+def test_rendered_config_matches_its_golden_file(name: str) -> None:
+    golden = GOLDEN / f"{name}.cfg"
+    if UPDATE:
+        golden.write_text(rendered(name))
+    assert rendered(name) == golden.read_text()
+
+
+@pytest.mark.skipif(shutil.which("haproxy") is None and not Path("/usr/sbin/haproxy").exists(),
+                    reason="haproxy is not installed")
+@pytest.mark.parametrize("name", FLEETS)
+def test_rendered_config_passes_haproxy_check(name: str) -> None:
+    assert check_haproxy(FLEETS[name]()) is not None
+
+
+def test_standby_servers_are_backups_and_slot_overrides_are_the_starting_maxconn() -> None:
+    text = rendered("standby")
+    assert "server us-backup-1 10.1.0.11:8080 weight 100 maxconn 2 " in text
+    assert text.count(" backup\n") == 2
+    assert "server eu-2 [fd00::12]:8080 weight 100 maxconn 1 " in text
+    assert "slots_endpoint" not in text  # expose_slots: true
+
+
+def test_agent_listening_everywhere_is_reached_on_loopback() -> None:
+    assert "agent-addr 127.0.0.1 agent-port 5555 agent-inter 500ms" in rendered("three-backends")
+
+
+@pytest.mark.parametrize(("seconds", "text"), [(10, "10s"), (0.5, "500ms"), (60, "60s"), (1.25, "1250ms")])
+def test_durations_use_haproxy_syntax(seconds: float, text: str) -> None:
+    assert haproxy_duration(seconds) == text
+
+
+BAD_FLEETS = {
+    "duplicate-name": ("backends:\n  - {name: a, address: 'h:1'}\n  - {name: a, address: 'h:2'}\n",
+                       "backends[1].name"),
+    "name-with-newline": ('backends:\n  - {name: "a\\nserver evil 1.2.3.4:80", address: "h:1"}\n',
+                          "backends[0].name"),
+    "name-with-space": ("backends:\n  - {name: 'a b', address: 'h:1'}\n", "backends[0].name"),
+    "bad-address": ("backends:\n  - {name: a, address: 'h:99999'}\n", "backends[0].address"),
+    "negative-slots": ("backends:\n  - {name: a, address: 'h:1', slots: -1}\n", "backends[0].slots"),
+    "unknown-key": ("backends:\n  - {name: a, address: 'h:1'}\nbalancer: {max_buffer: 3}\n", "balancer.max_buffer"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_FLEETS)
+def test_bad_fleet_is_one_line_naming_the_key_exit_2_and_nothing_on_stdout(case: str, tmp_path: Path) -> None:
+    text, key = BAD_FLEETS[case]
+    path = tmp_path / "fleet.yaml"
+    path.write_text(text)
+    result = subprocess.run([sys.executable, "-m", "generator.main", "haproxy", "--fleet", str(path)],
+                            capture_output=True, text=True, cwd=Path(__file__).parent.parent.parent)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.count("\n") == 1
+    assert result.stderr.startswith(f"paddler-gen: {path}: {key}: ")
+
+
+def test_install_lua_copies_the_bridge_next_to_the_config_reference(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["haproxy", "--lua-dir", str(tmp_path / "lua"), "--install-lua"]) == 0
+    assert (tmp_path / "lua" / "paddler.lua").read_text().startswith("-- paddler.lua")
+    assert f"lua-load {tmp_path}/lua/paddler.lua" in capsys.readouterr().out
