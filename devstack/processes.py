@@ -129,7 +129,10 @@ class _Process:
 
 
 class LlamaServer(_Process):
-    """A real llama-server serving ``model`` with ``slots`` parallel slots."""
+    """A real llama-server serving ``model`` with ``slots`` parallel slots.
+
+    Its ``name`` is also the model alias, so every answer says which server produced it.
+    """
 
     def __init__(self, binary: Path, model: Path, workdir: Path, slots: int = 2, port: int | None = None,
                  ctx_per_slot: int = 1024, api_key: str | None = None, extra_args: list[str] | None = None,
@@ -152,7 +155,7 @@ class LlamaServer(_Process):
     def command(self) -> list[str]:
         cmd = [str(self.binary), "-m", str(self.model), "--host", LOOPBACK, "--port", str(self.port),
                "-np", str(self.slots), "-c", str(self.slots * self.ctx_per_slot), "--metrics",
-               "-t", "1", "--no-warmup"]
+               "-t", "1", "--no-warmup", "--alias", self.name]
         if self.api_key:
             cmd += ["--api-key", self.api_key]
         return cmd + self.extra_args

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Callable, Iterator
 
 import pytest
 
 from devstack.llamacpp_build import llama_server_binary
 from devstack.model import write_tiny_model
+from devstack.processes import LlamaServer
 
 
 @pytest.fixture(scope="session")
@@ -26,3 +28,19 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def haproxy_available() -> None:
     if shutil.which("haproxy") is None and not Path("/usr/sbin/haproxy").exists():
         pytest.fail("haproxy is not installed (scripts/test.sh installs it with apt-get)")
+
+
+@pytest.fixture
+def make_llama(llama_binary: Path, tiny_model: Path, tmp_path: Path) -> Iterator[Callable[..., LlamaServer]]:
+    """Build real llama-servers (not started); every one is stopped when the test ends."""
+    made: list[LlamaServer] = []
+
+    def make(name: str, slots: int = 1, ctx_per_slot: int = 2048, port: int | None = None) -> LlamaServer:
+        server = LlamaServer(llama_binary, tiny_model, tmp_path, slots=slots, name=name, port=port,
+                             ctx_per_slot=ctx_per_slot)
+        made.append(server)
+        return server
+
+    yield make
+    for server in made:
+        server.stop()

@@ -1,0 +1,211 @@
+"""The product's main path, end to end: fleet file → paddler-gen haproxy → real HAProxy + paddler.lua,
+with the real agent in front of real llama-servers (tiny model)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+from devstack.processes import LlamaServer, free_port, wait_until
+from devstack.stack import BalancerStack
+from tests.integration import clients
+
+pytestmark = pytest.mark.real
+
+FLEET_SLOTS = {"one": 1, "two": 2, "four": 4}
+
+
+@pytest.fixture(scope="module")
+def fleet3(llama_binary: Path, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BalancerStack]:
+    """Three llama-servers with 1, 2 and 4 slots behind a generated HAProxy config."""
+    workdir = tmp_path_factory.mktemp("fleet3")
+    servers = [LlamaServer(llama_binary, tiny_model, workdir, slots=slots, name=name)
+               for name, slots in FLEET_SLOTS.items()]
+    started: list[LlamaServer] = []
+    try:
+        for server in servers:
+            started.append(server.start())
+        stack = BalancerStack(workdir, {server.name: server.address for server in servers})
+        with stack:
+            stack.wait_slots(FLEET_SLOTS)
+            stack.llama = {server.name: server for server in servers}  # type: ignore[attr-defined]
+            yield stack
+    finally:
+        for server in started:
+            server.stop()
+
+
+def health(stack: BalancerStack) -> dict:
+    answer = clients.request(f"{stack.url}/health")
+    return {"http": answer.status, **answer.json()}
+
+
+class DeferralWatch:
+    """Records the highest llamacpp:requests_deferred seen on each server while load runs."""
+
+    def __init__(self, servers: dict[str, LlamaServer]) -> None:
+        self.servers = servers
+        self.max_deferred = {name: 0.0 for name in servers}
+        self.samples = 0
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._watch, args=(name,), daemon=True) for name in servers]
+
+    def _watch(self, name: str) -> None:
+        while not self._stop.is_set():
+            value = self.servers[name].metric("llamacpp:requests_deferred")
+            self.max_deferred[name] = max(self.max_deferred[name], value or 0)
+            self.samples += 1
+            self._stop.wait(0.01)
+
+    def __enter__(self) -> "DeferralWatch":
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join()
+
+
+def test_three_times_more_streams_than_slots_all_complete_without_llama_cpp_queueing(fleet3: BalancerStack) -> None:
+    total_slots = sum(FLEET_SLOTS.values())
+    count = 3 * total_slots
+    max_queue = 0
+    stop = threading.Event()
+
+    def watch_queue() -> None:
+        nonlocal max_queue
+        while not stop.wait(0.01):
+            max_queue = max(max_queue, int(fleet3.server("BACKEND")["qcur"] or 0))
+
+    watcher = threading.Thread(target=watch_queue)
+    watcher.start()
+    try:
+        with DeferralWatch(fleet3.llama) as deferrals, ThreadPoolExecutor(count) as pool:  # type: ignore[attr-defined]
+            streams = list(pool.map(lambda _: clients.chat_stream(fleet3.url, max_tokens=400), range(count)))
+    finally:
+        stop.set()
+        watcher.join()
+
+    assert [stream.status for stream in streams] == [200] * count
+    assert all(stream.done and stream.finish_reason == "length" for stream in streams), "a stream was cut short"
+    assert deferrals.samples > 3 * len(FLEET_SLOTS)
+    assert deferrals.max_deferred == {name: 0 for name in FLEET_SLOTS}, "llama.cpp queued requests internally"
+    assert max_queue > 0, "the excess never waited in HAProxy's queue"
+    for name, slots in FLEET_SLOTS.items():
+        assert int(fleet3.server(name)["smax"]) <= slots
+
+
+def test_health_reports_fleet_slot_sums_and_follows_the_load(fleet3: BalancerStack) -> None:
+    wait_until(lambda: health(fleet3)["slots_processing"] == 0, timeout=10, what="an idle fleet")
+    assert health(fleet3) == {"http": 200, "status": "ok", "slots_idle": 7, "slots_processing": 0,
+                              "requests_buffered": 0}
+
+    with ThreadPoolExecutor(3) as pool:
+        running = [pool.submit(clients.completion, fleet3.url, 3000) for _ in range(3)]
+        busy = wait_until(lambda: (h := health(fleet3))["slots_processing"] == 3 and h, timeout=10,
+                          what="/health to show 3 busy slots")
+        assert busy["slots_idle"] == 4
+        assert [future.result().status for future in running] == [200] * 3
+    wait_until(lambda: health(fleet3)["slots_processing"] == 0, timeout=10, what="/health to show the fleet idle")
+
+
+@pytest.mark.parametrize("path", ["/slots", "/slots?id_slot=0", "/%73lots", "//slots", "/slots/0?action=erase"])
+def test_slots_are_refused_by_default(fleet3: BalancerStack, path: str) -> None:
+    answer = clients.request(fleet3.url + path, method="GET")
+    assert answer.status == 403
+    assert answer.json()["error"]["type"] == "forbidden"
+
+
+def test_admin_endpoints_are_refused_but_read_only_props_work(fleet3: BalancerStack) -> None:
+    assert clients.request(fleet3.url + "/metrics").status == 403
+    assert clients.request(fleet3.url + "/props", body={"n_ctx": 1}).status == 403
+    assert clients.request(fleet3.url + "/props").status == 200
+
+
+@pytest.fixture
+def one_slot(make_llama: Callable[..., LlamaServer]) -> LlamaServer:
+    return make_llama("solo", slots=1, ctx_per_slot=8192).start()
+
+
+def test_buffer_overflow_is_refused_at_once_and_the_buffered_requests_are_served(
+        one_slot: LlamaServer, tmp_path: Path) -> None:
+    with BalancerStack(tmp_path / "lb", {"solo": one_slot.address},
+                       balancer={"max_buffered_requests": 2, "buffered_request_timeout": "60s"}) as stack:
+        stack.wait_slots({"solo": 1})
+        with ThreadPoolExecutor(3) as pool:
+            long_one = pool.submit(clients.completion, stack.url, 6000)
+            wait_until(lambda: stack.server("solo")["scur"] == "1", timeout=10, what="the slot to be busy")
+            buffered = [pool.submit(clients.completion, stack.url, 8) for _ in range(2)]
+            wait_until(lambda: stack.server("BACKEND")["qcur"] == "2", timeout=10, what="two buffered requests")
+
+            overflow = clients.completion(stack.url, 8)
+
+            assert not long_one.done(), "the refusal must not wait for a slot"
+            assert overflow.status == 503
+            assert overflow.json()["error"]["type"] == "buffer_full"
+            assert overflow.headers.get("retry-after") == "1"
+            assert [future.result().status for future in buffered] == [200, 200]
+            assert long_one.result().status == 200
+
+
+def test_buffered_request_times_out_on_time_while_a_long_stream_survives_idle_timeouts(
+        one_slot: LlamaServer, tmp_path: Path) -> None:
+    timeout = 2.0
+    with BalancerStack(tmp_path / "lb", {"solo": one_slot.address},
+                       balancer={"buffered_request_timeout": f"{timeout:g}s", "idle_timeout": "1s"}) as stack:
+        stack.wait_slots({"solo": 1})
+        with ThreadPoolExecutor(1) as pool:
+            # ~6,000 tokens at ~1,250 tokens/s: a stream several times longer than the 1 s idle timeout.
+            stream = pool.submit(clients.chat_stream, stack.url, 6000)
+            wait_until(lambda: stack.server("solo")["scur"] == "1", timeout=10, what="the slot to be busy")
+
+            waited = clients.completion(stack.url, 8)
+
+            assert waited.status == 503
+            assert waited.json()["error"]["type"] == "buffer_timeout"
+            assert timeout - 1 <= waited.seconds <= timeout + 1
+            assert not stream.done()
+            finished = stream.result()
+        assert finished.status == 200 and finished.done and finished.finish_reason == "length"
+
+
+def test_standby_serves_when_every_primary_is_down_and_traffic_returns(
+        make_llama: Callable[..., LlamaServer], tmp_path: Path) -> None:
+    primary = make_llama("primary", slots=2).start()
+    standby = make_llama("standby", slots=2).start()
+    with BalancerStack(tmp_path / "lb", {"primary": primary.address}, standby={"standby": standby.address}) as stack:
+        stack.wait_slots({"primary": 2, "standby": 2})
+        assert {clients.chat(stack.url).json()["model"] for _ in range(4)} == {"primary"}
+
+        primary.kill()
+        wait_until(lambda: not stack.is_up("primary"), timeout=5, what="the primary to be marked down")
+        answers = [clients.chat(stack.url) for _ in range(4)]
+        assert [a.status for a in answers] == [200] * 4
+        assert {a.json()["model"] for a in answers} == {"standby"}
+
+        primary.start()
+        stack.wait_slots({"primary": 2})
+        assert {clients.chat(stack.url).json()["model"] for _ in range(4)} == {"primary"}
+
+
+def test_request_is_held_until_the_first_backend_starts(make_llama: Callable[..., LlamaServer], tmp_path: Path) -> None:
+    late = make_llama("late", slots=1, port=free_port())
+    with BalancerStack(tmp_path / "lb", {"late": late.address},
+                       balancer={"buffered_request_timeout": "30s"}) as stack, ThreadPoolExecutor(1) as pool:
+        assert not stack.is_up("late")
+        held = pool.submit(clients.chat, stack.url)
+        wait_until(lambda: health(stack)["requests_buffered"] == 1, timeout=10, what="the request to be held")
+        assert health(stack)["http"] == 503 and health(stack)["status"] == "unavailable"
+
+        late.start()
+
+        answer = held.result()
+        assert answer.status == 200
+        assert answer.json()["model"] == "late"
