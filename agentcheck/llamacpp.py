@@ -60,6 +60,10 @@ def interpret(
     if health.status in (401, 403):
         return BackendStatus.down(State.UNAUTHORIZED, f"GET /health answered HTTP {health.status}")
     if health.status == 503:
+        downstream = _json(health.body)
+        if isinstance(downstream, dict) and isinstance(downstream.get("status"), str):
+            # A downstream balancer (tree cascade) saying it has nothing usable, not a model loading.
+            return BackendStatus.down(State.ERROR, f"downstream balancer reports {downstream['status']!r}")
         return BackendStatus.down(State.LOADING, "")
     if health.status != 200:
         return BackendStatus.down(State.ERROR, f"GET /health answered HTTP {health.status}")

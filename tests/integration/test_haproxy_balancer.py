@@ -209,3 +209,21 @@ def test_request_is_held_until_the_first_backend_starts(make_llama: Callable[...
         answer = held.result()
         assert answer.status == 200
         assert answer.json()["model"] == "late"
+
+
+def test_a_balancer_is_a_backend_of_another_balancer(make_llama: Callable[..., LlamaServer], tmp_path: Path) -> None:
+    """Tree cascade: the upstream agent reads the downstream's aggregated /health like one big llama-server."""
+    leaf = make_llama("leaf", slots=2).start()
+    with BalancerStack(tmp_path / "downstream", {"leaf": leaf.address}) as downstream:
+        downstream.wait_slots({"leaf": 2})
+        with BalancerStack(tmp_path / "upstream", {"region-a": f"127.0.0.1:{downstream.port}"}) as upstream:
+            upstream.wait_slots({"region-a": 2})
+            assert "via health" in upstream.server("region-a")["last_agt"]
+            answer = clients.chat(upstream.url)
+            assert answer.status == 200
+            assert answer.json()["model"] == "leaf"
+
+        leaf.kill()
+        wait_until(lambda: not downstream.is_up("leaf"), timeout=5, what="the leaf to be marked down")
+        assert health(downstream) == {"http": 503, "status": "unavailable", "slots_idle": 0, "slots_processing": 0,
+                                      "requests_buffered": 0}

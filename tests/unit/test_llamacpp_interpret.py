@@ -352,3 +352,17 @@ def test_interpret_never_raises_for_any_metrics_body_when_slots_is_disabled(metr
     status = interpret(HEALTH_OK, SLOTS_DISABLED, PROPS_4_SLOTS, Reply(200, metrics_body))
 
     assert status.state in (State.READY, State.ERROR)
+
+
+def test_downstream_balancer_with_nothing_usable_is_an_error_not_loading() -> None:
+    body = b'{"status":"unavailable","slots_idle":0,"slots_processing":0,"requests_buffered":1}'
+    status = interpret(Reply(503, body), Reply(403, b"{}"))
+    assert status.state is State.ERROR
+    assert status.reason == "downstream balancer reports 'unavailable'"
+
+
+def test_downstream_balancer_health_counts_as_one_big_server() -> None:
+    body = b'{"status":"ok","slots_idle":5,"slots_processing":2,"requests_buffered":0}'
+    status = interpret(Reply(200, body), Reply(403, b'{"error":{"code":403}}'))
+    assert (status.state, status.slots_total, status.slots_processing, status.slot_source) == (
+        State.READY, 7, 2, SlotSource.LEGACY_HEALTH)
