@@ -182,14 +182,19 @@ class LlamaServer(_Process):
 
 
 class HAProxy(_Process):
-    """Real HAProxy running ``config_text``; a stats socket is added for tests to read state."""
+    """Real HAProxy running ``config_text``.
+
+    Readiness is its stats socket at ``workdir/haproxy.sock`` answering, or, for configs
+    without one, any HTTP answer from ``ready_url``.
+    """
 
     name = "haproxy"
 
-    def __init__(self, config_text: str, workdir: Path) -> None:
+    def __init__(self, config_text: str, workdir: Path, ready_url: str | None = None) -> None:
         super().__init__(workdir)
         self.config_path = self.workdir / "haproxy.cfg"
         self.stats_socket = self.workdir / "haproxy.sock"
+        self.ready_url = ready_url
         self.config_path.write_text(config_text)
 
     @staticmethod
@@ -203,6 +208,8 @@ class HAProxy(_Process):
         return [self.binary(), "-db", "-f", str(self.config_path)]
 
     def ready(self) -> bool:
+        if self.ready_url is not None:
+            return http_get(self.ready_url, timeout=1.0)[0] != 0
         try:
             return bool(self.runtime("show info"))
         except OSError:
