@@ -189,6 +189,7 @@ def test_standby_serves_when_every_primary_is_down_and_traffic_returns(
         answers = [clients.chat(stack.url) for _ in range(4)]
         assert [a.status for a in answers] == [200] * 4
         assert {a.json()["model"] for a in answers} == {"standby"}
+        assert health(stack)["slots_idle"] == 2  # /health now counts the standby that serves
 
         primary.start()
         stack.wait_slots({"primary": 2})
@@ -227,3 +228,20 @@ def test_a_balancer_is_a_backend_of_another_balancer(make_llama: Callable[..., L
         wait_until(lambda: not downstream.is_up("leaf"), timeout=5, what="the leaf to be marked down")
         assert health(downstream) == {"http": 503, "status": "unavailable", "slots_idle": 0, "slots_processing": 0,
                                       "requests_buffered": 0}
+
+
+def test_connect_failure_is_retried_on_another_server(make_llama: Callable[..., LlamaServer], tmp_path: Path) -> None:
+    """With the agent gone, HAProxy keeps believing a dead server is up; its requests must move elsewhere."""
+    dead = make_llama("dead", slots=2).start()
+    alive = make_llama("alive", slots=2).start()
+    with BalancerStack(tmp_path / "lb", {"dead": dead.address, "alive": alive.address}) as stack:
+        stack.wait_slots({"dead": 2, "alive": 2})
+        stack.agent.stop()  # agent unreachable: HAProxy keeps each server's last state
+        dead.kill()
+
+        answers = [clients.chat(stack.url) for _ in range(6)]
+
+        assert [a.status for a in answers] == [200] * 6
+        assert {a.json()["model"] for a in answers} == {"alive"}
+        assert stack.is_up("dead"), "the test needs HAProxy to still send requests to the dead server"
+        assert int(stack.server("dead")["wredis"]) > 0, "no request was redispatched away from the dead server"
