@@ -25,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backend", metavar="NAME=HOST:PORT", action="append", default=[],
                         help="a llama.cpp server to watch; repeatable; instead of --fleet")
     parser.add_argument("--listen", metavar="HOST:PORT", help="agent-check address (default 127.0.0.1:5555)")
+    parser.add_argument("--management", metavar="HOST:PORT",
+                        help="management API, dashboard and /metrics (default 127.0.0.1:8085)")
     parser.add_argument("--interval", metavar="DURATION", help="poll interval, e.g. 500ms, 1s (default 1s)")
     parser.add_argument("--weight", choices=[formula.value for formula in WeightFormula],
                         help="how ready backends are weighted (default idle: proportional to idle slots; see docs/agent.md)")
@@ -49,8 +51,9 @@ def settings_from_args(args: argparse.Namespace) -> AgentSettings:
         fleet = default_fleet()
     listen = _option("--listen", parse_address, args.listen)
     interval = _option("--interval", parse_duration, args.interval)
+    management = _option("--management", parse_address, args.management)
     weight = WeightFormula(args.weight) if args.weight else None
-    return AgentSettings.from_fleet(fleet, listen=listen, interval=interval, weight=weight)
+    return AgentSettings.from_fleet(fleet, listen=listen, interval=interval, weight=weight, management=management)
 
 
 def _option(flag: str, parse, value):  # type: ignore[no-untyped-def]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from typing import Awaitable, Callable, Iterable
 
 from agentcheck.policy import DEFAULT_WEIGHT_FORMULA, WeightFormula, agent_reply
@@ -31,10 +32,31 @@ class FleetState:
         self._updated: dict[str, float] = {}
         self._largest_slots = 0
         self._replies: dict[str, str] = {}
+        self._drained: set[str] = set()
+        self.poll_seconds: dict[str, float] = {}  # duration of each backend's last poll
+        self.polls: Counter[str] = Counter()  # polls per backend
+        self.failed_polls: Counter[tuple[str, str]] = Counter()  # (backend, state) of polls that were not ready
+        # Requests waiting in the balancer (HAProxy queue + held), from its /health; None when unknown.
+        self.requests_buffered: int | None = None
 
     @property
     def names(self) -> list[str]:
         return list(self._backends)
+
+    def backend(self, name: str) -> Backend:
+        return self._backends[name]
+
+    def is_drained(self, name: str) -> bool:
+        return name in self._drained
+
+    def set_drained(self, name: str, drained: bool) -> None:
+        """Operator drain (or undo): HAProxy gets ``drain`` instead of ``ready`` for this backend."""
+        if name not in self._backends:
+            raise KeyError(name)
+        if drained != (name in self._drained):
+            log.info("%s: %s by operator", name, "drained" if drained else "ready again")
+        (self._drained.add if drained else self._drained.discard)(name)
+        self._replies.pop(name, None)
 
     def status(self, name: str) -> BackendStatus:
         return self._status[name]
@@ -43,10 +65,14 @@ class FleetState:
         """Wall-clock time of the last poll result, None before the first."""
         return self._updated.get(name)
 
-    def update(self, name: str, status: BackendStatus, now: float) -> None:
+    def update(self, name: str, status: BackendStatus, now: float, poll_seconds: float = 0.0) -> None:
         previous = self._status[name]
         self._status[name] = status
         self._updated[name] = now
+        self.poll_seconds[name] = poll_seconds
+        self.polls[name] += 1
+        if status.state is not State.READY:
+            self.failed_polls[name, status.state.value] += 1
         if previous != status:
             self._replies.pop(name, None)
         if status.state is State.READY and status.slots_total > self._largest_slots:
@@ -64,7 +90,8 @@ class FleetState:
             status = self._status.get(name)
             if status is None:
                 return None
-            reply = self._replies[name] = agent_reply(status, self._largest_slots, self._formula)
+            reply = self._replies[name] = agent_reply(status, self._largest_slots, self._formula,
+                                                      drained=name in self._drained)
         return reply
 
 
@@ -78,6 +105,7 @@ class Monitor:
         self._poll_timeout = poll_timeout
 
     async def poll_once(self, backend: Backend) -> BackendStatus:
+        started = time.monotonic()
         try:
             async with asyncio.timeout(self._poll_timeout):
                 status = await self._poll(backend)
@@ -86,7 +114,7 @@ class Monitor:
         except Exception as exc:  # a bug here must cost one backend one poll, never the agent
             log.exception("%s: unexpected error while polling", backend.name)
             status = BackendStatus.down(State.ERROR, f"agent error while polling ({type(exc).__name__})")
-        self._state.update(backend.name, status, time.time())
+        self._state.update(backend.name, status, time.time(), poll_seconds=time.monotonic() - started)
         return status
 
     async def poll_all(self) -> None:

@@ -55,15 +55,21 @@ def weight_percent(status: BackendStatus, fleet_max_slots: int,
 
 
 def agent_reply(status: BackendStatus, fleet_max_slots: int,
-                formula: WeightFormula = DEFAULT_WEIGHT_FORMULA) -> str:
-    """The full reply line, ``\\n``-terminated, for a known backend."""
+                formula: WeightFormula = DEFAULT_WEIGHT_FORMULA, drained: bool = False) -> str:
+    """The full reply line, ``\\n``-terminated, for a known backend.
+
+    ``drained`` is the operator's choice (drain endpoint): HAProxy sends no new requests,
+    running ones finish. Only an operator may drain; busy is never expressed this way.
+    """
     if status.state is State.READY and status.slots_total < 1:
         return f"down #{_comment('error: server reports no slots')}\n"
     if status.state is State.READY:
-        weight = weight_percent(status, fleet_max_slots, formula)
         detail = f"idle={status.slots_idle} processing={status.slots_processing} via {status.slot_source.value}"
         if status.sleeping:
             detail += " sleeping"
+        if drained:
+            return f"up drain maxconn:{status.slots_total} #{_comment('drained by operator, ' + detail)}\n"
+        weight = weight_percent(status, fleet_max_slots, formula)
         return f"up ready {weight}% maxconn:{status.slots_total} #{_comment(detail)}\n"
     if status.state is State.PENDING:
         # Never vouch for a server we have not seen: HAProxy sends it nothing until the first poll.

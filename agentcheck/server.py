@@ -1,8 +1,9 @@
 """The agent process: start-up, serving, shutdown, in that fixed order.
 
-Start-up polls every backend once before the agent-check port opens, so HAProxy never
-hears "not polled yet" from a freshly restarted agent. Shutdown stops listening, lets
-in-flight checks finish (bounded), then cancels polling and closes the HTTP client.
+Start-up polls every backend once before any port opens, so HAProxy never hears "not
+polled yet" from a freshly restarted agent. Shutdown stops listening for agent-checks,
+lets in-flight checks finish (bounded), stops the management server, then cancels the
+background tasks and closes the HTTP client.
 """
 
 from __future__ import annotations
@@ -10,15 +11,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from typing import Mapping
+from collections import Counter
+from typing import Any, Coroutine, Mapping
 
 import aiohttp
+from aiohttp import web
 
 from agentcheck.config import AgentSettings
 from agentcheck.llamacpp import LlamaCppClient
+from agentcheck.management import create_app
+from agentcheck.metrics import FleetCollector, build_registry
 from agentcheck.monitor import FleetState, Monitor
 from agentcheck.policy import invalid_request_reply, unknown_backend_reply
 from agentcheck.protocol import AgentCheckProtocol, Request
+from agentcheck.reporting import StatsdReporter, probe_balancer_forever
 from fleet import Backend, FleetError
 
 log = logging.getLogger("paddler.agent")
@@ -42,10 +48,12 @@ class Agent:
     def __init__(self, settings: AgentSettings, environ: Mapping[str, str] = os.environ) -> None:
         self.settings = settings
         self.state = FleetState(settings.backends, settings.weight)
+        self.checks_served: Counter[str] = Counter()
         self._api_keys = resolve_api_keys(settings.backends, environ)
         self._session: aiohttp.ClientSession | None = None
         self._server: asyncio.AbstractServer | None = None
-        self._monitor_task: asyncio.Task[None] | None = None
+        self._management: web.AppRunner | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self._connections: set[AgentCheckProtocol] = set()
         self._all_closed = asyncio.Event()
         self._all_closed.set()
@@ -57,40 +65,65 @@ class Agent:
         return self._server.sockets[0].getsockname()[1]
 
     def answer(self, request: Request) -> str:
+        reply, kind = self._answer(request)
+        self.checks_served[kind] += 1
+        return reply
+
+    def _answer(self, request: Request) -> tuple[str, str]:
         if request.problem is not None:
-            return invalid_request_reply(request.problem)
+            return invalid_request_reply(request.problem), "invalid"
         name = request.name
         if name is None:
             single = self.settings.single_backend
             if single is None:
-                return invalid_request_reply("agent-send must name a backend (this agent watches several)")
+                return invalid_request_reply("agent-send must name a backend (this agent watches several)"), "invalid"
             name = single.name
         reply = self.state.reply_for(name)
-        return reply if reply is not None else unknown_backend_reply(name)
+        if reply is None:
+            return unknown_backend_reply(name), "unknown"
+        return reply, reply.split(" ", 2)[1] if reply.startswith("up ") else "down"
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=60)
+        settings = self.settings
         self._session = aiohttp.ClientSession(
-            connector=connector,
+            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=60),
             cookie_jar=aiohttp.DummyCookieJar(),
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.settings.poll_timeout),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=settings.poll_timeout),
         )
         client = LlamaCppClient(self._session)
-        monitor = Monitor(self.settings.backends, self.state,
+        monitor = Monitor(settings.backends, self.state,
                           lambda backend: client.poll(backend, self._api_keys[backend.name]),
-                          self.settings.interval, self.settings.poll_timeout)
+                          settings.interval, settings.poll_timeout)
         await monitor.poll_all()
-        self._monitor_task = asyncio.create_task(monitor.run(), name="monitor")
-        wait = (self.settings.single_backend_request_wait if self.settings.single_backend
-                else self.settings.request_wait)
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
+        self._background(monitor.run(), "monitor")
+        if settings.balancer_health_url:
+            self._background(probe_balancer_forever(self._session, settings.balancer_health_url, self.state,
+                                                    settings.interval), "balancer-probe")
+        if settings.statsd is not None:
+            self._background(StatsdReporter(settings.statsd, self.state, settings.standby).run(), "statsd")
+        if settings.management is not None:
+            await self._start_management()
+        wait = settings.single_backend_request_wait if settings.single_backend else settings.request_wait
+        self._server = await asyncio.get_running_loop().create_server(
             lambda: self._track(AgentCheckProtocol(self.answer, wait, on_close=self._untrack)),
-            host=self.settings.listen.host, port=self.settings.listen.port,
-            reuse_address=True, backlog=1024,
+            host=settings.listen.host, port=settings.listen.port, reuse_address=True, backlog=1024,
         )
-        log.info("agent-check listening on %s:%d for %d backend(s)",
-                 self.settings.listen.host, self.port, len(self.settings.backends))
+        log.info("agent-check listening on %s:%d for %d backend(s)", settings.listen.host, self.port,
+                 len(settings.backends))
+
+    async def _start_management(self) -> None:
+        settings = self.settings
+        assert settings.management is not None
+        registry = build_registry(FleetCollector(self.state, self.checks_served, settings.standby))
+        app = create_app(self.state, registry, settings.operator_token, settings.standby)
+        self._management = web.AppRunner(app, access_log=None)
+        await self._management.setup()
+        await web.TCPSite(self._management, settings.management.host, settings.management.port).start()
+        log.info("management API and dashboard on http://%s/ (operator endpoints %s)", settings.management,
+                 "enabled" if settings.operator_token else "disabled: no token configured")
+
+    def _background(self, coroutine: Coroutine[Any, Any, None], name: str) -> None:
+        self._tasks.append(asyncio.create_task(coroutine, name=name))
 
     def _track(self, connection: AgentCheckProtocol) -> AgentCheckProtocol:
         """Remember open connections so shutdown can let them finish their one line."""
@@ -117,12 +150,11 @@ class Agent:
             await asyncio.wait_for(self._all_closed.wait(), SHUTDOWN_TIMEOUT)
         except TimeoutError:
             log.warning("%d agent-check connection(s) still open at shutdown", len(self._connections))
-        if self._monitor_task is not None:
-            self._monitor_task.cancel()
-            try:
-                await self._monitor_task
-            except asyncio.CancelledError:
-                pass
+        if self._management is not None:
+            await self._management.cleanup()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._session is not None:
             await self._session.close()
         log.info("agent stopped")

@@ -47,11 +47,12 @@ def main(argv: list[str] | None = None) -> int:
         model = args.model or write_tiny_model(workdir / "tiny.gguf")
         llama = LlamaServer(llama_server_binary(), model, workdir, slots=args.slots,
                             port=backend.address.port, name=backend.name)
-        agent = AgentProcess(workdir, [], port=fleet.agent.listen.port)
+        agent = AgentProcess(workdir, [], port=fleet.agent.listen.port, management_port=fleet.agent.management.port)
         haproxy = HAProxy(config, workdir, ready_url=f"{balancer}/health")
         with llama, agent, haproxy:
             print(f"llama-server   http://{llama.address}  ({args.slots} slots, model {model.name})")
             print(f"paddler-agent  {fleet.agent.listen} (agent-check, embedded default fleet)")
+            print(f"dashboard      http://{fleet.agent.management}/  (also /api/v1/agents, /metrics)")
             print(f"HAProxy        {balancer}  <- send requests here (config: `paddler-gen haproxy`)")
             print(f"  curl {balancer}/v1/chat/completions -d '{{\"messages\":[{{\"role\":\"user\",\"content\":\"Hi\"}}]}}'")
             print(f"  curl {balancer}/health")

@@ -251,17 +251,23 @@ class AgentProcess(_Process):
     name = "paddler-agent"
 
     def __init__(self, workdir: Path, args: list[str], port: int | None = None,
-                 extra_env: dict[str, str] | None = None) -> None:
+                 extra_env: dict[str, str] | None = None, management_port: int | None = None) -> None:
         super().__init__(workdir)
         self.port = port or free_port()
+        self.management_port = management_port or free_port()
         self.args = args
         self.extra_env = extra_env or {}
+
+    @property
+    def management_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.management_port}"
 
     def environment(self) -> dict[str, str] | None:
         return {**os.environ, **self.extra_env}
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "agentcheck", "--listen", f"{LOOPBACK}:{self.port}", *self.args]
+        return [sys.executable, "-m", "agentcheck", "--listen", f"{LOOPBACK}:{self.port}",
+                "--management", f"{LOOPBACK}:{self.management_port}", *self.args]
 
     def ready(self) -> bool:
         try:

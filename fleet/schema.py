@@ -24,6 +24,7 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 _HOSTNAME_PATTERN = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
 _IPV6_TEXT_PATTERN = re.compile(r"[0-9A-Fa-f:.]+")
 _PORT_PATTERN = re.compile(r"[0-9]{1,5}")
+_METRIC_PREFIX_PATTERN = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
 _SOCKET_PATH_PATTERN = re.compile(r"/[A-Za-z0-9_./-]{1,200}")
 _ENV_NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _DURATION_PATTERN = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m)")
@@ -71,6 +72,21 @@ class AgentConfig:
     listen: Address = Address("127.0.0.1", 5555)
     management: Address = Address("127.0.0.1", 8085)
     interval: float = 1.0
+    # Operator endpoints (drain/ready) need this bearer token; with neither set they are disabled.
+    operator_token: str | None = None
+    operator_token_env: str | None = None
+
+    def resolve_operator_token(self, environ: Mapping[str, str] = os.environ) -> str | None:
+        if self.operator_token_env is None:
+            return self.operator_token
+        return environ.get(self.operator_token_env) or None
+
+
+@dataclass(frozen=True)
+class StatsdConfig:
+    address: Address
+    prefix: str = "paddler"
+    interval: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -93,6 +109,7 @@ class Fleet:
     standby: tuple[Backend, ...] = ()
     agent: AgentConfig = field(default_factory=AgentConfig)
     balancer: BalancerConfig = field(default_factory=BalancerConfig)
+    statsd: StatsdConfig | None = None
     source: str = "<fleet>"
 
     def all_backends(self) -> tuple[Backend, ...]:
@@ -137,7 +154,7 @@ def load_fleet(path: str | Path) -> Fleet:
 def parse_fleet(data: Any, source: str = "<fleet>") -> Fleet:
     """Validate already-decoded YAML data into a Fleet."""
     reader = _Reader(source)
-    top = reader.mapping(data, "(top level)", allowed={"backends", "standby", "agent", "balancer"})
+    top = reader.mapping(data, "(top level)", allowed={"backends", "standby", "agent", "balancer", "statsd"})
     backends = reader.backend_list(top.get("backends"), "backends", required=True)
     standby = reader.backend_list(top.get("standby", []), "standby", required=False)
     seen: dict[str, str] = {}
@@ -152,6 +169,7 @@ def parse_fleet(data: Any, source: str = "<fleet>") -> Fleet:
         standby=tuple(standby),
         agent=reader.agent(top.get("agent", {})),
         balancer=reader.balancer(top.get("balancer", {})),
+        statsd=reader.statsd(top["statsd"]) if "statsd" in top else None,
         source=source,
     )
 
@@ -273,12 +291,24 @@ class _Reader:
         return self.convert(f"{section}.{key}", parse, item[key])
 
     def agent(self, value: Any) -> AgentConfig:
-        item = self.mapping(value, "agent", allowed={"listen", "management", "interval"})
         defaults = AgentConfig()
+        item = self.mapping(value, "agent", allowed=set(defaults.__dataclass_fields__))
+        if "operator_token" in item and "operator_token_env" in item:
+            raise self.fail("agent.operator_token", "give either operator_token or operator_token_env, not both")
         return AgentConfig(
             listen=self.optional(item, "agent", "listen", parse_address, defaults.listen),
             management=self.optional(item, "agent", "management", parse_address, defaults.management),
             interval=self.optional(item, "agent", "interval", parse_duration, defaults.interval),
+            operator_token=self.optional(item, "agent", "operator_token", _secret, None),
+            operator_token_env=self.optional(item, "agent", "operator_token_env", _env_name, None),
+        )
+
+    def statsd(self, value: Any) -> StatsdConfig:
+        item = self.mapping(value, "statsd", allowed={"address", "prefix", "interval"}, required={"address"})
+        return StatsdConfig(
+            address=self.convert("statsd.address", parse_address, item["address"]),
+            prefix=self.optional(item, "statsd", "prefix", _metric_prefix, "paddler"),
+            interval=self.optional(item, "statsd", "interval", parse_duration, 1.0),
         )
 
     def balancer(self, value: Any) -> BalancerConfig:
@@ -302,6 +332,24 @@ def _positive_int(value: Any) -> int:
         raise ValueError(f"expected a whole number, got {value!r}")
     if value < 1:
         raise ValueError(f"must be at least 1, got {value}")
+    return value
+
+
+def _secret(value: Any) -> str:
+    if not isinstance(value, str) or len(value) < 16 or not value.isprintable() or " " in value:
+        raise ValueError("expected a single-word token of at least 16 characters")
+    return value
+
+
+def _env_name(value: Any) -> str:
+    if not isinstance(value, str) or not _ENV_NAME_PATTERN.fullmatch(value):
+        raise ValueError(f"expected an environment variable name, got {value!r}")
+    return value
+
+
+def _metric_prefix(value: Any) -> str:
+    if not isinstance(value, str) or not _METRIC_PREFIX_PATTERN.fullmatch(value):
+        raise ValueError(f"expected a StatsD prefix like paddler or prod.llm, got {value!r}")
     return value
 
 

@@ -27,7 +27,7 @@ def port_in_use(host: str, port: int) -> bool:
 
 def test_demo_serves_through_haproxy_and_stops_cleanly(llama_binary: Path, tmp_path: Path) -> None:
     fleet = default_fleet()
-    addresses = [fleet.backends[0].address, fleet.agent.listen, fleet.balancer.listen]
+    addresses = [fleet.backends[0].address, fleet.agent.listen, fleet.agent.management, fleet.balancer.listen]
     busy = [str(a) for a in addresses if port_in_use(a.host, a.port)]
     assert not busy, f"the demo needs the embedded default ports, in use here: {busy}"
     with (tmp_path / "demo.log").open("w") as log:

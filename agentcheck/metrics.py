@@ -1,0 +1,70 @@
+"""Prometheus exposition: a collector that reads FleetState at scrape time (no global registry)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Iterator
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from agentcheck.monitor import FleetState
+from agentcheck.snapshot import fleet_snapshot
+from agentcheck.status import State
+
+
+class FleetCollector(Collector):
+    def __init__(self, state: FleetState, checks_served: Counter[str], standby: frozenset[str]) -> None:
+        self._state = state
+        self._checks_served = checks_served
+        self._standby = standby
+
+    def collect(self) -> Iterator[Metric]:
+        snapshot = fleet_snapshot(self._state, self._standby)
+        totals = snapshot["totals"]
+        yield GaugeMetricFamily("paddler_slots_idle", "Idle llama.cpp slots, fleet total (ready backends)",
+                                value=totals["slots_idle"])
+        yield GaugeMetricFamily("paddler_slots_processing", "Busy llama.cpp slots, fleet total",
+                                value=totals["slots_processing"])
+        if snapshot["requests_buffered"] is not None:
+            yield GaugeMetricFamily("paddler_requests_buffered",
+                                    "Requests waiting in the balancer for a slot (queue + held)",
+                                    value=snapshot["requests_buffered"])
+        per_backend = {
+            "idle": GaugeMetricFamily("paddler_backend_slots_idle", "Idle slots per backend", labels=["backend"]),
+            "processing": GaugeMetricFamily("paddler_backend_slots_processing", "Busy slots per backend",
+                                            labels=["backend"]),
+            "total": GaugeMetricFamily("paddler_backend_slots_total", "Slots per backend", labels=["backend"]),
+        }
+        states = GaugeMetricFamily("paddler_backend_state", "1 for the backend's current state",
+                                   labels=["backend", "state"])
+        drained = GaugeMetricFamily("paddler_backend_drained", "1 when an operator drained the backend",
+                                    labels=["backend"])
+        poll_seconds = GaugeMetricFamily("paddler_backend_poll_duration_seconds", "Duration of the last poll",
+                                         labels=["backend"])
+        polls = CounterMetricFamily("paddler_backend_polls", "Polls of the backend", labels=["backend"])
+        failures = CounterMetricFamily("paddler_backend_poll_failures", "Polls that did not find the backend ready",
+                                       labels=["backend", "state"])
+        for agent in snapshot["agents"]:
+            name = agent["name"]
+            for key, family in per_backend.items():
+                family.add_metric([name], agent[f"slots_{key}"])
+            for state in State:
+                states.add_metric([name, state.value], 1.0 if agent["state"] == state.value else 0.0)
+            drained.add_metric([name], 1.0 if agent["drained"] else 0.0)
+            poll_seconds.add_metric([name], self._state.poll_seconds.get(name, 0.0))
+            polls.add_metric([name], self._state.polls[name])
+        for (name, state), count in sorted(self._state.failed_polls.items()):
+            failures.add_metric([name, state], count)
+        yield from per_backend.values()
+        yield from (states, drained, poll_seconds, polls, failures)
+        served = CounterMetricFamily("paddler_agent_checks", "Agent-check replies served, by kind", labels=["reply"])
+        for kind, count in sorted(self._checks_served.items()):
+            served.add_metric([kind], count)
+        yield served
+
+
+def build_registry(collector: FleetCollector) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    return registry
