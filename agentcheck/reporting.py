@@ -58,10 +58,16 @@ class StatsdReporter:
                 pipe.gauge(f"backends.{agent['name']}.slots_idle", agent["slots_idle"])
                 pipe.gauge(f"backends.{agent['name']}.slots_processing", agent["slots_processing"])
 
+    def close(self) -> None:
+        self._client.close()
+
     async def run(self) -> None:
-        while True:
-            try:
-                self.report()
-            except OSError as exc:  # an unreachable StatsD host must not stop the agent
-                log.warning("StatsD report failed: %s", exc)
-            await asyncio.sleep(self._config.interval)
+        try:
+            while True:
+                try:
+                    self.report()
+                except OSError as exc:  # an unreachable StatsD host must not stop the agent
+                    log.warning("StatsD report failed: %s", exc)
+                await asyncio.sleep(self._config.interval)
+        finally:
+            self.close()

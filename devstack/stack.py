@@ -23,7 +23,9 @@ class BalancerStack:
     """paddler-agent and HAProxy for a fleet; ``backends``/``standby`` map names to host:port."""
 
     def __init__(self, workdir: Path, backends: dict[str, str], standby: dict[str, str] | None = None,
-                 balancer: dict[str, Any] | None = None, interval: str = "500ms") -> None:
+                 balancer: dict[str, Any] | None = None, interval: str = "500ms",
+                 agent: dict[str, Any] | None = None, statsd: dict[str, Any] | None = None,
+                 agent_env: dict[str, str] | None = None) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -31,13 +33,16 @@ class BalancerStack:
         self.fleet = {
             "backends": [{"name": name, "address": address} for name, address in backends.items()],
             "standby": [{"name": name, "address": address} for name, address in (standby or {}).items()],
-            "agent": {"listen": f"{LOOPBACK}:{self.agent_port}", "interval": interval},
+            "agent": {"listen": f"{LOOPBACK}:{self.agent_port}", "interval": interval, **(agent or {})},
             "balancer": {"listen": f"{LOOPBACK}:{self.port}", "stats_socket": str(self.workdir / "haproxy.sock"),
                          **(balancer or {})},
         }
+        if statsd is not None:
+            self.fleet["statsd"] = statsd
         self.fleet_path = self.workdir / "fleet.yaml"
         self.fleet_path.write_text(yaml.safe_dump(self.fleet, sort_keys=False))
-        self.agent = AgentProcess(self.workdir, ["--fleet", str(self.fleet_path)], port=self.agent_port)
+        self.agent = AgentProcess(self.workdir, ["--fleet", str(self.fleet_path)], port=self.agent_port,
+                                  extra_env=agent_env)
         self.config = generate_haproxy_config(self.fleet_path)
         self.haproxy = HAProxy(self.config, self.workdir)
 

@@ -1,0 +1,192 @@
+"""The management API over a FleetState set by hand: real aiohttp server on loopback, no llama.cpp."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections import Counter
+from typing import AsyncIterator
+
+import aiohttp
+import pytest
+from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
+
+from agentcheck.management import create_app, token_refusal
+from agentcheck.metrics import FleetCollector, build_registry
+from agentcheck.monitor import FleetState
+from agentcheck.reporting import StatsdReporter
+from agentcheck.status import BackendStatus, SlotSource, State
+from fleet import Address, Backend, StatsdConfig
+
+TOKEN = "s3cret-operator-token"
+BACKENDS = [Backend("gpu1", Address("127.0.0.1", 9001)), Backend("gpu2", Address("127.0.0.1", 9002)),
+            Backend("backup", Address("127.0.0.1", 9003))]
+
+
+def ready(total: int, processing: int) -> BackendStatus:
+    return BackendStatus(State.READY, slots_total=total, slots_processing=processing, slot_source=SlotSource.SLOTS,
+                         model="/models/m.gguf")
+
+
+def fleet_state() -> FleetState:
+    state = FleetState(BACKENDS)
+    state.update("gpu1", ready(4, 1), now=1000.0, poll_seconds=0.002)
+    state.update("gpu2", BackendStatus.down(State.UNREACHABLE, "connection failed"), now=1001.0)
+    state.update("backup", ready(2, 0), now=1002.0)
+    state.requests_buffered = 3
+    return state
+
+
+class Api:
+    def __init__(self, base: str, session: aiohttp.ClientSession) -> None:
+        self.base, self.session = base, session
+
+    async def get(self, path: str) -> tuple[int, str]:
+        async with self.session.get(self.base + path) as response:
+            return response.status, await response.text()
+
+    async def post(self, path: str, token: str | None = None) -> tuple[int, dict]:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        async with self.session.post(self.base + path, headers=headers) as response:
+            return response.status, await response.json()
+
+
+async def serve(state: FleetState, token: str | None, checks: Counter[str] | None = None) -> tuple[web.AppRunner, str]:
+    standby = frozenset({"backup"})
+    registry = build_registry(FleetCollector(state, checks or Counter(), standby))
+    runner = web.AppRunner(create_app(state, registry, token, standby))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    return runner, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture
+async def api() -> AsyncIterator[tuple[Api, FleetState]]:
+    state = fleet_state()
+    runner, base = await serve(state, TOKEN, Counter({"ready": 5, "down": 2, "unknown": 1}))
+    async with aiohttp.ClientSession() as session:
+        yield Api(base, session), state
+    await runner.cleanup()
+
+
+@pytest.mark.parametrize(("header", "token", "expected"), [
+    ("Bearer right-token-123456", None, 403),
+    ("Bearer right-token-123456", "", 403),
+    (None, "right-token-123456", 401),
+    ("Basic dXNlcjpwYXNz", "right-token-123456", 401),
+    ("Bearer", "right-token-123456", 401),
+    ("Bearer wrong-token", "right-token-123456", 403),
+    ("Bearer right-token-123456", "right-token-123456", None),
+    ("bearer right-token-123456", "right-token-123456", None),
+])
+def test_token_refusal(header: str | None, token: str | None, expected: int | None) -> None:
+    refusal = token_refusal(header, token)
+    assert (refusal[0] if refusal else None) == expected
+
+
+async def test_agents_lists_every_backend_with_its_state_and_reply(api: tuple[Api, FleetState]) -> None:
+    client, _ = api
+    status, text = await client.get("/api/v1/agents")
+    assert status == 200
+    body = json.loads(text)
+    rows = {row["name"]: row for row in body["agents"]}
+    assert rows["gpu1"] == {
+        "name": "gpu1", "address": "127.0.0.1:9001", "standby": False, "state": "ready", "reason": "",
+        "drained": False, "slots_idle": 3, "slots_processing": 1, "slots_total": 4, "slot_source": "slots",
+        "model": "/models/m.gguf", "last_update": 1000.0,
+        "agent_check_reply": "up ready 75% maxconn:4 #idle=3 processing=1 via slots"}
+    assert rows["gpu2"]["state"] == "unreachable" and rows["gpu2"]["reason"] == "connection failed"
+    assert rows["gpu2"]["agent_check_reply"] == "down #unreachable: connection failed"
+    assert rows["backup"]["standby"] is True
+    assert body["totals"] == {"slots_idle": 5, "slots_processing": 1, "slots_total": 6}
+    assert body["requests_buffered"] == 3
+
+
+async def test_metrics_parse_and_match_the_fleet(api: tuple[Api, FleetState]) -> None:
+    client, _ = api
+    status, text = await client.get("/metrics")
+    assert status == 200
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    assert samples["paddler_slots_idle", ()] == 5
+    assert samples["paddler_slots_processing", ()] == 1
+    assert samples["paddler_requests_buffered", ()] == 3
+    assert samples["paddler_backend_slots_processing", (("backend", "gpu1"),)] == 1
+    assert samples["paddler_backend_state", (("backend", "gpu2"), ("state", "unreachable"))] == 1
+    assert samples["paddler_backend_state", (("backend", "gpu2"), ("state", "ready"))] == 0
+    assert samples["paddler_backend_poll_duration_seconds", (("backend", "gpu1"),)] == 0.002
+    assert samples["paddler_backend_poll_failures_total", (("backend", "gpu2"), ("state", "unreachable"))] == 1
+    assert samples["paddler_agent_checks_total", (("reply", "ready"),)] == 5
+
+
+async def test_drain_and_ready_with_the_token_change_the_reply(api: tuple[Api, FleetState]) -> None:
+    client, state = api
+    status, body = await client.post("/api/v1/agents/gpu1/drain", TOKEN)
+    assert status == 200
+    assert body["agent_check_reply"] == "up drain maxconn:4 #drained by operator, idle=3 processing=1 via slots"
+    assert state.is_drained("gpu1")
+    status, text = await client.get("/health")
+    assert status == 200  # the standby still serves
+    assert '"slots_idle": 2' in text  # a drained backend's idle slots are not offered
+    status, body = await client.post("/api/v1/agents/gpu1/ready", TOKEN)
+    assert status == 200 and body["agent_check_reply"].startswith("up ready 75%")
+    assert not state.is_drained("gpu1")
+
+
+@pytest.mark.parametrize(("token", "expected"), [(None, 401), ("wrong-token-value", 403)])
+async def test_drain_without_the_right_token_is_refused_and_changes_nothing(
+        api: tuple[Api, FleetState], token: str | None, expected: int) -> None:
+    client, state = api
+    before = state.reply_for("gpu1")
+    status, body = await client.post("/api/v1/agents/gpu1/drain", token)
+    assert status == expected
+    assert body["error"]["code"] == expected
+    assert state.reply_for("gpu1") == before and not state.is_drained("gpu1")
+
+
+async def test_drain_of_unknown_backend_is_404(api: tuple[Api, FleetState]) -> None:
+    client, _ = api
+    status, _ = await client.post("/api/v1/agents/gpu9/drain", TOKEN)
+    assert status == 404
+
+
+async def test_without_a_configured_token_operator_endpoints_are_disabled() -> None:
+    state = fleet_state()
+    runner, base = await serve(state, None)
+    try:
+        async with aiohttp.ClientSession() as session:
+            status, body = await Api(base, session).post("/api/v1/agents/gpu1/drain", "anything-at-all-1234")
+    finally:
+        await runner.cleanup()
+    assert status == 403
+    assert "disabled" in body["error"]["message"]
+    assert not state.is_drained("gpu1")
+
+
+async def test_dashboard_is_served_as_html(api: tuple[Api, FleetState]) -> None:
+    client, _ = api
+    status, text = await client.get("/")
+    assert status == 200
+    assert "<html" in text.lower() or "<!doctype html" in text.lower()
+
+
+async def test_statsd_reporter_sends_paddlers_gauges_to_a_real_udp_socket() -> None:
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    receiver.bind(("127.0.0.1", 0))
+    receiver.settimeout(2.0)
+    try:
+        config = StatsdConfig(Address("127.0.0.1", receiver.getsockname()[1]), prefix="llm.prod")
+        reporter = StatsdReporter(config, fleet_state(), frozenset({"backup"}))
+        reporter.report()
+        reporter.close()
+        lines = set()
+        while not {"llm.prod.slots_idle:5|g", "llm.prod.requests_buffered:3|g"} <= lines:
+            lines |= set((await asyncio.to_thread(receiver.recv, 65536)).decode().splitlines())
+    finally:
+        receiver.close()
+    assert {"llm.prod.slots_idle:5|g", "llm.prod.slots_processing:1|g", "llm.prod.requests_buffered:3|g",
+            "llm.prod.backends.gpu1.slots_processing:1|g", "llm.prod.backends.gpu2.slots_idle:0|g"} <= lines
