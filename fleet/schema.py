@@ -101,6 +101,8 @@ class BalancerConfig:
     expose_slots: bool = False
     expose_admin: bool = False
     stats_socket: str | None = None
+    # Where HAProxy serves its own Prometheus exporter; None renders no such frontend.
+    metrics_listen: Address | None = None
 
 
 @dataclass(frozen=True)
@@ -324,6 +326,7 @@ class _Reader:
             expose_slots=self.optional(item, "balancer", "expose_slots", _boolean, defaults.expose_slots),
             expose_admin=self.optional(item, "balancer", "expose_admin", _boolean, defaults.expose_admin),
             stats_socket=self.optional(item, "balancer", "stats_socket", _socket_path, defaults.stats_socket),
+            metrics_listen=self.optional(item, "balancer", "metrics_listen", parse_address, defaults.metrics_listen),
         )
 
 

@@ -59,6 +59,7 @@ def haproxy_context(fleet: Fleet, lua_dir: str = DEFAULT_LUA_DIR) -> dict[str, A
         "expose_slots": balancer.expose_slots,
         "expose_admin": balancer.expose_admin,
         "stats_socket": balancer.stats_socket,
+        "metrics_listen": str(balancer.metrics_listen) if balancer.metrics_listen else None,
         "global_maxconn": GLOBAL_MAXCONN,
         "lua_path": f"{lua_dir.rstrip('/')}/{LUA_FILE}",
     }
