@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install everything the demo and the tests need, idempotently: system packages (HAProxy,
 # a C++ toolchain for llama-server), a virtualenv with the project, and a cached llama-server.
-# Sourced by scripts/run.sh and scripts/test.sh; leaves PY pointing at the venv's python.
+# Sourced by scripts/run.sh and scripts/test.sh (which sets PADDLER_SETUP_FOR_TESTS=1 to add
+# what only the tests need); leaves PY pointing at the venv's python.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -14,6 +15,8 @@ command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)
 command -v cmake >/dev/null || missing+=(cmake)
 command -v g++ >/dev/null || missing+=(g++)
 python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
+# The dashboard test drives a real headless browser.
+if [ "${PADDLER_SETUP_FOR_TESTS:-0}" = 1 ]; then command -v chromium >/dev/null || missing+=(chromium); fi
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "setup: installing ${missing[*]} with apt-get" >&2
     as_root apt-get update -qq
