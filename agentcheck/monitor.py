@@ -38,6 +38,8 @@ class FleetState:
         self.failed_polls: Counter[tuple[str, str]] = Counter()  # (backend, state) of polls that were not ready
         # Requests waiting in the balancer (HAProxy queue + held), from its /health; None when unknown.
         self.requests_buffered: int | None = None
+        self.poll_started: dict[str, float] = {}  # monotonic start of the poll behind each status
+        self.on_change: list[Callable[[], None]] = []  # called after every update and operator change
 
     @property
     def names(self) -> list[str]:
@@ -57,6 +59,7 @@ class FleetState:
             log.info("%s: %s by operator", name, "drained" if drained else "ready again")
         (self._drained.add if drained else self._drained.discard)(name)
         self._replies.pop(name, None)
+        self._notify()
 
     def status(self, name: str) -> BackendStatus:
         return self._status[name]
@@ -65,11 +68,14 @@ class FleetState:
         """Wall-clock time of the last poll result, None before the first."""
         return self._updated.get(name)
 
-    def update(self, name: str, status: BackendStatus, now: float, poll_seconds: float = 0.0) -> None:
+    def update(self, name: str, status: BackendStatus, now: float, poll_seconds: float = 0.0,
+               poll_started: float | None = None) -> None:
         previous = self._status[name]
         self._status[name] = status
         self._updated[name] = now
         self.poll_seconds[name] = poll_seconds
+        if poll_started is not None:
+            self.poll_started[name] = poll_started
         self.polls[name] += 1
         if status.state is not State.READY:
             self.failed_polls[name, status.state.value] += 1
@@ -82,6 +88,11 @@ class FleetState:
         if previous.state is not status.state or previous.reason != status.reason:
             log.info("%s: %s -> %s%s", name, previous.state.value, status.state.value,
                      f" ({status.reason})" if status.reason else "")
+        self._notify()
+
+    def _notify(self) -> None:
+        for listener in self.on_change:
+            listener()
 
     def reply_for(self, name: str) -> str | None:
         """The agent-check line for a backend, or None when the name is not in the fleet."""
@@ -114,7 +125,8 @@ class Monitor:
         except Exception as exc:  # a bug here must cost one backend one poll, never the agent
             log.exception("%s: unexpected error while polling", backend.name)
             status = BackendStatus.down(State.ERROR, f"agent error while polling ({type(exc).__name__})")
-        self._state.update(backend.name, status, time.time(), poll_seconds=time.monotonic() - started)
+        self._state.update(backend.name, status, time.time(), poll_seconds=time.monotonic() - started,
+                           poll_started=started)
         return status
 
     async def poll_all(self) -> None:

@@ -1,0 +1,157 @@
+"""The endpoint picker for balancers without agent-check (Envoy): slot-aware choice plus one fair queue.
+
+Each request asks for a lease on one backend. The picker chooses the usable backend with
+the most free slots, where "busy" is the last poll's count corrected for what the poll
+cannot know yet:
+
+    busy = polled processing
+           + leases issued after that poll started and still running
+           - leases issued before that poll started and released since
+
+so two requests a millisecond apart never both get the last free slot, and a slot freed
+by a finished request is reused at once instead of at the next poll. When no slot is
+free (or no backend is usable at all: scale from zero), requests wait in one FIFO across
+the whole fleet, bounded in length and time, with the same outcomes as the HAProxy path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable
+
+from agentcheck.monitor import FleetState
+from agentcheck.status import State
+
+LEASE_MAX_AGE = 3600.0  # a lease never released (client gone mid-stream) stops counting after this
+
+
+class PickerError(Exception):
+    """A request the picker will not place."""
+
+
+class BufferFull(PickerError):
+    """max_buffered_requests are already waiting."""
+
+
+class BufferTimeout(PickerError):
+    """No slot became free within buffered_request_timeout."""
+
+
+@dataclass
+class Lease:
+    id: int
+    backend: str
+    address: str
+    issued_at: float
+    released_at: float | None = None
+
+
+class Picker:
+    def __init__(self, state: FleetState, standby: frozenset[str], max_waiting: int, timeout: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._state = state
+        self._standby = standby
+        self._max_waiting = max_waiting
+        self._timeout = timeout
+        self._clock = clock
+        self._ids = itertools.count(1)
+        self._leases: dict[int, Lease] = {}
+        self._waiting: deque[asyncio.Future[Lease]] = deque()
+        state.on_change.append(self.wake)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def busy(self, name: str) -> int:
+        status = self._state.status(name)
+        poll_started = self._state.poll_started.get(name, float("-inf"))
+        busy = status.slots_processing
+        for lease in self._leases.values():
+            if lease.backend != name:
+                continue
+            if lease.released_at is None and lease.issued_at > poll_started:
+                busy += 1
+            elif lease.released_at is not None and lease.issued_at <= poll_started < lease.released_at:
+                busy -= 1
+        return max(0, min(busy, status.slots_total))
+
+    def candidates(self) -> list[str]:
+        """Backends that may get new requests: ready, not drained primaries; else such standby ones."""
+        usable = [name for name in self._state.names
+                  if self._state.status(name).state is State.READY and not self._state.is_drained(name)]
+        primaries = [name for name in usable if name not in self._standby]
+        return primaries or [name for name in usable if name in self._standby]
+
+    def free_slots(self) -> dict[str, int]:
+        return {name: self._state.status(name).slots_total - self.busy(name) for name in self.candidates()}
+
+    def _try_lease(self) -> Lease | None:
+        free = self.free_slots()
+        if not free:
+            return None
+        # Most free slots first; among equals the larger server, then the name, for a stable order.
+        name = max(free, key=lambda n: (free[n], self._state.status(n).slots_total, n))
+        if free[name] <= 0:
+            return None
+        lease = Lease(next(self._ids), name, str(self._state.backend(name).address), self._clock())
+        self._leases[lease.id] = lease
+        return lease
+
+    async def acquire(self) -> Lease:
+        """A lease on the best backend now, or after waiting in the fleet-wide FIFO."""
+        if not self._waiting:
+            lease = self._try_lease()
+            if lease is not None:
+                return lease
+        if len(self._waiting) >= self._max_waiting:
+            raise BufferFull()
+        waiter: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
+        self._waiting.append(waiter)
+        lease = None
+        try:
+            async with asyncio.timeout(self._timeout):
+                lease = await waiter
+            return lease
+        except TimeoutError:
+            raise BufferTimeout() from None
+        finally:
+            if waiter in self._waiting:
+                self._waiting.remove(waiter)
+            if lease is None and waiter.done() and not waiter.cancelled():
+                self.release(waiter.result().id)  # granted just as the wait was abandoned: give it back
+
+    def release(self, lease_id: int) -> bool:
+        """The request on this lease finished: its slot is free now, not at the next poll."""
+        lease = self._leases.get(lease_id)
+        if lease is None or lease.released_at is not None:
+            return False
+        lease.released_at = self._clock()
+        self.wake()
+        return True
+
+    def wake(self) -> None:
+        """Hand free slots to waiting requests, oldest first; prune leases the polls have absorbed."""
+        self._prune()
+        while self._waiting:
+            head = self._waiting[0]
+            if head.done():  # timed out or cancelled, about to be removed by its owner
+                self._waiting.popleft()
+                continue
+            lease = self._try_lease()
+            if lease is None:
+                return
+            self._waiting.popleft()
+            head.set_result(lease)
+
+    def _prune(self) -> None:
+        now = self._clock()
+        for lease_id, lease in list(self._leases.items()):
+            poll_started = self._state.poll_started.get(lease.backend, float("-inf"))
+            absorbed = lease.released_at is not None and lease.released_at <= poll_started
+            if absorbed or now - lease.issued_at > LEASE_MAX_AGE:
+                del self._leases[lease_id]

@@ -1,0 +1,161 @@
+"""The endpoint picker over a FleetState set by hand, with a controllable clock."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from agentcheck.monitor import FleetState
+from agentcheck.picker import BufferFull, BufferTimeout, Picker
+from agentcheck.status import BackendStatus, SlotSource, State
+from fleet import Address, Backend
+
+BACKENDS = [Backend("small", Address("10.0.0.1", 8080)), Backend("large", Address("10.0.0.2", 8080)),
+            Backend("spare", Address("10.0.0.3", 8080))]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def ready(total: int, processing: int = 0) -> BackendStatus:
+    return BackendStatus(State.READY, slots_total=total, slots_processing=processing, slot_source=SlotSource.SLOTS)
+
+
+def make(max_waiting: int = 10, timeout: float = 5.0) -> tuple[FleetState, Picker, Clock]:
+    clock = Clock()
+    state = FleetState(BACKENDS)
+    picker = Picker(state, frozenset({"spare"}), max_waiting, timeout, clock)
+    poll(state, clock, small=ready(2), large=ready(4), spare=ready(2))
+    return state, picker, clock
+
+
+def poll(state: FleetState, clock: Clock, **statuses: BackendStatus) -> None:
+    """A poll that started now and finished a moment later."""
+    started = clock.now
+    clock.now += 0.01
+    for name, status in statuses.items():
+        state.update(name, status, now=clock.now, poll_started=started)
+    clock.now += 0.01
+
+
+async def test_picks_the_backend_with_most_free_slots_and_counts_its_own_leases() -> None:
+    _, picker, _ = make()
+    picks = [(await picker.acquire()).backend for _ in range(6)]
+    # large 4 free vs small 2: large, large, then tie 2/2 → the larger server, then alternate.
+    assert picks == ["large", "large", "large", "small", "large", "small"]
+    assert picker.free_slots() == {"small": 0, "large": 0}
+
+
+async def test_lease_carries_the_backend_address_for_override_host() -> None:
+    _, picker, _ = make()
+    lease = await picker.acquire()
+    assert lease.address == "10.0.0.2:8080"
+
+
+async def test_a_poll_that_started_after_a_lease_supersedes_it() -> None:
+    state, picker, clock = make()
+    await picker.acquire()  # large
+    assert picker.busy("large") == 1
+    poll(state, clock, large=ready(4, 1))  # llama.cpp now reports that request itself
+    assert picker.busy("large") == 1  # not 2
+    poll(state, clock, large=ready(4, 0))  # it finished without a release (client went away)
+    assert picker.busy("large") == 0
+
+
+async def test_release_frees_the_slot_before_the_next_poll() -> None:
+    state, picker, clock = make()
+    leases = [await picker.acquire() for _ in range(6)]
+    poll(state, clock, small=ready(2, 2), large=ready(4, 4))
+    assert picker.free_slots() == {"small": 0, "large": 0}
+    assert picker.release(leases[0].id)
+    assert picker.free_slots()[leases[0].backend] == 1
+    assert not picker.release(leases[0].id)  # twice is a no-op
+    poll(state, clock, small=ready(2, 2), large=ready(4, 3))  # the poll now shows it too: no double count
+    assert picker.free_slots() == {"small": 0, "large": 1}
+
+
+async def test_waiters_are_served_first_come_first_served_as_slots_free() -> None:
+    state, picker, clock = make()
+    leases = [await picker.acquire() for _ in range(6)]
+    waiters = [asyncio.create_task(picker.acquire()) for _ in range(3)]
+    await asyncio.sleep(0)
+    assert picker.waiting == 3
+    for lease in leases[:3]:
+        picker.release(lease.id)
+        await asyncio.sleep(0)
+    granted = [task.result().backend for task in waiters]
+    assert granted == [lease.backend for lease in leases[:3]]
+    assert picker.waiting == 0
+
+
+async def test_a_new_request_does_not_jump_the_queue() -> None:
+    _, picker, _ = make()
+    leases = [await picker.acquire() for _ in range(6)]
+    first = asyncio.create_task(picker.acquire())
+    await asyncio.sleep(0)
+    picker.release(leases[0].id)
+    newcomer = asyncio.create_task(picker.acquire())
+    await asyncio.sleep(0)
+    assert first.done() and first.result().backend == leases[0].backend
+    assert not newcomer.done(), "a late request took a slot before the queue head"
+    newcomer.cancel()
+    await asyncio.gather(newcomer, return_exceptions=True)
+
+
+async def test_full_buffer_is_refused_at_once() -> None:
+    _, picker, _ = make(max_waiting=2)
+    for _ in range(6):
+        await picker.acquire()
+    waiters = [asyncio.create_task(picker.acquire()) for _ in range(2)]
+    await asyncio.sleep(0)
+    with pytest.raises(BufferFull):
+        await picker.acquire()
+    for task in waiters:
+        task.cancel()
+    await asyncio.gather(*waiters, return_exceptions=True)
+    assert picker.waiting == 0
+
+
+async def test_waiting_longer_than_the_timeout_fails() -> None:
+    _, picker, _ = make(timeout=0.05)
+    for _ in range(6):
+        await picker.acquire()
+    with pytest.raises(BufferTimeout):
+        await picker.acquire()
+    assert picker.waiting == 0
+
+
+async def test_standby_only_when_no_primary_is_usable_and_drained_is_never_picked() -> None:
+    state, picker, clock = make()
+    state.set_drained("large", True)
+    assert picker.candidates() == ["small"]
+    poll(state, clock, small=BackendStatus.down(State.UNREACHABLE, "gone"))
+    assert picker.candidates() == ["spare"]
+    assert (await picker.acquire()).backend == "spare"
+
+
+async def test_scale_from_zero_request_waits_until_a_backend_is_ready() -> None:
+    state, picker, clock = make()
+    poll(state, clock, **{name: BackendStatus.down(State.LOADING, "") for name in ("small", "large", "spare")})
+    waiter = asyncio.create_task(picker.acquire())
+    await asyncio.sleep(0)
+    assert not waiter.done() and picker.waiting == 1
+    poll(state, clock, small=ready(2))
+    assert (await asyncio.wait_for(waiter, 1)).backend == "small"
+
+
+async def test_a_lease_granted_to_an_abandoned_waiter_is_given_back() -> None:
+    state, picker, clock = make()
+    leases = [await picker.acquire() for _ in range(6)]
+    waiter = asyncio.create_task(picker.acquire())
+    await asyncio.sleep(0)
+    picker.release(leases[0].id)  # grants the slot to the waiter...
+    waiter.cancel()  # ...which is cancelled before it runs again
+    await asyncio.gather(waiter, return_exceptions=True)
+    assert picker.free_slots()[leases[0].backend] == 1
