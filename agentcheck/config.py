@@ -28,6 +28,8 @@ class AgentSettings:
     # The balancer's aggregated /health, read for the number of buffered requests.
     balancer_health_url: str | None = None
     standby: frozenset[str] = frozenset()
+    max_buffered_requests: int = 30
+    buffered_request_timeout: float = 10.0
 
     @property
     def poll_timeout(self) -> float:
@@ -57,4 +59,6 @@ class AgentSettings:
             statsd=fleet.statsd,
             balancer_health_url=f"http://{Address(balancer_host, balancer.port)}/health",
             standby=frozenset(backend.name for backend in fleet.standby),
+            max_buffered_requests=fleet.balancer.max_buffered_requests,
+            buffered_request_timeout=fleet.balancer.buffered_request_timeout,
         )

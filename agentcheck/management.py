@@ -1,4 +1,5 @@
-"""The agent's HTTP management server: fleet API, dashboard, Prometheus metrics, operator drain/ready.
+"""The agent's HTTP management server: fleet API, dashboard, Prometheus metrics, operator drain/ready,
+and the endpoint picker Envoy's Lua filter calls.
 
 Handlers are thin adapters over FleetState and fleet_snapshot. Operator endpoints need the
 configured bearer token; without one configured they are disabled, never open.
@@ -13,13 +14,18 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import CollectorRegistry
 
+from agentcheck import responses
 from agentcheck.monitor import FleetState
+from agentcheck.picker import BufferFull, BufferTimeout, Picker
 from agentcheck.snapshot import fleet_snapshot
 
 STATE_KEY = web.AppKey("state", FleetState)
 REGISTRY_KEY = web.AppKey("registry", CollectorRegistry)
 TOKEN_KEY = web.AppKey("operator_token", str)
 STANDBY_KEY = web.AppKey("standby", frozenset)
+PICKER_KEY = web.AppKey("picker", Picker)
+ENDPOINT_HEADER = "x-paddler-endpoint"  # the header Envoy's override_host policy reads
+LEASE_HEADER = "x-paddler-lease"
 
 
 def token_refusal(authorization: str | None, token: str | None) -> tuple[int, str] | None:
@@ -79,17 +85,59 @@ def _operator(drain: bool):  # type: ignore[no-untyped-def]
     return handle
 
 
+async def acquire(request: web.Request) -> web.Response:
+    """Envoy's Lua filter asks where to send a request; may wait in the fleet-wide FIFO."""
+    try:
+        lease = await request.app[PICKER_KEY].acquire()
+    except BufferFull:
+        return _overloaded(responses.BUFFER_FULL)
+    except BufferTimeout:
+        return _overloaded(responses.BUFFER_TIMEOUT)
+    return web.json_response({"endpoint": lease.address, "backend": lease.backend, "lease": lease.id},
+                             headers={ENDPOINT_HEADER: lease.address, LEASE_HEADER: str(lease.id)})
+
+
+def _overloaded(body: str) -> web.Response:
+    return web.Response(status=503, text=body, content_type="application/json",
+                        headers={"Retry-After": str(responses.RETRY_AFTER_SECONDS)})
+
+
+async def release(request: web.Request) -> web.Response:
+    try:
+        lease_id = int(request.match_info["lease"])
+    except ValueError:
+        return _error(400, "lease must be a number")
+    request.app[PICKER_KEY].release(lease_id)
+    return web.Response(status=204)
+
+
+async def picker_health(request: web.Request) -> web.Response:
+    """Paddler-compatible /health for a balancer that routes through the picker (Envoy)."""
+    picker = request.app[PICKER_KEY]
+    state = request.app[STATE_KEY]
+    candidates = picker.candidates()
+    processing = sum(picker.busy(name) for name in candidates)
+    idle = sum(state.status(name).slots_total for name in candidates) - processing
+    body = {"status": "ok" if candidates else "unavailable", "slots_idle": idle, "slots_processing": processing,
+            "requests_buffered": picker.waiting}
+    return web.json_response(body, status=200 if candidates else 503)
+
+
 def create_app(state: FleetState, registry: CollectorRegistry, operator_token: str | None,
-               standby: frozenset[str]) -> web.Application:
+               standby: frozenset[str], picker: Picker) -> web.Application:
     app = web.Application()
     app[STATE_KEY] = state
     app[REGISTRY_KEY] = registry
     app[TOKEN_KEY] = operator_token or ""
     app[STANDBY_KEY] = standby
+    app[PICKER_KEY] = picker
     app.router.add_get("/", dashboard)
     app.router.add_get("/api/v1/agents", agents)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     app.router.add_post("/api/v1/agents/{name}/drain", _operator(drain=True))
     app.router.add_post("/api/v1/agents/{name}/ready", _operator(drain=False))
+    app.router.add_post("/api/v1/picker/acquire", acquire)
+    app.router.add_post("/api/v1/picker/release/{lease}", release)
+    app.router.add_get("/api/v1/picker/health", picker_health)
     return app

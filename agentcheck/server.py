@@ -22,6 +22,7 @@ from agentcheck.llamacpp import LlamaCppClient
 from agentcheck.management import create_app
 from agentcheck.metrics import FleetCollector, build_registry
 from agentcheck.monitor import FleetState, Monitor
+from agentcheck.picker import Picker
 from agentcheck.policy import invalid_request_reply, unknown_backend_reply
 from agentcheck.protocol import AgentCheckProtocol, Request
 from agentcheck.reporting import StatsdReporter, probe_balancer_forever
@@ -115,8 +116,11 @@ class Agent:
         settings = self.settings
         assert settings.management is not None
         registry = build_registry(FleetCollector(self.state, self.checks_served, settings.standby))
-        app = create_app(self.state, registry, settings.operator_token, settings.standby)
-        self._management = web.AppRunner(app, access_log=None)
+        picker = Picker(self.state, settings.standby, settings.max_buffered_requests,
+                        settings.buffered_request_timeout)
+        app = create_app(self.state, registry, settings.operator_token, settings.standby, picker)
+        # handler_cancellation: a request that gives up while queued in the picker leaves the queue.
+        self._management = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await self._management.setup()
         await web.TCPSite(self._management, settings.management.host, settings.management.port).start()
         log.info("management API and dashboard on http://%s/ (operator endpoints %s)", settings.management,

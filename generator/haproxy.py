@@ -15,6 +15,7 @@ from typing import Any
 
 import jinja2
 
+from agentcheck import responses
 from fleet import Fleet
 
 BACKEND_NAME = "llama"
@@ -62,6 +63,11 @@ def haproxy_context(fleet: Fleet, lua_dir: str = DEFAULT_LUA_DIR) -> dict[str, A
         "metrics_listen": str(balancer.metrics_listen) if balancer.metrics_listen else None,
         "global_maxconn": GLOBAL_MAXCONN,
         "lua_path": f"{lua_dir.rstrip('/')}/{LUA_FILE}",
+        "retry_after": responses.RETRY_AFTER_SECONDS,
+        "buffer_full_body": responses.BUFFER_FULL,
+        "buffer_timeout_body": responses.BUFFER_TIMEOUT,
+        "slots_forbidden_body": responses.SLOTS_FORBIDDEN,
+        "admin_forbidden_body": responses.ADMIN_FORBIDDEN,
     }
 
 

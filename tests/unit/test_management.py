@@ -13,9 +13,11 @@ import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
+from agentcheck import responses
 from agentcheck.management import create_app, token_refusal
 from agentcheck.metrics import FleetCollector, build_registry
 from agentcheck.monitor import FleetState
+from agentcheck.picker import Picker
 from agentcheck.reporting import StatsdReporter
 from agentcheck.status import BackendStatus, SlotSource, State
 from fleet import Address, Backend, StatsdConfig
@@ -56,7 +58,8 @@ class Api:
 async def serve(state: FleetState, token: str | None, checks: Counter[str] | None = None) -> tuple[web.AppRunner, str]:
     standby = frozenset({"backup"})
     registry = build_registry(FleetCollector(state, checks or Counter(), standby))
-    runner = web.AppRunner(create_app(state, registry, token, standby))
+    picker = Picker(state, standby, max_waiting=2, timeout=0.2)
+    runner = web.AppRunner(create_app(state, registry, token, standby, picker), handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
@@ -190,3 +193,31 @@ async def test_statsd_reporter_sends_paddlers_gauges_to_a_real_udp_socket() -> N
         receiver.close()
     assert {"llm.prod.slots_idle:5|g", "llm.prod.slots_processing:1|g", "llm.prod.requests_buffered:3|g",
             "llm.prod.backends.gpu1.slots_processing:1|g", "llm.prod.backends.gpu2.slots_idle:0|g"} <= lines
+
+
+async def test_picker_hands_out_endpoints_then_buffers_then_refuses_with_the_shared_bodies(
+        api: tuple[Api, FleetState]) -> None:
+    client, _ = api
+    leases = []
+    for _ in range(3):  # gpu1 has 3 free slots
+        async with client.session.post(client.base + "/api/v1/picker/acquire") as response:
+            assert response.status == 200
+            assert response.headers["x-paddler-endpoint"] == "127.0.0.1:9001"
+            leases.append((await response.json())["lease"])
+    waiting = [asyncio.create_task(client.session.post(client.base + "/api/v1/picker/acquire")) for _ in range(2)]
+    status, text = await client.get("/api/v1/picker/health")
+    assert json.loads(text)["slots_idle"] == 0
+    wait = asyncio.get_running_loop().time()
+    while json.loads((await client.get("/api/v1/picker/health"))[1])["requests_buffered"] < 2:
+        assert asyncio.get_running_loop().time() - wait < 2, "the two requests never queued"
+        await asyncio.sleep(0.01)
+    async with client.session.post(client.base + "/api/v1/picker/acquire") as response:
+        assert response.status == 503 and response.headers["Retry-After"] == "1"
+        assert await response.text() == responses.BUFFER_FULL
+    async with client.session.post(client.base + f"/api/v1/picker/release/{leases[0]}") as response:
+        assert response.status == 204
+    first, second = [await task for task in waiting]
+    assert first.status == 200 and first.headers["x-paddler-endpoint"] == "127.0.0.1:9001"
+    assert second.status == 503 and await second.text() == responses.BUFFER_TIMEOUT
+    first.release()
+    second.release()
