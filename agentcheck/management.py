@@ -26,6 +26,7 @@ STANDBY_KEY = web.AppKey("standby", frozenset)
 PICKER_KEY = web.AppKey("picker", Picker)
 ENDPOINT_HEADER = "x-paddler-endpoint"  # the header Envoy's override_host policy reads
 LEASE_HEADER = "x-paddler-lease"
+VERDICT_HEADER = "x-paddler-verdict"
 
 
 def token_refusal(authorization: str | None, token: str | None) -> tuple[int, str] | None:
@@ -90,16 +91,17 @@ async def acquire(request: web.Request) -> web.Response:
     try:
         lease = await request.app[PICKER_KEY].acquire()
     except BufferFull:
-        return _overloaded(responses.BUFFER_FULL)
+        return _overloaded(responses.BUFFER_FULL, "buffer_full")
     except BufferTimeout:
-        return _overloaded(responses.BUFFER_TIMEOUT)
+        return _overloaded(responses.BUFFER_TIMEOUT, "buffer_timeout")
     return web.json_response({"endpoint": lease.address, "backend": lease.backend, "lease": lease.id},
                              headers={ENDPOINT_HEADER: lease.address, LEASE_HEADER: str(lease.id)})
 
 
-def _overloaded(body: str) -> web.Response:
+def _overloaded(body: str, verdict: str) -> web.Response:
+    """The picker's own refusal, marked so the Lua filter relays it instead of falling back."""
     return web.Response(status=503, text=body, content_type="application/json",
-                        headers={"Retry-After": str(responses.RETRY_AFTER_SECONDS)})
+                        headers={"Retry-After": str(responses.RETRY_AFTER_SECONDS), VERDICT_HEADER: verdict})
 
 
 async def release(request: web.Request) -> web.Response:

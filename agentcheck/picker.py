@@ -5,7 +5,7 @@ the most free slots, where "busy" is the last poll's count corrected for what th
 cannot know yet:
 
     busy = polled processing
-           + leases issued after that poll started and still running
+           + leases issued after that poll started (or just before: in transit) and still running
            - leases issued before that poll started and released since
 
 so two requests a millisecond apart never both get the last free slot, and a slot freed
@@ -27,6 +27,9 @@ from agentcheck.monitor import FleetState
 from agentcheck.status import State
 
 LEASE_MAX_AGE = 3600.0  # a lease never released (client gone mid-stream) stops counting after this
+# A picked request needs a moment to reach llama.cpp's slot; a poll that started sooner than this
+# after the lease may not show it yet, so the lease keeps counting until a later poll.
+SETTLE_SECONDS = 0.2
 
 
 class PickerError(Exception):
@@ -74,9 +77,10 @@ class Picker:
         for lease in self._leases.values():
             if lease.backend != name:
                 continue
-            if lease.released_at is None and lease.issued_at > poll_started:
+            seen_by_poll = lease.issued_at + SETTLE_SECONDS <= poll_started
+            if lease.released_at is None and not seen_by_poll:
                 busy += 1
-            elif lease.released_at is not None and lease.issued_at <= poll_started < lease.released_at:
+            elif lease.released_at is not None and seen_by_poll and poll_started < lease.released_at:
                 busy -= 1
         return max(0, min(busy, status.slots_total))
 

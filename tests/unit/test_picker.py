@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from agentcheck.monitor import FleetState
-from agentcheck.picker import BufferFull, BufferTimeout, Picker
+from agentcheck.picker import SETTLE_SECONDS, BufferFull, BufferTimeout, Picker
 from agentcheck.status import BackendStatus, SlotSource, State
 from fleet import Address, Backend
 
@@ -35,8 +35,11 @@ def make(max_waiting: int = 10, timeout: float = 5.0) -> tuple[FleetState, Picke
     return state, picker, clock
 
 
-def poll(state: FleetState, clock: Clock, **statuses: BackendStatus) -> None:
-    """A poll that started now and finished a moment later."""
+def poll(state: FleetState, clock: Clock, in_transit: bool = False, **statuses: BackendStatus) -> None:
+    """A poll that started a while after the last lease (or, ``in_transit``, right after it) and
+    finished a moment later."""
+    if not in_transit:
+        clock.now += SETTLE_SECONDS
     started = clock.now
     clock.now += 0.01
     for name, status in statuses.items():
@@ -66,6 +69,13 @@ async def test_a_poll_that_started_after_a_lease_supersedes_it() -> None:
     assert picker.busy("large") == 1  # not 2
     poll(state, clock, large=ready(4, 0))  # it finished without a release (client went away)
     assert picker.busy("large") == 0
+
+
+async def test_a_poll_right_after_a_lease_may_not_see_the_request_yet() -> None:
+    state, picker, clock = make()
+    await picker.acquire()  # large, still on its way to llama.cpp
+    poll(state, clock, in_transit=True, large=ready(4, 0))
+    assert picker.busy("large") == 1, "the in-transit request was forgotten: its slot could be given twice"
 
 
 async def test_release_frees_the_slot_before_the_next_poll() -> None:
