@@ -26,6 +26,7 @@ class Stream:
     status: int
     events: list[dict[str, Any]] = field(default_factory=list)
     done: bool = False  # saw "data: [DONE]"
+    error_body: bytes = b""  # the body of a non-200 answer
 
     @property
     def finish_reason(self) -> str | None:
@@ -78,7 +79,7 @@ def chat_stream(base: str, max_tokens: int, timeout: float = 120.0) -> Stream:
                     stream.events.append(json.loads(payload))
             return stream
     except urllib.error.HTTPError as exc:
-        return Stream(exc.code)
+        return Stream(exc.code, error_body=exc.read())
 
 
 def _lower(headers: Any) -> dict[str, str]:
