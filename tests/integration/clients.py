@@ -37,9 +37,11 @@ class Stream:
         return None
 
 
-def request(url: str, body: dict[str, Any] | None = None, method: str | None = None, timeout: float = 120.0) -> Answer:
+def request(url: str, body: dict[str, Any] | None = None, method: str | None = None, timeout: float = 120.0,
+            headers: dict[str, str] | None = None) -> Answer:
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(url, data=data, method=method,
+                                 headers={"Content-Type": "application/json", **(headers or {})})
     started = time.monotonic()
     try:
         with urllib.request.urlopen(req, timeout=timeout) as response:
