@@ -16,6 +16,7 @@ global
 
 defaults
     mode http
+    option http-no-delay
     timeout connect 2s
     # Inactivity timers: long generations and SSE streams survive while tokens flow.
     timeout client 300s
