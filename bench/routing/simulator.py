@@ -1,0 +1,377 @@
+"""SIMULATOR, not llama.cpp: llama.cpp-compatible HTTP servers whose timing follows
+``bench.routing.model``, for the routing-quality benchmark.
+
+One asyncio process serves every ``ServerSpec`` of a fleet on its own loopback port
+(aiohttp). Each server is a ``ServerState`` from the model, the same code the ideal-queue
+reference ``model.ideal()`` runs in virtual time, driven here in real time by one task per
+server that sleeps until each step's end as the model computes it (``loop.time()``). No
+model weights, no text: every generated token is ``"x"``. Every response carries
+``server: llamacpp-simulator`` so nobody mistakes it for llama.cpp.
+
+Endpoints (llama.cpp-shaped): ``GET /health``, ``/slots``, ``/props``, ``/metrics``;
+``POST /completion`` (``prompt``, ``n_predict``, ``stream``, and the simulator's own
+``n_prompt_tokens``, else ``len(prompt) // 4``, at least 1), ``POST /v1/chat/completions``
+(OpenAI-style, SSE ending with ``data: [DONE]``); plus ``GET /sim/stats`` for the benchmark.
+A client that disconnects frees its slot.
+
+    python -m bench.routing.simulator --fleet "a:2:20,b:4:25" --ports-file ports.json
+
+Fleet items are ``name:slots:token_ms[:batch_slowdown[:prompt_ms_per_token]]``; the ports
+file (``{"name": port}``) is written atomically once every server listens. SIGTERM or
+SIGINT stops it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import inspect
+import itertools
+import json
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+from aiohttp import web
+
+from bench.routing.model import RequestSpec, ServerSpec, ServerState
+
+SERVER_HEADER = "llamacpp-simulator"
+N_CTX = 4096
+DEFAULT_N_PREDICT = 16  # llama.cpp's n_predict -1 means "until EOS"; the simulator has no EOS
+TOKEN = "x"
+
+_ids = itertools.count()
+
+
+@dataclass
+class _Live:
+    """A request in flight: token times arrive on ``events`` as (loop time, finished)."""
+
+    request: RequestSpec
+    arrived: float  # loop.time()
+    deferred: bool
+    events: asyncio.Queue[tuple[float, bool]] = field(default_factory=asyncio.Queue)
+    first: float | None = None
+    done: bool = False
+
+
+class SimServer:
+    """One simulated llama.cpp server: a ``ServerState`` driven in real time."""
+
+    def __init__(self, spec: ServerSpec, start: float) -> None:
+        self.spec = spec
+        self.state = ServerState(spec)
+        self.start = start  # loop time of the run's start (arrivals are relative to it)
+        self.live: dict[int, _Live] = {}
+        self.tokens_predicted = 0
+        self._wake = asyncio.Event()
+
+    def submit(self, prompt_tokens: int, n_predict: int) -> _Live:
+        now = asyncio.get_running_loop().time()
+        request = RequestSpec(next(_ids), now - self.start, prompt_tokens, n_predict)
+        deferred = self.state.admit(request.id, request)
+        live = _Live(request, now, deferred)
+        self.live[request.id] = live
+        self._wake.set()
+        return live
+
+    def release(self, live: _Live) -> None:
+        """The request's handler is done: if the request still holds a slot (client gone), free it."""
+        self.live.pop(live.request.id, None)
+        if not live.done:
+            self.state.cancel(live.request.id)
+            self._wake.set()
+
+    async def run(self) -> None:
+        """Steps back to back while a slot is taken, each ending at the model's end time.
+
+        The next step starts at the previous one's computed end, not when the loop woke up,
+        so late wake-ups do not accumulate."""
+        loop = asyncio.get_running_loop()
+        step_start: float | None = None
+        while True:
+            if not self.state.needs_step:
+                step_start = None
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            end = self.state.start_step(loop.time() if step_start is None else step_start)
+            delay = end - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            _, finished = self.state.end_step(end)
+            done = set(finished)
+            for request_id in self.state.last_emitted:
+                live = self.live.get(request_id)
+                if live is None:
+                    continue
+                self.tokens_predicted += 1
+                if live.first is None:
+                    live.first = end
+                live.done = request_id in done
+                live.events.put_nowait((end, live.done))
+            step_start = end
+
+    def slots(self) -> list[dict[str, Any]]:
+        busy = self.state.busy
+        return [{"id": i, "n_ctx": N_CTX, "is_processing": i < busy} for i in range(self.spec.slots)]
+
+    def metrics(self) -> str:
+        lines = []
+        for name, kind, help_text, value in (
+            ("llamacpp:requests_processing", "gauge", "Number of requests processing.", self.state.busy),
+            ("llamacpp:requests_deferred", "gauge", "Number of requests deferred.", self.state.queued),
+            ("llamacpp:tokens_predicted_total", "counter", "Number of generation tokens processed.",
+             self.tokens_predicted),
+            ("llamacpp_sim:requests_deferred_total", "counter", "SIMULATOR: requests that ever waited for a slot.",
+             self.state.deferred_count),
+        ):
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value}"]
+        return "\n".join(lines) + "\n"
+
+    def stats(self) -> dict[str, int]:
+        return {"deferred_total": self.state.deferred_count, "completed": self.state.completed,
+                "busy": self.state.busy, "queued": self.state.queued}
+
+
+def _timings(live: _Live, end: float, n: int) -> dict[str, Any]:
+    ttft = (live.first or end) - live.arrived
+    return {
+        "prompt_n": live.request.prompt_tokens,
+        "predicted_n": n,
+        "predicted_ms": (end - (live.first or end)) * 1000,
+        "ttft_ms": ttft * 1000,  # simulator: arrival to first token, model time
+        "e2e_ms": (end - live.arrived) * 1000,
+        "deferred": live.deferred,
+    }
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise web.HTTPBadRequest(text=json.dumps({"error": "body is not JSON"}), content_type="application/json")
+    if not isinstance(body, dict):
+        raise web.HTTPBadRequest(text=json.dumps({"error": "body is not a JSON object"}),
+                                 content_type="application/json")
+    return body
+
+
+def _positive_int(value: Any, default: int) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    return default
+
+
+def _prompt_tokens(body: dict[str, Any], prompt: str) -> int:
+    return _positive_int(body.get("n_prompt_tokens"), max(1, len(prompt) // 4))
+
+
+def _sse(data: Any) -> bytes:
+    return b"data: " + (data if isinstance(data, bytes) else json.dumps(data).encode()) + b"\n\n"
+
+
+async def _stream(request: web.Request, live: _Live,
+                  token_event: Callable[[int], Any], final_events: Callable[[float, int], list[Any]]) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    n = 0
+    while True:
+        end, finished = await live.events.get()
+        n += 1
+        await response.write(_sse(token_event(n)))
+        if finished:
+            break
+    for event in final_events(end, n):
+        await response.write(_sse(event))
+    await response.write_eof()
+    return response
+
+
+async def _wait_done(live: _Live) -> tuple[float, int]:
+    n = 0
+    while True:
+        end, finished = await live.events.get()
+        n += 1
+        if finished:
+            return end, n
+
+
+def make_app(server: SimServer, fleet: dict[str, SimServer]) -> web.Application:
+    model_path = f"/sim/{server.spec.name}.gguf"
+
+    async def health(_: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def slots(_: web.Request) -> web.Response:
+        return web.json_response(server.slots())
+
+    async def props(_: web.Request) -> web.Response:
+        return web.json_response({"total_slots": server.spec.slots, "model_path": model_path, "is_sleeping": False,
+                                  "simulator": True})
+
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(text=server.metrics(), content_type="text/plain", charset="utf-8")
+
+    async def stats(_: web.Request) -> web.Response:
+        return web.json_response({name: sim.stats() for name, sim in fleet.items()})
+
+    async def completion(request: web.Request) -> web.StreamResponse:
+        body = await _json_body(request)
+        prompt = body.get("prompt", "")
+        prompt = prompt if isinstance(prompt, str) else json.dumps(prompt)
+        live = server.submit(_prompt_tokens(body, prompt), _positive_int(body.get("n_predict"), DEFAULT_N_PREDICT))
+        try:
+            if body.get("stream") is True:
+                return await _stream(
+                    request, live,
+                    lambda n: {"content": TOKEN, "stop": False, "tokens_predicted": n},
+                    lambda end, n: [{"content": "", "stop": True, "model": model_path, "tokens_predicted": n,
+                                     "stop_type": "limit", "timings": _timings(live, end, n)}])
+            end, n = await _wait_done(live)
+            return web.json_response({"content": TOKEN * n, "tokens_predicted": n, "model": model_path,
+                                      "stop": True, "stop_type": "limit", "timings": _timings(live, end, n)})
+        finally:
+            server.release(live)
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        body = await _json_body(request)
+        messages = body.get("messages")
+        if not isinstance(messages, list):
+            raise web.HTTPBadRequest(text=json.dumps({"error": "messages must be a list"}),
+                                     content_type="application/json")
+        prompt = "\n".join(str(m.get("content", "")) if isinstance(m, dict) else str(m) for m in messages)
+        max_tokens = _positive_int(body.get("max_tokens", body.get("max_completion_tokens")), DEFAULT_N_PREDICT)
+        live = server.submit(_prompt_tokens(body, prompt), max_tokens)
+        chat_id, created = f"chatcmpl-sim-{live.request.id}", int(time.time())
+        base = {"id": chat_id, "created": created, "model": model_path}
+        usage = lambda n: {"prompt_tokens": live.request.prompt_tokens, "completion_tokens": n,  # noqa: E731
+                           "total_tokens": live.request.prompt_tokens + n}
+        try:
+            if body.get("stream") is True:
+                def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+                    return {**base, "object": "chat.completion.chunk",
+                            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+                return await _stream(
+                    request, live,
+                    lambda n: chunk({"role": "assistant", "content": TOKEN} if n == 1 else {"content": TOKEN}, None),
+                    lambda end, n: [{**chunk({}, "length"), "usage": usage(n), "timings": _timings(live, end, n)},
+                                    b"[DONE]"])
+            end, n = await _wait_done(live)
+            return web.json_response({
+                **base, "object": "chat.completion",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": TOKEN * n},
+                             "finish_reason": "length"}],
+                "usage": usage(n), "timings": _timings(live, end, n)})
+        finally:
+            server.release(live)
+
+    async def label(_: web.Request, response: web.StreamResponse) -> None:
+        response.headers["Server"] = SERVER_HEADER
+
+    app = web.Application()
+    app.on_response_prepare.append(label)
+    app.router.add_get("/health", health)
+    app.router.add_get("/slots", slots)
+    app.router.add_get("/props", props)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/sim/stats", stats)
+    app.router.add_post("/completion", completion)
+    app.router.add_post("/completions", completion)
+    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_post("/chat/completions", chat)
+    return app
+
+
+OnReady = Callable[[dict[str, int]], Awaitable[None] | None]
+
+
+async def serve(fleet: list[ServerSpec], on_ready: OnReady) -> None:
+    """Serve every server of ``fleet`` on its own free loopback port until cancelled.
+
+    ``on_ready({name: port})`` (plain or async) is called once all of them listen."""
+    names = [spec.name for spec in fleet]
+    if not fleet or len(set(names)) != len(names):
+        raise ValueError("the fleet needs at least one server and unique names")
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    sims = {spec.name: SimServer(spec, start) for spec in fleet}
+    runners: list[web.AppRunner] = []
+    tasks = [asyncio.create_task(sim.run(), name=f"sim-{name}") for name, sim in sims.items()]
+    try:
+        ports = {}
+        for name, sim in sims.items():
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("127.0.0.1", 0))
+            # handler_cancellation: a client that disconnects cancels its handler, which frees the slot.
+            runner = web.AppRunner(make_app(sim, sims), handler_cancellation=True, access_log=None,
+                                   shutdown_timeout=0.5)
+            await runner.setup()
+            runners.append(runner)
+            site = web.SockSite(runner, sock)
+            await site.start()
+            ports[name] = sock.getsockname()[1]
+        ready = on_ready(ports)
+        if inspect.isawaitable(ready):
+            await ready
+        await asyncio.gather(*tasks)  # the step loops never end: this waits for cancellation
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for runner in runners:
+            await runner.cleanup()
+
+
+def parse_fleet(text: str) -> list[ServerSpec]:
+    """``"a:2:20,b:4:25:0.1"`` → ServerSpecs (name:slots:token_ms[:batch_slowdown[:prompt_ms_per_token]])."""
+    specs = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        fields = item.split(":")
+        if not 3 <= len(fields) <= 5:
+            raise ValueError(f"{item!r}: expected name:slots:token_ms[:batch_slowdown[:prompt_ms_per_token]]")
+        name, slots, token_ms, *rest = fields
+        extra = dict(zip(("batch_slowdown", "prompt_ms_per_token"), map(float, rest)))
+        specs.append(ServerSpec(name, int(slots), float(token_ms), **extra))
+    if not specs:
+        raise ValueError("empty fleet")
+    return specs
+
+
+def _write_ports(path: str, ports: dict[str, int]) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as handle:
+        json.dump(ports, handle)
+    os.replace(tmp, path)
+
+
+async def _main(fleet: list[ServerSpec], ports_file: str) -> None:
+    loop = asyncio.get_running_loop()
+    task = asyncio.create_task(serve(fleet, lambda ports: _write_ports(ports_file, ports)))
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, task.cancel)
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--fleet", required=True, help="name:slots:token_ms[:batch_slowdown[:prompt_ms_per_token]],...")
+    parser.add_argument("--ports-file", required=True, help='written atomically as {"name": port} when ready')
+    args = parser.parse_args(argv)
+    try:
+        fleet = parse_fleet(args.fleet)
+    except ValueError as exc:
+        parser.error(str(exc))
+    asyncio.run(_main(fleet, args.ports_file))
+
+
+if __name__ == "__main__":
+    main()
