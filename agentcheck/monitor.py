@@ -39,6 +39,7 @@ class FleetState:
         # Requests waiting in the balancer (HAProxy queue + held), from its /health; None when unknown.
         self.requests_buffered: int | None = None
         self.poll_started: dict[str, float] = {}  # monotonic start of the poll behind each status
+        self.poll_finished: dict[str, float] = {}  # ... and its end
         self.on_change: list[Callable[[], None]] = []  # called after every update and operator change
 
     @property
@@ -76,6 +77,7 @@ class FleetState:
         self.poll_seconds[name] = poll_seconds
         if poll_started is not None:
             self.poll_started[name] = poll_started
+            self.poll_finished[name] = poll_started + poll_seconds
         self.polls[name] += 1
         if status.state is not State.READY:
             self.failed_polls[name, status.state.value] += 1

@@ -6,10 +6,12 @@ cannot know yet:
 
     busy = polled processing
            + leases issued after that poll started (or just before: in transit) and still running
-           - leases issued before that poll started and released since
+           - leases issued before that poll started and released after it finished
 
 so two requests a millisecond apart never both get the last free slot, and a slot freed
-by a finished request is reused at once instead of at the next poll. When no slot is
+by a finished request is reused at once instead of at the next poll. Busy is never taken
+below the number of our own running leases (what HAProxy's maxconn counts), since llama.cpp
+lists a new request as processing only once its main loop picks it up. When no slot is
 free (or no backend is usable at all: scale from zero), requests wait in one FIFO across
 the whole fleet, bounded in length and time, with the same outcomes as the HAProxy path.
 """
@@ -29,7 +31,7 @@ from agentcheck.status import State
 LEASE_MAX_AGE = 3600.0  # a lease never released (client gone mid-stream) stops counting after this
 # A picked request needs a moment to reach llama.cpp's slot; a poll that started sooner than this
 # after the lease may not show it yet, so the lease keeps counting until a later poll.
-SETTLE_SECONDS = 0.2
+SETTLE_SECONDS = 0.1
 
 
 class PickerError(Exception):
@@ -64,6 +66,7 @@ class Picker:
         self._ids = itertools.count(1)
         self._leases: dict[int, Lease] = {}
         self._waiting: deque[asyncio.Future[Lease]] = deque()
+        self._poll_history: dict[str, tuple[float, float | None]] = {}  # backend → (latest, previous) poll start
         state.on_change.append(self.wake)
 
     @property
@@ -71,18 +74,29 @@ class Picker:
         return len(self._waiting)
 
     def busy(self, name: str) -> int:
+        """The larger of two views: our own running leases (exact for what this balancer placed, like
+        HAProxy's connection count) and the last poll corrected by leases since (which also sees load
+        from outside the balancer, but lags: llama.cpp lists a request as processing only once its
+        task is picked up, a few hundred ms later on a busy host)."""
         status = self._state.status(name)
         poll_started = self._state.poll_started.get(name, float("-inf"))
-        busy = status.slots_processing
+        poll_finished = self._state.poll_finished.get(name, float("-inf"))
+        polled = status.slots_processing
+        own = 0
         for lease in self._leases.values():
             if lease.backend != name:
                 continue
             seen_by_poll = lease.issued_at + SETTLE_SECONDS <= poll_started
-            if lease.released_at is None and not seen_by_poll:
-                busy += 1
-            elif lease.released_at is not None and seen_by_poll and poll_started < lease.released_at:
-                busy -= 1
-        return max(0, min(busy, status.slots_total))
+            if lease.released_at is None:
+                own += 1
+                if not seen_by_poll:
+                    polled += 1
+            elif seen_by_poll and poll_finished < lease.released_at:
+                # The poll counted it and it has ended since. One released *during* the poll may or may
+                # not be in the count: keep counting it (a slot idle until the next poll beats a slot
+                # given twice).
+                polled -= 1
+        return max(0, min(max(own, polled), status.slots_total))
 
     def candidates(self) -> list[str]:
         """Backends that may get new requests: ready, not drained primaries; else such standby ones."""
@@ -159,3 +173,26 @@ class Picker:
             absorbed = lease.released_at is not None and lease.released_at <= poll_started
             if absorbed or now - lease.issued_at > LEASE_MAX_AGE:
                 del self._leases[lease_id]
+        self._forget_lost_leases()
+
+    def _forget_lost_leases(self) -> None:
+        """Polled state supersedes leases whose release never came (the client went away mid-stream,
+        so the filter never saw the end): when the latest poll counts fewer running requests than
+        there are unreleased leases old enough for the poll before it to have seen them, the oldest
+        of those leases are over."""
+        for name in self._state.names:
+            started = self._state.poll_started.get(name)
+            if started is None:
+                continue
+            if self._poll_history.get(name, (None, None))[0] != started:
+                previous = self._poll_history.get(name, (None, None))[0]
+                self._poll_history[name] = (started, previous)
+            _, previous = self._poll_history[name]
+            if previous is None:
+                continue
+            old = sorted((lease for lease in self._leases.values()
+                          if lease.backend == name and lease.released_at is None
+                          and lease.issued_at + SETTLE_SECONDS <= previous), key=lambda lease: lease.issued_at)
+            running = self._state.status(name).slots_processing
+            for lease in old[:max(0, len(old) - running)]:
+                lease.released_at = self._clock()

@@ -78,6 +78,14 @@ async def test_a_poll_right_after_a_lease_may_not_see_the_request_yet() -> None:
     assert picker.busy("large") == 1, "the in-transit request was forgotten: its slot could be given twice"
 
 
+async def test_our_own_running_leases_bound_busy_even_when_llama_cpp_lags() -> None:
+    state, picker, clock = make()
+    for _ in range(3):
+        await picker.acquire()  # large, large, large
+    poll(state, clock, large=ready(4, 1))  # llama.cpp has picked up only one of them so far
+    assert picker.busy("large") == 3
+
+
 async def test_release_frees_the_slot_before_the_next_poll() -> None:
     state, picker, clock = make()
     leases = [await picker.acquire() for _ in range(6)]
