@@ -26,6 +26,7 @@ class TraceConfig:
     rate: float = 10.0  # mean arrivals per second
     pattern: str = "poisson"  # or "bursty": on/off periods with the same mean rate
     prompt_median: int = 200
+    prompt_max: int = 4000
     output_median: int = 60
     output_max: int = 600
 
@@ -61,7 +62,7 @@ def make_trace(config: TraceConfig) -> list[RequestSpec]:
         now += rng.expovariate(rate)
         if now >= config.duration:
             return trace
-        prompt = max(16, min(4000, round(rng.lognormvariate(math.log(config.prompt_median), 0.8))))
+        prompt = max(16, min(config.prompt_max, round(rng.lognormvariate(math.log(config.prompt_median), 0.8))))
         trace.append(RequestSpec(len(trace), now, prompt, _output_tokens(rng, config)))
 
 

@@ -56,10 +56,12 @@ def main() -> None:
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
     args = parser.parse_args()
 
-    config = TraceConfig(seed=args.seed, duration=args.duration, output_median=120, output_max=1000)
+    # The tiny model's byte-level vocabulary makes each prompt character a token (the load generator
+    # sends 4 characters per prompt token): cap prompts so prompt + output fit a 2,048-token slot.
+    shape = {"prompt_median": 40, "prompt_max": 200, "output_median": 120, "output_max": 1000}
+    config = TraceConfig(seed=args.seed, duration=args.duration, **shape)
     rate = args.load * 2 * TOKENS_PER_SECOND_PER_SERVER / mean_output_tokens(config)
-    trace = make_trace(TraceConfig(seed=args.seed, duration=args.duration, rate=rate, output_median=120,
-                                   output_max=1000))
+    trace = make_trace(TraceConfig(seed=args.seed, duration=args.duration, rate=rate, **shape))
     print(f"real llama-servers (2 and 4 slots), {len(trace)} requests at {rate:.1f}/s ({args.load:.0%} load)")
     with tempfile.TemporaryDirectory(prefix="real-check-") as tmp:
         workdir = Path(tmp)
