@@ -17,6 +17,13 @@ command -v g++ >/dev/null || missing+=(g++)
 python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
 # The dashboard test drives a real headless browser.
 if [ "${PADDLER_SETUP_FOR_TESTS:-0}" = 1 ]; then command -v chromium >/dev/null || missing+=(chromium); fi
+# The container tests: a Docker engine (dockerd; a docker CLI alone is not one), Debian's
+# docker-compose 1.29, and debootstrap for the local base images (no registry to pull from).
+if [ "${PADDLER_SETUP_FOR_TESTS:-0}" = 1 ]; then
+    [ -x /usr/sbin/dockerd ] || command -v dockerd >/dev/null || missing+=(docker.io)
+    command -v docker-compose >/dev/null || missing+=(docker-compose)
+    [ -x /usr/sbin/debootstrap ] || command -v debootstrap >/dev/null || missing+=(debootstrap)
+fi
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "setup: installing ${missing[*]} with apt-get" >&2
     as_root apt-get update -qq
