@@ -11,10 +11,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import jinja2
-
 from agentcheck import responses
 from fleet import Address, Fleet, FleetError
+from generator.templates import render
 
 LUA_FILE = "paddler.lua"
 DEFAULT_LUA_DIR = "/etc/envoy/paddler"
@@ -76,15 +75,7 @@ def envoy_context(fleet: Fleet, lua_dir: str = DEFAULT_LUA_DIR) -> dict[str, Any
 
 
 def render_envoy(fleet: Fleet, lua_dir: str = DEFAULT_LUA_DIR) -> str:
-    environment = jinja2.Environment(
-        loader=jinja2.PackageLoader("configs", "envoy"),
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        keep_trailing_newline=True,
-        autoescape=False,
-    )
-    return environment.get_template("envoy.yaml.j2").render(envoy_context(fleet, lua_dir))
+    return render("envoy", "envoy.yaml.j2", envoy_context(fleet, lua_dir))
 
 
 def envoy_binary() -> str | None:

@@ -13,10 +13,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import jinja2
-
 from agentcheck import responses
 from fleet import Fleet
+from generator.templates import render
 
 BACKEND_NAME = "llama"
 LUA_FILE = "paddler.lua"
@@ -72,15 +71,7 @@ def haproxy_context(fleet: Fleet, lua_dir: str = DEFAULT_LUA_DIR) -> dict[str, A
 
 
 def render_haproxy(fleet: Fleet, lua_dir: str = DEFAULT_LUA_DIR) -> str:
-    environment = jinja2.Environment(
-        loader=jinja2.PackageLoader("configs", "haproxy"),
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        keep_trailing_newline=True,
-        autoescape=False,
-    )
-    return environment.get_template("haproxy.cfg.j2").render(haproxy_context(fleet, lua_dir))
+    return render("haproxy", "haproxy.cfg.j2", haproxy_context(fleet, lua_dir))
 
 
 class CheckError(RuntimeError):
