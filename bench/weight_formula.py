@@ -27,6 +27,7 @@ from devstack.haproxy_minimal import minimal_haproxy_config
 from devstack.llamacpp_build import llama_server_binary
 from devstack.model import write_tiny_model
 from devstack.processes import AgentProcess, HAProxy, LlamaServer, free_port, wait_until
+from devstack.sampling import DeferralWatch
 
 FORMULAS = ("capacity", "equal", "idle")
 
@@ -37,32 +38,6 @@ def completion(url: str, n_predict: int) -> float:
     with urllib.request.urlopen(urllib.request.Request(url + "/completion", data=body), timeout=300) as response:
         response.read()
     return time.monotonic() - started
-
-
-class DeferralMeter:
-    """Integrates llamacpp:requests_deferred over time for each server (sampled every 50 ms)."""
-
-    def __init__(self, servers: dict[str, LlamaServer]) -> None:
-        self.servers = servers
-        self.deferred_seconds = {name: 0.0 for name in servers}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        last = time.monotonic()
-        while not self._stop.wait(0.05):
-            now = time.monotonic()
-            for name, server in self.servers.items():
-                self.deferred_seconds[name] += (server.metric("llamacpp:requests_deferred") or 0) * (now - last)
-            last = now
-
-    def __enter__(self) -> "DeferralMeter":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def run_once(servers: dict[str, LlamaServer], workdir: Path, formula: str, bypass: bool,
@@ -86,7 +61,7 @@ def run_once(servers: dict[str, LlamaServer], workdir: Path, formula: str, bypas
                 while not stop_bypass.is_set():
                     completion(servers["large"].url, 800)
 
-            with DeferralMeter(servers) as meter, ThreadPoolExecutor(clients + 2) as pool:
+            with DeferralWatch(servers.values()) as meter, ThreadPoolExecutor(clients + 2) as pool:
                 bypassers = [pool.submit(bypass_client) for _ in range(2 if bypass else 0)]
                 latencies = list(pool.map(lambda n: completion(f"http://127.0.0.1:{port}", n), lengths))
                 stop_bypass.set()
@@ -96,7 +71,7 @@ def run_once(servers: dict[str, LlamaServer], workdir: Path, formula: str, bypas
     ordered = sorted(latencies)
     return {"formula": formula, "scenario": "bypass" if bypass else "haproxy-only",
             "mean_s": statistics.mean(latencies), "p90_s": ordered[int(0.9 * (len(ordered) - 1))],
-            "placed": placed, "deferred_s": sum(meter.deferred_seconds.values())}
+            "placed": placed, "deferred_s": meter.deferred_seconds}
 
 
 def main() -> None:

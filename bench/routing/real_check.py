@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import tempfile
-import threading
 from pathlib import Path
 
 from bench.routing.loadgen import TraceConfig, make_trace, mean_output_tokens, replay
@@ -22,30 +21,11 @@ from bench.routing.strategies import STRATEGIES, run_strategy
 from devstack.llamacpp_build import llama_server_binary
 from devstack.model import write_tiny_model
 from devstack.processes import LlamaServer
+from devstack.sampling import DeferralWatch
 
 # The tiny model on one core makes ~1,250 tokens/s per server whatever the batch (measured; see
 # docs/agent.md), so the fleet's capacity is about twice that.
 TOKENS_PER_SECOND_PER_SERVER = 1250.0
-
-
-class DeferralMeter:
-    def __init__(self, servers: list[LlamaServer]) -> None:
-        self.servers = servers
-        self.deferred_seconds = 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.02):
-            self.deferred_seconds += 0.02 * sum(s.metric("llamacpp:requests_deferred") or 0 for s in self.servers)
-
-    def __enter__(self) -> "DeferralMeter":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def main() -> None:
@@ -72,7 +52,7 @@ def main() -> None:
             addresses = {s.name: s.address for s in servers}
             for strategy in args.strategies.split(","):
                 with run_strategy(strategy, addresses, {s.name: s.slots for s in servers},
-                                  workdir / strategy) as url, DeferralMeter(servers) as meter:
+                                  workdir / strategy) as url, DeferralWatch(servers) as meter:
                     results = asyncio.run(replay(trace, url, seed=args.seed))
                 ok = [r.ttft for r in results if r.status == 200 and r.ttft is not None]
                 print(f"{strategy:16} ttft p50 {percentile(ok, 50):.3f}s  p99 {percentile(ok, 99):.3f}s  "

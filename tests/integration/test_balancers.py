@@ -16,6 +16,7 @@ from typing import Callable, Iterator
 import pytest
 
 from devstack.processes import LlamaServer, free_port, wait_until
+from devstack.sampling import DeferralWatch
 from devstack.stack import BalancerStack
 from tests.integration import clients
 
@@ -55,34 +56,6 @@ def health(stack: BalancerStack) -> dict:
     return stack.health()
 
 
-class DeferralWatch:
-    """Records the highest llamacpp:requests_deferred seen on each server while load runs."""
-
-    def __init__(self, servers: dict[str, LlamaServer]) -> None:
-        self.servers = servers
-        self.max_deferred = {name: 0.0 for name in servers}
-        self.samples = 0
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._watch, args=(name,), daemon=True) for name in servers]
-
-    def _watch(self, name: str) -> None:
-        while not self._stop.is_set():
-            value = self.servers[name].metric("llamacpp:requests_deferred")
-            self.max_deferred[name] = max(self.max_deferred[name], value or 0)
-            self.samples += 1
-            self._stop.wait(0.01)
-
-    def __enter__(self) -> "DeferralWatch":
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join()
-
-
 def test_three_times_more_streams_than_slots_all_complete_without_llama_cpp_queueing(fleet3: BalancerStack) -> None:
     total_slots = sum(FLEET_SLOTS.values())
     count = 3 * total_slots
@@ -97,7 +70,7 @@ def test_three_times_more_streams_than_slots_all_complete_without_llama_cpp_queu
     watcher = threading.Thread(target=watch_queue)
     watcher.start()
     try:
-        with DeferralWatch(fleet3.llama) as deferrals, ThreadPoolExecutor(count) as pool:  # type: ignore[attr-defined]
+        with DeferralWatch(fleet3.llama.values()) as deferrals, ThreadPoolExecutor(count) as pool:  # type: ignore[attr-defined]
             streams = list(pool.map(lambda _: clients.chat_stream(fleet3.url, max_tokens=400), range(count)))
     finally:
         stop.set()
