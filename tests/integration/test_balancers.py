@@ -8,7 +8,6 @@ server answered), so the same assertions hold the two paths to the same behaviou
 from __future__ import annotations
 
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterator
