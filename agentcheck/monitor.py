@@ -40,7 +40,8 @@ class FleetState:
         self.requests_buffered: int | None = None
         self.poll_started: dict[str, float] = {}  # monotonic start of the poll behind each status
         self.poll_finished: dict[str, float] = {}  # ... and its end
-        self.on_change: list[Callable[[], None]] = []  # called after every update and operator change
+        # Called with the backend's name after every poll result and operator change.
+        self.on_change: list[Callable[[str], None]] = []
 
     @property
     def names(self) -> list[str]:
@@ -60,7 +61,7 @@ class FleetState:
             log.info("%s: %s by operator", name, "drained" if drained else "ready again")
         (self._drained.add if drained else self._drained.discard)(name)
         self._replies.pop(name, None)
-        self._notify()
+        self._notify(name)
 
     def status(self, name: str) -> BackendStatus:
         return self._status[name]
@@ -90,11 +91,11 @@ class FleetState:
         if previous.state is not status.state or previous.reason != status.reason:
             log.info("%s: %s -> %s%s", name, previous.state.value, status.state.value,
                      f" ({status.reason})" if status.reason else "")
-        self._notify()
+        self._notify(name)
 
-    def _notify(self) -> None:
+    def _notify(self, name: str) -> None:
         for listener in self.on_change:
-            listener()
+            listener(name)
 
     def reply_for(self, name: str) -> str | None:
         """The agent-check line for a backend, or None when the name is not in the fleet."""

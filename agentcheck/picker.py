@@ -152,9 +152,16 @@ class Picker:
         self.wake()
         return True
 
-    def wake(self) -> None:
-        """Hand free slots to waiting requests, oldest first; prune leases the polls have absorbed."""
-        self._prune()
+    def wake(self, changed: str | None = None) -> None:
+        """Hand free slots to waiting requests, oldest first; prune leases the polls have absorbed.
+
+        Called after every poll of every backend, so it stays O(leases) and touches only the
+        backend that ``changed``: at a thousand backends polled each second this is hot.
+        """
+        if changed is not None:
+            self._record_poll(changed)
+        if self._leases:
+            self._prune(changed)
         while self._waiting:
             head = self._waiting[0]
             if head.done():  # timed out or cancelled, about to be removed by its owner
@@ -166,33 +173,33 @@ class Picker:
             self._waiting.popleft()
             head.set_result(lease)
 
-    def _prune(self) -> None:
+    def _record_poll(self, name: str) -> None:
+        started = self._state.poll_started.get(name)
+        latest = self._poll_history.get(name, (None, None))[0]
+        if started is not None and started != latest:
+            self._poll_history[name] = (started, latest)
+
+    def _prune(self, changed: str | None) -> None:
         now = self._clock()
         for lease_id, lease in list(self._leases.items()):
             poll_started = self._state.poll_started.get(lease.backend, float("-inf"))
             absorbed = lease.released_at is not None and lease.released_at <= poll_started
             if absorbed or now - lease.issued_at > LEASE_MAX_AGE:
                 del self._leases[lease_id]
-        self._forget_lost_leases()
+        for name in [changed] if changed is not None else {lease.backend for lease in self._leases.values()}:
+            self._forget_lost_leases(name)
 
-    def _forget_lost_leases(self) -> None:
+    def _forget_lost_leases(self, name: str) -> None:
         """Polled state supersedes leases whose release never came (the client went away mid-stream,
         so the filter never saw the end): when the latest poll counts fewer running requests than
         there are unreleased leases old enough for the poll before it to have seen them, the oldest
         of those leases are over."""
-        for name in self._state.names:
-            started = self._state.poll_started.get(name)
-            if started is None:
-                continue
-            if self._poll_history.get(name, (None, None))[0] != started:
-                previous = self._poll_history.get(name, (None, None))[0]
-                self._poll_history[name] = (started, previous)
-            _, previous = self._poll_history[name]
-            if previous is None:
-                continue
-            old = sorted((lease for lease in self._leases.values()
-                          if lease.backend == name and lease.released_at is None
-                          and lease.issued_at + SETTLE_SECONDS <= previous), key=lambda lease: lease.issued_at)
-            running = self._state.status(name).slots_processing
-            for lease in old[:max(0, len(old) - running)]:
-                lease.released_at = self._clock()
+        previous = self._poll_history.get(name, (None, None))[1]
+        if previous is None:
+            return
+        old = sorted((lease for lease in self._leases.values()
+                      if lease.backend == name and lease.released_at is None
+                      and lease.issued_at + SETTLE_SECONDS <= previous), key=lambda lease: lease.issued_at)
+        running = self._state.status(name).slots_processing
+        for lease in old[:max(0, len(old) - running)]:
+            lease.released_at = self._clock()
