@@ -1,0 +1,74 @@
+"""The HAProxy Lua bridge's pure helpers, run by a real Lua 5.3 (HAProxy 2.6's Lua) without HAProxy.
+
+paddler.lua only registers with HAProxy when ``core`` exists, and returns its table, so its
+decisions (which servers count, what /health says) can be checked on their own.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import pytest
+
+from generator.haproxy import packaged_lua_path
+
+LUA = shutil.which("lua5.3")
+
+
+def run_lua(body: str) -> str:
+    if LUA is None:
+        pytest.fail("lua5.3 is not installed (scripts/test.sh installs it with apt-get)")
+    script = f"local paddler = dofile({json.dumps(str(packaged_lua_path()))})\n{body}"
+    result = subprocess.run([LUA, "-"], input=script, capture_output=True, text=True, timeout=10)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+@pytest.mark.parametrize(("status", "usable"), [
+    ("UP", True), ("no check", True), ("UP 1/2", True), ("DOWN", False), ("DOWN (agent)", False),
+    ("DRAIN", False), ("MAINT", False), ("NOLB", False),
+])
+def test_which_haproxy_states_count_as_usable(status: str, usable: bool) -> None:
+    assert run_lua(f"print(paddler.is_usable({json.dumps(status)}))") == str(usable).lower()
+
+
+def health(servers: list[dict], buffered: int = 0) -> tuple[dict, int]:
+    rows = ", ".join("{status=%s, slim=%d, scur=%d, bck=%d}" % (json.dumps(s["status"]), s["slim"], s["scur"], s["bck"])
+                     for s in servers)
+    out = run_lua(f"local body, code = paddler.health_body(paddler.aggregate({{{rows}}}), {buffered})\n"
+                  "print(code) print(body)")
+    code, body = out.split("\n", 1)
+    return json.loads(body), int(code)
+
+
+def test_health_sums_usable_primaries_only() -> None:
+    body, code = health([
+        {"status": "no check", "slim": 4, "scur": 1, "bck": 0},
+        {"status": "UP", "slim": 2, "scur": 2, "bck": 0},
+        {"status": "DOWN (agent)", "slim": 8, "scur": 0, "bck": 0},
+        {"status": "no check", "slim": 2, "scur": 0, "bck": 1},  # standby: unused while primaries serve
+    ], buffered=3)
+    assert code == 200
+    assert body == {"status": "ok", "slots_idle": 3, "slots_processing": 3, "requests_buffered": 3}
+
+
+def test_health_counts_standby_when_no_primary_is_usable() -> None:
+    body, code = health([
+        {"status": "DOWN", "slim": 4, "scur": 0, "bck": 0},
+        {"status": "no check", "slim": 2, "scur": 1, "bck": 1},
+    ])
+    assert (code, body["status"], body["slots_idle"], body["slots_processing"]) == (200, "ok", 1, 1)
+
+
+def test_health_with_nothing_usable_is_503_unavailable() -> None:
+    body, code = health([{"status": "DOWN", "slim": 4, "scur": 0, "bck": 0}], buffered=2)
+    assert code == 503
+    assert body == {"status": "unavailable", "slots_idle": 0, "slots_processing": 0, "requests_buffered": 2}
+
+
+def test_more_sessions_than_maxconn_never_report_negative_idle() -> None:
+    body, _ = health([{"status": "UP", "slim": 2, "scur": 3, "bck": 0}])
+    assert body["slots_idle"] == 0 and body["slots_processing"] == 3
+
