@@ -64,7 +64,9 @@ class Picker:
         self._timeout = timeout
         self._clock = clock
         self._ids = itertools.count(1)
-        self._leases: dict[int, Lease] = {}
+        # Leases by backend (each in issue order) and by id: polls touch one backend, releases one id.
+        self._leases: dict[str, dict[int, Lease]] = {}
+        self._by_id: dict[int, Lease] = {}
         self._waiting: deque[asyncio.Future[Lease]] = deque()
         self._poll_history: dict[str, tuple[float, float | None]] = {}  # backend → (latest, previous) poll start
         state.on_change.append(self.wake)
@@ -83,9 +85,7 @@ class Picker:
         poll_finished = self._state.poll_finished.get(name, float("-inf"))
         polled = status.slots_processing
         own = 0
-        for lease in self._leases.values():
-            if lease.backend != name:
-                continue
+        for lease in self._leases.get(name, {}).values():
             seen_by_poll = lease.issued_at + SETTLE_SECONDS <= poll_started
             if lease.released_at is None:
                 own += 1
@@ -117,7 +117,8 @@ class Picker:
         if free[name] <= 0:
             return None
         lease = Lease(next(self._ids), name, str(self._state.backend(name).address), self._clock())
-        self._leases[lease.id] = lease
+        self._leases.setdefault(name, {})[lease.id] = lease
+        self._by_id[lease.id] = lease
         return lease
 
     async def acquire(self) -> Lease:
@@ -145,7 +146,7 @@ class Picker:
 
     def release(self, lease_id: int) -> bool:
         """The request on this lease finished: its slot is free now, not at the next poll."""
-        lease = self._leases.get(lease_id)
+        lease = self._by_id.get(lease_id)
         if lease is None or lease.released_at is not None:
             return False
         lease.released_at = self._clock()
@@ -155,13 +156,14 @@ class Picker:
     def wake(self, changed: str | None = None) -> None:
         """Hand free slots to waiting requests, oldest first; prune leases the polls have absorbed.
 
-        Called after every poll of every backend, so it stays O(leases) and touches only the
-        backend that ``changed``: at a thousand backends polled each second this is hot.
+        Called after every poll of every backend, so it touches only the backend that ``changed``
+        (all backends with leases when None): at a thousand backends polled each second this is hot.
         """
         if changed is not None:
             self._record_poll(changed)
-        if self._leases:
-            self._prune(changed)
+        if self._by_id:
+            for name in [changed] if changed is not None else list(self._leases):
+                self._prune(name)
         while self._waiting:
             head = self._waiting[0]
             if head.done():  # timed out or cancelled, about to be removed by its owner
@@ -179,17 +181,20 @@ class Picker:
         if started is not None and started != latest:
             self._poll_history[name] = (started, latest)
 
-    def _prune(self, changed: str | None) -> None:
+    def _prune(self, name: str) -> None:
+        leases = self._leases.get(name)
+        if not leases:
+            return
         now = self._clock()
-        for lease_id, lease in list(self._leases.items()):
-            poll_started = self._state.poll_started.get(lease.backend, float("-inf"))
+        poll_started = self._state.poll_started.get(name, float("-inf"))
+        for lease_id, lease in list(leases.items()):
             absorbed = lease.released_at is not None and lease.released_at <= poll_started
             if absorbed or now - lease.issued_at > LEASE_MAX_AGE:
-                del self._leases[lease_id]
-        for name in [changed] if changed is not None else {lease.backend for lease in self._leases.values()}:
-            self._forget_lost_leases(name)
+                del leases[lease_id]
+                del self._by_id[lease_id]
+        self._forget_lost_leases(name, leases)
 
-    def _forget_lost_leases(self, name: str) -> None:
+    def _forget_lost_leases(self, name: str, leases: dict[int, Lease]) -> None:
         """Polled state supersedes leases whose release never came (the client went away mid-stream,
         so the filter never saw the end): when the latest poll counts fewer running requests than
         there are unreleased leases old enough for the poll before it to have seen them, the oldest
@@ -197,9 +202,8 @@ class Picker:
         previous = self._poll_history.get(name, (None, None))[1]
         if previous is None:
             return
-        old = sorted((lease for lease in self._leases.values()
-                      if lease.backend == name and lease.released_at is None
-                      and lease.issued_at + SETTLE_SECONDS <= previous), key=lambda lease: lease.issued_at)
+        old = [lease for lease in leases.values()  # issue order
+               if lease.released_at is None and lease.issued_at + SETTLE_SECONDS <= previous]
         running = self._state.status(name).slots_processing
         for lease in old[:max(0, len(old) - running)]:
             lease.released_at = self._clock()
