@@ -59,6 +59,27 @@ def http_get(url: str, timeout: float = 2.0, headers: dict[str, str] | None = No
         return 0, b""
 
 
+def llama_metric(url: str, name: str, api_key: str | None = None) -> float | None:
+    """One gauge from a llama-server's /metrics (needs --metrics); None when it does not answer."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    status, body = http_get(url + "/metrics", headers=headers)
+    if status != 200:
+        return None
+    for line in body.decode().splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return None
+
+
+def llama_busy_slots(url: str, api_key: str | None = None) -> int | None:
+    """How many of a llama-server's slots /slots lists as processing; None when it does not answer."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    status, body = http_get(url + "/slots", headers=headers)
+    if status != 200:
+        return None
+    return sum(1 for slot in json.loads(body) if slot.get("is_processing"))
+
+
 class _Process:
     """A child process with a log file, stopped on exit; subclasses say how to start and probe it."""
 
@@ -164,21 +185,10 @@ class LlamaServer(_Process):
         return http_get(self.url + "/health", timeout=1.0)[0] == 200
 
     def metric(self, name: str) -> float | None:
-        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else None
-        status, body = http_get(self.url + "/metrics", headers=headers)
-        if status != 200:
-            return None
-        for line in body.decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-        return None
+        return llama_metric(self.url, name, self.api_key)
 
     def busy_slots(self) -> int | None:
-        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else None
-        status, body = http_get(self.url + "/slots", headers=headers)
-        if status != 200:
-            return None
-        return sum(1 for slot in json.loads(body) if slot.get("is_processing"))
+        return llama_busy_slots(self.url, self.api_key)
 
 
 class HAProxy(_Process):

@@ -20,7 +20,7 @@ import yaml
 
 from testcontainers.core.container import DockerContainer
 
-from devstack.processes import LOOPBACK, free_port, http_get
+from devstack.processes import LOOPBACK, free_port, http_get, llama_busy_slots, llama_metric
 
 LABEL = "org.paddler-haproxy.test"
 
@@ -123,17 +123,10 @@ class LlamaContainer(Service):
         return http_get(self.url + "/health", timeout=1.0)[0] == 200
 
     def metric(self, name: str) -> float | None:
-        status, body = http_get(self.url + "/metrics")
-        if status != 200:
-            return None
-        for line in body.decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-        return None
+        return llama_metric(self.url, name)
 
     def busy_slots(self) -> int | None:
-        status, body = http_get(self.url + "/slots")
-        return sum(1 for slot in json.loads(body) if slot.get("is_processing")) if status == 200 else None
+        return llama_busy_slots(self.url)
 
 
 class AgentContainer(Service):
