@@ -61,7 +61,7 @@ def run_once(servers: dict[str, LlamaServer], workdir: Path, formula: str, bypas
                 while not stop_bypass.is_set():
                     completion(servers["large"].url, 800)
 
-            with DeferralWatch(servers.values()) as meter, ThreadPoolExecutor(clients + 2) as pool:
+            with DeferralWatch(servers) as meter, ThreadPoolExecutor(clients + 2) as pool:
                 bypassers = [pool.submit(bypass_client) for _ in range(2 if bypass else 0)]
                 latencies = list(pool.map(lambda n: completion(f"http://127.0.0.1:{port}", n), lengths))
                 stop_bypass.set()

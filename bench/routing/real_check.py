@@ -52,7 +52,7 @@ def main() -> None:
             addresses = {s.name: s.address for s in servers}
             for strategy in args.strategies.split(","):
                 with run_strategy(strategy, addresses, {s.name: s.slots for s in servers},
-                                  workdir / strategy) as url, DeferralWatch(servers) as meter:
+                                  workdir / strategy) as url, DeferralWatch({s.name: s for s in servers}) as meter:
                     results = asyncio.run(replay(trace, url, seed=args.seed))
                 ok = [r.ttft for r in results if r.status == 200 and r.ttft is not None]
                 print(f"{strategy:16} ttft p50 {percentile(ok, 50):.3f}s  p99 {percentile(ok, 99):.3f}s  "

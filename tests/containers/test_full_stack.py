@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import pytest
 
 from devstack.processes import wait_until
+from devstack.sampling import DeferralWatch
 from tests.containers.services import (
     AgentContainer,
     BalancerContainer,
@@ -88,50 +89,24 @@ def stack(containers: Containers) -> Stack:
     return stack
 
 
-class Sampler:
-    """Samples each llama-server and the balancer in its own thread while load runs."""
+class Sampler(DeferralWatch):
+    """llama.cpp's queue and busy slots per container (each in its own thread), plus the balancer's
+    own /health."""
 
     def __init__(self, stack: Stack) -> None:
+        super().__init__(stack.llamas, interval=0.01, track_busy=True)
         self.stack = stack
-        self.max_deferred = {name: 0.0 for name in stack.llamas}
-        self.max_busy = {name: 0 for name in stack.llamas}
         self.max_buffered = 0
         self.max_processing = 0
-        self.samples = {name: 0 for name in [*stack.llamas, "balancer"]}
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._sample_llama, args=(name,), daemon=True)
-                         for name in stack.llamas]
-        self._threads.append(threading.Thread(target=self._sample_balancer, daemon=True))
+        self.add("balancer", self._sample_balancer)
 
-    def _sample_llama(self, name: str) -> None:
-        llama = self.stack.llamas[name]
-        while not self._stop.is_set():
-            deferred = llama.metric("llamacpp:requests_deferred")
-            busy = llama.busy_slots()
-            if deferred is not None and busy is not None:
-                self.max_deferred[name] = max(self.max_deferred[name], deferred)
-                self.max_busy[name] = max(self.max_busy[name], busy)
-                self.samples[name] += 1
-            self._stop.wait(0.01)
-
-    def _sample_balancer(self) -> None:
-        while not self._stop.is_set():
-            health = self.stack.balancer.health()
-            if health.get("status") == "ok":
-                self.max_buffered = max(self.max_buffered, int(health["requests_buffered"]))
-                self.max_processing = max(self.max_processing, int(health["slots_processing"]))
-                self.samples["balancer"] += 1
-            self._stop.wait(0.01)
-
-    def __enter__(self) -> "Sampler":
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join()
+    def _sample_balancer(self) -> bool:
+        health = self.stack.balancer.health()
+        if health.get("status") != "ok":
+            return False
+        self.max_buffered = max(self.max_buffered, int(health["requests_buffered"]))
+        self.max_processing = max(self.max_processing, int(health["slots_processing"]))
+        return True
 
 
 class HeldStreams:

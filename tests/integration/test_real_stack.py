@@ -7,7 +7,6 @@ comes from the agent's replies, so these tests fail if the agent stops doing its
 from __future__ import annotations
 
 import json
-import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +17,7 @@ import pytest
 
 from devstack.haproxy_minimal import minimal_haproxy_config
 from devstack.processes import AgentProcess, HAProxy, LlamaServer, free_port, wait_until
+from devstack.sampling import DeferralWatch
 
 pytestmark = pytest.mark.real
 
@@ -78,59 +78,26 @@ def stack(llama_binary: Path, tiny_model: Path, haproxy_available: None,
             process.stop()
 
 
-class Sampler:
-    """Samples each llama-server and HAProxy in its own thread while load runs.
-
-    llama-server answers /metrics and /slots from its busy main loop, so one slow server
-    must not thin out the samples of the others.
-    """
+class Sampler(DeferralWatch):
+    """llama.cpp's queue and busy slots per server (each in its own thread), plus HAProxy's view."""
 
     def __init__(self, stack: Stack) -> None:
+        super().__init__(stack.servers, interval=0.01, track_busy=True)
         self.stack = stack
-        self.max_deferred = {name: 0.0 for name in stack.servers}
-        self.max_busy = {name: 0 for name in stack.servers}
         self.max_haproxy_sessions = {name: 0 for name in stack.servers}
         self.max_queue = 0
-        self.samples = {name: 0 for name in [*stack.servers, "haproxy"]}
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._sample_server, args=(name,), daemon=True)
-                         for name in stack.servers]
-        self._threads.append(threading.Thread(target=self._sample_haproxy, daemon=True))
+        self.add("haproxy", self._sample_haproxy)
 
-    def _sample_server(self, name: str) -> None:
-        server = self.stack.servers[name]
-        while not self._stop.is_set():
-            deferred = server.metric("llamacpp:requests_deferred")
-            if deferred is not None:
-                self.max_deferred[name] = max(self.max_deferred[name], deferred)
-            busy = server.busy_slots()
-            if busy is not None:
-                self.max_busy[name] = max(self.max_busy[name], busy)
-            self.samples[name] += 1
-            self._stop.wait(0.01)
-
-    def _sample_haproxy(self) -> None:
-        while not self._stop.is_set():
-            for row in self.stack.haproxy.stats():
-                if row["pxname"] != "llama":
-                    continue
-                if row["svname"] in self.max_haproxy_sessions:
-                    self.max_haproxy_sessions[row["svname"]] = max(self.max_haproxy_sessions[row["svname"]],
-                                                                   int(row["scur"] or 0))
-                elif row["svname"] == "BACKEND":
-                    self.max_queue = max(self.max_queue, int(row["qcur"] or 0))
-            self.samples["haproxy"] += 1
-            self._stop.wait(0.01)
-
-    def __enter__(self) -> "Sampler":
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join()
+    def _sample_haproxy(self) -> bool:
+        for row in self.stack.haproxy.stats():
+            if row["pxname"] != "llama":
+                continue
+            if row["svname"] in self.max_haproxy_sessions:
+                self.max_haproxy_sessions[row["svname"]] = max(self.max_haproxy_sessions[row["svname"]],
+                                                               int(row["scur"] or 0))
+            elif row["svname"] == "BACKEND":
+                self.max_queue = max(self.max_queue, int(row["qcur"] or 0))
+        return True
 
 
 def test_oversubscription_waits_in_haproxy_queue_not_in_llama_cpp(stack: Stack) -> None:
