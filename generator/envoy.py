@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import ipaddress
 import shutil
-import subprocess
 import sys
-import tempfile
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from agentcheck import responses
 from fleet import Address, Fleet, FleetError
-from generator.templates import render
+from generator.templates import render, validate
 
 LUA_FILE = "paddler.lua"
 DEFAULT_LUA_DIR = "/etc/envoy/paddler"
@@ -84,20 +82,11 @@ def envoy_binary() -> str | None:
     return str(beside) if beside.exists() else shutil.which("envoy")
 
 
-class EnvoyCheckError(RuntimeError):
-    """envoy --mode validate refused the rendered config."""
-
-
 def check_envoy(fleet: Fleet) -> str | None:
+    """Validate with ``envoy --mode validate`` (Lua from this package); None when Envoy is absent."""
     binary = envoy_binary()
     if binary is None:
         return None
-    text = render_envoy(fleet, lua_dir=str(packaged_lua_path().parent))
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="paddler-check-") as handle:
-        handle.write(text)
-        handle.flush()
-        result = subprocess.run([binary, "--mode", "validate", "-c", handle.name, "--log-level", "error"],
-                                capture_output=True, text=True, timeout=120)
-    if result.returncode != 0:
-        raise EnvoyCheckError((result.stdout + result.stderr).strip()[-4000:])
+    validate(lambda path: [binary, "--mode", "validate", "-c", path, "--log-level", "error"],
+             render_envoy(fleet, lua_dir=str(packaged_lua_path().parent)), ".yaml")
     return binary

@@ -7,15 +7,13 @@ here, in Python, where it is tested. Missing template variables are errors (Stri
 from __future__ import annotations
 
 import shutil
-import subprocess
-import tempfile
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from agentcheck import responses
 from fleet import Fleet
-from generator.templates import render
+from generator.templates import render, validate
 
 BACKEND_NAME = "llama"
 LUA_FILE = "paddler.lua"
@@ -74,20 +72,16 @@ def render_haproxy(fleet: Fleet, lua_dir: str = DEFAULT_LUA_DIR) -> str:
     return render("haproxy", "haproxy.cfg.j2", haproxy_context(fleet, lua_dir))
 
 
-class CheckError(RuntimeError):
-    """haproxy -c refused the rendered config; the message is HAProxy's own output."""
+def haproxy_binary() -> str | None:
+    """HAProxy on PATH, or where Debian puts it (root's PATH may lack /usr/sbin)."""
+    return shutil.which("haproxy") or ("/usr/sbin/haproxy" if Path("/usr/sbin/haproxy").exists() else None)
 
 
-def check_haproxy(fleet: Fleet, haproxy: str | None = None) -> str | None:
+def check_haproxy(fleet: Fleet) -> str | None:
     """Validate with the local ``haproxy -c`` (Lua from this package); None when HAProxy is absent."""
-    binary = haproxy or shutil.which("haproxy") or ("/usr/sbin/haproxy" if Path("/usr/sbin/haproxy").exists() else None)
+    binary = haproxy_binary()
     if binary is None:
         return None
-    text = render_haproxy(fleet, lua_dir=str(packaged_lua_path().parent))
-    with tempfile.NamedTemporaryFile("w", suffix=".cfg", prefix="paddler-check-") as handle:
-        handle.write(text)
-        handle.flush()
-        result = subprocess.run([binary, "-c", "-f", handle.name], capture_output=True, text=True)
-    if result.returncode != 0:
-        raise CheckError((result.stdout + result.stderr).strip())
+    validate(lambda path: [binary, "-c", "-f", path],
+             render_haproxy(fleet, lua_dir=str(packaged_lua_path().parent)), ".cfg")
     return binary

@@ -20,6 +20,7 @@ from typing import Callable
 
 from fleet import Fleet, FleetError, default_fleet, load_fleet
 from generator import envoy, haproxy
+from generator.templates import CheckError
 
 
 @dataclass(frozen=True)
@@ -27,15 +28,14 @@ class Target:
     proxy: str
     render: Callable[[Fleet, str], str]
     check: Callable[[Fleet], str | None]
-    check_error: type[Exception]
     lua_source: Callable[[], Path]
     default_lua_dir: str
 
 
 TARGETS = {
-    "haproxy": Target("haproxy -c", haproxy.render_haproxy, haproxy.check_haproxy, haproxy.CheckError,
+    "haproxy": Target("haproxy -c", haproxy.render_haproxy, haproxy.check_haproxy,
                       haproxy.packaged_lua_path, haproxy.DEFAULT_LUA_DIR),
-    "envoy": Target("envoy --mode validate", envoy.render_envoy, envoy.check_envoy, envoy.EnvoyCheckError,
+    "envoy": Target("envoy --mode validate", envoy.render_envoy, envoy.check_envoy,
                     envoy.packaged_lua_path, envoy.DEFAULT_LUA_DIR),
 }
 
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         try:
             checked_with = target.check(fleet)
-        except target.check_error as exc:
+        except CheckError as exc:
             print(f"paddler-gen: {target.proxy} refused the config:\n{exc}", file=sys.stderr)
             return 1
         print(f"paddler-gen: {'valid for ' + checked_with if checked_with else args.command + ' not found, not checked'}",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -11,6 +10,7 @@ import pytest
 from devstack.llamacpp_build import llama_server_binary
 from devstack.model import write_tiny_model
 from devstack.processes import LlamaServer
+from generator.haproxy import haproxy_binary
 
 
 @pytest.fixture(scope="session")
@@ -26,7 +26,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def haproxy_available() -> None:
-    if shutil.which("haproxy") is None and not Path("/usr/sbin/haproxy").exists():
+    if haproxy_binary() is None:
         pytest.fail("haproxy is not installed (scripts/test.sh installs it with apt-get)")
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from fleet import default_fleet, load_fleet
-from generator.haproxy import check_haproxy, haproxy_duration, render_haproxy
+from generator.haproxy import check_haproxy, haproxy_binary, haproxy_duration, render_haproxy
 from generator.main import main
 
 GOLDEN = Path(__file__).parent.parent / "golden" / "haproxy"
@@ -37,8 +36,7 @@ def test_rendered_config_matches_its_golden_file(name: str) -> None:
     assert rendered(name) == golden.read_text()
 
 
-@pytest.mark.skipif(shutil.which("haproxy") is None and not Path("/usr/sbin/haproxy").exists(),
-                    reason="haproxy is not installed")
+@pytest.mark.skipif(haproxy_binary() is None, reason="haproxy is not installed")
 @pytest.mark.parametrize("name", FLEETS)
 def test_rendered_config_passes_haproxy_check(name: str) -> None:
     assert check_haproxy(FLEETS[name]()) is not None
