@@ -20,13 +20,9 @@ import yaml
 
 from testcontainers.core.container import DockerContainer
 
-from devstack.processes import LOOPBACK, free_port, http_get, llama_busy_slots, llama_metric
+from devstack.processes import LOOPBACK, StartError, free_port, http_get, llama_busy_slots, llama_metric
 
 LABEL = "org.paddler-haproxy.test"
-
-
-class StartError(RuntimeError):
-    """A container did not become ready; the message ends with its log."""
 
 
 def answers_health(url: str) -> bool:
