@@ -15,10 +15,12 @@ command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)
 command -v cmake >/dev/null || missing+=(cmake)
 command -v g++ >/dev/null || missing+=(g++)
 python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
-# The dashboard test drives a real headless browser; the Lua bridge's helpers run on Lua 5.3.
+# The dashboard test drives a real headless browser; the Lua bridge's helpers run on Lua 5.3
+# (HAProxy's Lua), the Envoy filter's tests on LuaJIT (Envoy's Lua).
 if [ "${PADDLER_SETUP_FOR_TESTS:-0}" = 1 ]; then
     command -v chromium >/dev/null || missing+=(chromium)
     command -v lua5.3 >/dev/null || missing+=(lua5.3)
+    command -v luajit >/dev/null || missing+=(luajit)
 fi
 # The container tests: a Docker engine (dockerd; a docker CLI alone is not one), Debian's
 # docker-compose 1.29, and debootstrap for the local base images (no registry to pull from).
