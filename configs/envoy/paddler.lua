@@ -1,71 +1,103 @@
--- paddler.lua for Envoy: slot-aware routing through paddler-agent's endpoint picker.
+-- paddler.lua: the Envoy side of llama.cpp-aware balancing (Envoy 1.40, LuaJIT = Lua 5.1).
 --
--- Per request: drop any client-supplied routing header, refuse /slots and admin endpoints
--- (unless the route's metadata allows them), then ask the agent's picker where to go:
+-- Slot-aware routing through paddler-agent's endpoint picker. Per request: drop any
+-- client-supplied routing header, refuse /slots and admin endpoints (unless the route's
+-- metadata allows them), then ask the agent's picker where to go:
 --   200 -> set x-paddler-endpoint; the cluster's override_host policy routes there;
 --   503 with x-paddler-verdict -> answer the client with the agent's JSON (buffer full or timeout);
---   anything else (agent down) -> no header: the cluster falls back to least_request.
+--   anything else (agent down) -> no header, a warning: the cluster falls back to least_request.
 -- When the response has streamed to its end, the lease is released so the slot is reused at once.
 --
--- Settings come from the route's metadata (filter_metadata "envoy.filters.http.lua"):
---   picker_timeout_ms, expose_slots, expose_admin, skip_picker and the 403 bodies
---   (slots_forbidden_body, admin_forbidden_body). paddler-gen envoy writes them.
--- Envoy config: http_filters: - name: envoy.filters.http.lua
---                                typed_config: {default_source_code: {filename: .../paddler.lua}}
+-- Settings come from the route's metadata (filter_metadata "envoy.filters.http.lua");
+-- paddler-gen envoy writes them:
+--   picker_timeout_ms (default 11000), slots_forbidden_body, admin_forbidden_body;
+--   expose_slots, expose_admin   optional, default false (refuse);
+--   skip_picker                  optional: true on routes that are not llama.cpp (/health).
+--
+-- Envoy config lines (paddler-gen envoy writes them):
+--   http_filters:
+--   - name: envoy.filters.http.lua
+--     typed_config:
+--       "@type": type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua
+--       default_source_code: {filename: /etc/envoy/paddler/paddler.lua}
+--   clusters: paddler_agent (the agent's management address) and llama (override_host on
+--   the x-paddler-endpoint header, least_request fallback).
+--
+-- Everything is local; the file returns its table of pure helpers (for the unit tests, run on
+-- a plain LuaJIT) and defines the two globals Envoy looks up: envoy_on_request, envoy_on_response.
+
+local paddler = {}
 
 local ENDPOINT_HEADER = "x-paddler-endpoint"
 local VERDICT_HEADER = "x-paddler-verdict"
+local LEASE_HEADER = "x-paddler-lease"
 local AGENT_CLUSTER = "paddler_agent"
+local RELEASE_TIMEOUT_MS = 1000
 
 -- The path llama.cpp will see: query dropped, %XX decoded, repeated slashes merged.
-local function canonical_path(path)
+function paddler.canonical_path(path)
   local bare = string.match(path or "/", "^[^?]*")
   bare = string.gsub(bare, "%%(%x%x)", function(hex) return string.char(tonumber(hex, 16)) end)
   bare = string.gsub(bare, "/+", "/")
   return bare
 end
 
-local function forbidden_body(path, method, metadata)
-  local canonical = canonical_path(path)
-  if not metadata:get("expose_slots") and (canonical == "/slots" or string.sub(canonical, 1, 7) == "/slots/") then
-    return metadata:get("slots_forbidden_body")
+-- The route's settings as a table. metadata is anything with get(self, key): Envoy's route
+-- metadata handle.
+function paddler.read_settings(metadata)
+  return {
+    picker_timeout_ms = tonumber(metadata:get("picker_timeout_ms")) or 11000,
+    slots_forbidden_body = metadata:get("slots_forbidden_body"),
+    admin_forbidden_body = metadata:get("admin_forbidden_body"),
+    expose_slots = metadata:get("expose_slots") == true,
+    expose_admin = metadata:get("expose_admin") == true,
+  }
+end
+
+-- The 403 body when this request must not reach llama.cpp, else nil.
+function paddler.forbidden_body(path, method, settings)
+  local canonical = paddler.canonical_path(path)
+  if not settings.expose_slots and (canonical == "/slots" or string.sub(canonical, 1, 7) == "/slots/") then
+    return settings.slots_forbidden_body
   end
-  if not metadata:get("expose_admin") then
+  if not settings.expose_admin then
     if canonical == "/metrics" then
-      return metadata:get("admin_forbidden_body")
+      return settings.admin_forbidden_body
     end
     if method == "POST" and (canonical == "/props" or canonical == "/lora-adapters") then
-      return metadata:get("admin_forbidden_body")
+      return settings.admin_forbidden_body
     end
   end
   return nil
 end
 
-local function agent_headers(path)
+function paddler.agent_headers(path)
   return { [":method"] = "POST", [":path"] = path, [":authority"] = "paddler-agent", ["content-length"] = "0" }
 end
 
-function envoy_on_request(request_handle)
+function paddler.on_request(request_handle)
   local headers = request_handle:headers()
   headers:remove(ENDPOINT_HEADER)
   local metadata = request_handle:metadata()
   if metadata:get("skip_picker") then
     return
   end
-  local body = forbidden_body(headers:get(":path"), headers:get(":method"), metadata)
+  local settings = paddler.read_settings(metadata)
+  local body = paddler.forbidden_body(headers:get(":path"), headers:get(":method"), settings)
   if body ~= nil then
     request_handle:respond({ [":status"] = "403", ["content-type"] = "application/json" }, body)
     return
   end
 
-  local timeout_ms = tonumber(metadata:get("picker_timeout_ms")) or 11000
-  local reply_headers, reply_body = request_handle:httpCall(AGENT_CLUSTER, agent_headers("/api/v1/picker/acquire"),
-                                                            "", timeout_ms)
+  local acquire = paddler.agent_headers("/api/v1/picker/acquire")
+  local reply_headers, reply_body = request_handle:httpCall(AGENT_CLUSTER, acquire, "", settings.picker_timeout_ms)
   local status = reply_headers[":status"]
   if status == "200" and reply_headers[ENDPOINT_HEADER] ~= nil then
     -- Header handles do not survive the yield inside httpCall: fetch them again.
     request_handle:headers():add(ENDPOINT_HEADER, reply_headers[ENDPOINT_HEADER])
-    request_handle:streamInfo():dynamicMetadata():set("paddler", "lease", reply_headers["x-paddler-lease"])
+    if reply_headers[LEASE_HEADER] ~= nil then
+      request_handle:streamInfo():dynamicMetadata():set("paddler", "lease", reply_headers[LEASE_HEADER])
+    end
   elseif status == "503" and reply_headers[VERDICT_HEADER] ~= nil then
     request_handle:respond({ [":status"] = "503", ["content-type"] = "application/json",
                              ["retry-after"] = reply_headers["retry-after"] or "1" }, reply_body)
@@ -75,13 +107,20 @@ function envoy_on_request(request_handle)
   end
 end
 
-function envoy_on_response(response_handle)
-  local paddler = response_handle:streamInfo():dynamicMetadata():get("paddler")
-  if paddler == nil or paddler["lease"] == nil then
+function paddler.on_response(response_handle)
+  local state = response_handle:streamInfo():dynamicMetadata():get("paddler")
+  if state == nil or state["lease"] == nil then
     return
   end
   -- Iterating passes each chunk on unbuffered; the loop ends when the (streamed) response does.
   for _ in response_handle:bodyChunks() do
   end
-  response_handle:httpCall(AGENT_CLUSTER, agent_headers("/api/v1/picker/release/" .. paddler["lease"]), "", 1000, true)
+  response_handle:httpCall(AGENT_CLUSTER, paddler.agent_headers("/api/v1/picker/release/" .. state["lease"]), "",
+                           RELEASE_TIMEOUT_MS, true)
 end
+
+-- Envoy finds its entry points as globals.
+envoy_on_request = paddler.on_request
+envoy_on_response = paddler.on_response
+
+return paddler

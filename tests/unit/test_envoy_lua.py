@@ -1,0 +1,332 @@
+"""The Envoy Lua filter (configs/envoy/paddler.lua) on a real LuaJIT (Envoy's Lua) without Envoy.
+
+The filter returns its table of pure helpers and defines Envoy's two globals; here each test
+loads it with ``dofile`` and drives ``envoy_on_request`` / ``envoy_on_response`` with request and
+response handles stubbed in Lua. The stubs print one line per thing the filter does (headers
+removed or added, local replies, calls to the agent, log lines), and the tests compare those
+lines with literal expectations. Like Envoy, the stubs invalidate header handles when the filter
+yields in ``httpCall``, so reusing a stale handle fails here as it would in Envoy.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import pytest
+
+from generator.envoy import packaged_lua_path
+
+LUAJIT = shutil.which("luajit")
+
+SLOTS_FORBIDDEN = '{"error":{"code":403,"type":"forbidden","message":"/slots is not exposed through the balancer"}}'
+ADMIN_FORBIDDEN = ('{"error":{"code":403,"type":"forbidden",'
+                   '"message":"admin endpoints are not exposed through the balancer"}}')
+
+# Envoy handles, stubbed. metadata, picker and dynamic state are plain Lua tables given by each test.
+HARNESS = r"""
+local function say(...)
+  local parts = {}
+  for i = 1, select("#", ...) do parts[#parts + 1] = tostring((select(i, ...))) end
+  print(table.concat(parts, " "))
+end
+
+local function sorted_pairs(map)
+  local keys = {}
+  for key in pairs(map) do keys[#keys + 1] = key end
+  table.sort(keys)
+  local parts = {}
+  for _, key in ipairs(keys) do parts[#parts + 1] = key .. "=" .. tostring(map[key]) end
+  return table.concat(parts, " ")
+end
+
+-- One handle per call of headers(); all of them die when the filter yields, as in Envoy.
+local function header_handle(values, handles)
+  local handle = { alive = true }
+  local function check() if not handle.alive then error("header handle used after a yield") end end
+  function handle:get(name) check() return values[name] end
+  function handle:remove(name) check() say("remove", name) values[name] = nil end
+  function handle:add(name, value) check() say("add", name, value) values[name] = value end
+  handles[#handles + 1] = handle
+  return handle
+end
+
+local function kill(handles) for _, handle in ipairs(handles) do handle.alive = false end end
+
+local function dynamic_metadata(store)
+  return {
+    get = function(_, filter) return store[filter] end,
+    set = function(_, filter, key, value)
+      say("dynamic-set", filter, key, value)
+      store[filter] = store[filter] or {}
+      store[filter][key] = value
+    end,
+  }
+end
+
+local function http_call(handles, picker)
+  return function(_, cluster, headers, body, timeout_ms, async)
+    say("httpCall", cluster, headers[":method"], headers[":path"], "authority=" .. headers[":authority"],
+        "body=" .. body, "timeout=" .. timeout_ms, "async=" .. tostring(async == true))
+    kill(handles)
+    if async then return end
+    return picker.headers, picker.body
+  end
+end
+
+function request(request_headers, metadata, picker, store)
+  local handles = {}
+  local handle = {}
+  function handle:headers() return header_handle(request_headers, handles) end
+  function handle:metadata() return { get = function(_, key) return metadata[key] end } end
+  function handle:streamInfo() return { dynamicMetadata = function() return dynamic_metadata(store) end } end
+  function handle:respond(headers, body) say("respond", sorted_pairs(headers), body) end
+  function handle:logWarn(message) say("warn", message) end
+  function handle:logErr(message) say("err", message) end
+  handle.httpCall = http_call(handles, picker or {})
+  envoy_on_request(handle)
+  say("upstream", sorted_pairs(request_headers))
+end
+
+function response(chunks, store, picker)
+  local handles = {}
+  local handle = {}
+  function handle:streamInfo() return { dynamicMetadata = function() return dynamic_metadata(store) end } end
+  function handle:bodyChunks()
+    local i = 0
+    return function() i = i + 1 if chunks[i] then say("chunk", chunks[i]) end return chunks[i] end
+  end
+  handle.httpCall = http_call(handles, picker or {})
+  envoy_on_response(handle)
+  say("response done")
+end
+"""
+
+
+def run_lua(body: str) -> list[str]:
+    if LUAJIT is None:
+        pytest.fail("luajit is not installed (scripts/test.sh installs it with apt-get)")
+    script = f"local paddler = dofile({json.dumps(str(packaged_lua_path()))})\n{HARNESS}\n{body}"
+    result = subprocess.run([LUAJIT, "-"], input=script, capture_output=True, text=True, timeout=10)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.splitlines()
+
+
+def lua(value: object) -> str:
+    """A Python str / bool / int / dict as a Lua literal."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (int, str)):
+        return json.dumps(value)
+    assert isinstance(value, dict)
+    return "{" + ", ".join(f"[{json.dumps(k)}] = {lua(v)}" for k, v in value.items()) + "}"
+
+
+ROUTE = {"picker_timeout_ms": 11000, "expose_slots": False, "expose_admin": False,
+         "slots_forbidden_body": SLOTS_FORBIDDEN, "admin_forbidden_body": ADMIN_FORBIDDEN}
+GRANTED = {"headers": {":status": "200", "x-paddler-endpoint": "10.0.0.11:8080", "x-paddler-lease": "42"}, "body": ""}
+
+
+def on_request(path: str = "/v1/chat/completions", method: str = "POST", route: dict | None = None,
+               picker: dict | None = None, extra_headers: dict | None = None) -> list[str]:
+    headers = {":method": method, ":path": path, **(extra_headers or {})}
+    return run_lua(f"request({lua(headers)}, {lua(ROUTE if route is None else route)}, "
+                   f"{lua(picker or GRANTED)}, {{}})")
+
+
+ACQUIRE = "httpCall paddler_agent POST /api/v1/picker/acquire authority=paddler-agent body= timeout=11000 async=false"
+
+
+def test_the_file_loads_on_luajit_with_its_globals_and_returns_its_helpers() -> None:
+    assert run_lua("print(type(envoy_on_request), type(envoy_on_response), type(paddler.forbidden_body))\n"
+                   "print(envoy_on_request == paddler.on_request, envoy_on_response == paddler.on_response)") == [
+        "function\tfunction\tfunction", "true\ttrue"]
+
+
+def test_the_file_leaks_no_other_globals() -> None:
+    assert run_lua("envoy_on_request, envoy_on_response = nil, nil\n"
+                   "local before = {}\n"
+                   "for k in pairs(_G) do before[k] = true end\n"
+                   "dofile(" + json.dumps(str(packaged_lua_path())) + ")\n"
+                   "local new = {}\n"
+                   "for k in pairs(_G) do if not before[k] then new[#new + 1] = k end end\n"
+                   "table.sort(new) print(table.concat(new, ' '))") == ["envoy_on_request envoy_on_response"]
+
+
+def test_picker_200_sets_the_endpoint_and_records_the_lease() -> None:
+    assert on_request() == [
+        "remove x-paddler-endpoint",
+        ACQUIRE,
+        "add x-paddler-endpoint 10.0.0.11:8080",
+        "dynamic-set paddler lease 42",
+        "upstream :method=POST :path=/v1/chat/completions x-paddler-endpoint=10.0.0.11:8080",
+    ]
+
+
+def test_a_client_supplied_endpoint_header_is_removed_before_anything_else() -> None:
+    lines = on_request(extra_headers={"x-paddler-endpoint": "203.0.113.9:22"},
+                       picker={"headers": {":status": "000"}, "body": ""})
+    assert lines[0] == "remove x-paddler-endpoint"
+    assert lines[-1] == "upstream :method=POST :path=/v1/chat/completions"
+
+
+def test_a_client_supplied_endpoint_header_is_removed_on_skip_picker_routes_too() -> None:
+    assert on_request(path="/health", method="GET", route={"skip_picker": True},
+                      extra_headers={"x-paddler-endpoint": "203.0.113.9:22"}) == [
+        "remove x-paddler-endpoint",
+        "upstream :method=GET :path=/health",
+    ]
+
+
+def test_picker_503_with_a_verdict_is_passed_to_the_client_with_retry_after() -> None:
+    body = '{"error":{"code":503,"type":"buffer_full","message":"all llama.cpp slots are busy"}}'
+    picker = {"headers": {":status": "503", "x-paddler-verdict": "overflow", "retry-after": "1"}, "body": body}
+    assert on_request(picker=picker) == [
+        "remove x-paddler-endpoint",
+        ACQUIRE,
+        f"respond :status=503 content-type=application/json retry-after=1 {body}",
+        "upstream :method=POST :path=/v1/chat/completions",
+    ]
+
+
+def test_picker_503_verdict_without_retry_after_still_says_one_second() -> None:
+    picker = {"headers": {":status": "503", "x-paddler-verdict": "timeout"}, "body": "{}"}
+    assert on_request(picker=picker)[2] == "respond :status=503 content-type=application/json retry-after=1 {}"
+
+
+@pytest.mark.parametrize(("status", "headers"), [
+    ("503", {}),  # Envoy's own 503 when the agent's port refuses: no verdict header
+    ("504", {}),  # the picker call timed out
+    ("500", {}),
+    ("200", {}),  # 200 without an endpoint: nothing to route to
+], ids=["503-no-verdict", "504", "500", "200-no-endpoint"])
+def test_any_other_picker_answer_means_no_header_and_a_warning(status: str, headers: dict) -> None:
+    picker = {"headers": {":status": status, **headers}, "body": "upstream connect error"}
+    assert on_request(picker=picker) == [
+        "remove x-paddler-endpoint",
+        ACQUIRE,
+        f"warn paddler-agent picker unavailable (status {status}): falling back to least_request",
+        "upstream :method=POST :path=/v1/chat/completions",
+    ]
+
+
+def test_picker_200_without_a_lease_routes_and_records_nothing() -> None:
+    picker = {"headers": {":status": "200", "x-paddler-endpoint": "10.0.0.12:8080"}, "body": ""}
+    assert on_request(picker=picker) == [
+        "remove x-paddler-endpoint",
+        ACQUIRE,
+        "add x-paddler-endpoint 10.0.0.12:8080",
+        "upstream :method=POST :path=/v1/chat/completions x-paddler-endpoint=10.0.0.12:8080",
+    ]
+
+
+def test_skip_picker_routes_never_call_the_agent_and_are_not_refused() -> None:
+    # No required settings either: the /health route carries only skip_picker.
+    assert on_request(path="/slots", method="GET", route={"skip_picker": True}) == [
+        "remove x-paddler-endpoint",
+        "upstream :method=GET :path=/slots",
+    ]
+
+
+SLOTS_REFUSED = f"respond :status=403 content-type=application/json {SLOTS_FORBIDDEN}"
+ADMIN_REFUSED = f"respond :status=403 content-type=application/json {ADMIN_FORBIDDEN}"
+
+
+@pytest.mark.parametrize(("method", "path", "refusal"), [
+    ("GET", "/slots", SLOTS_REFUSED),
+    ("GET", "/slots/0", SLOTS_REFUSED),
+    ("POST", "/slots/0?action=erase", SLOTS_REFUSED),
+    ("GET", "/slots?fail_on_no_slot=1", SLOTS_REFUSED),
+    ("GET", "/%73lots", SLOTS_REFUSED),
+    ("GET", "/%73%6C%6F%74%73", SLOTS_REFUSED),
+    ("GET", "/slots%2F0", SLOTS_REFUSED),
+    ("GET", "//slots", SLOTS_REFUSED),
+    ("GET", "///slots//0", SLOTS_REFUSED),
+    ("GET", "/%2Fslots", SLOTS_REFUSED),
+    ("GET", "/metrics", ADMIN_REFUSED),
+    ("GET", "//metrics", ADMIN_REFUSED),
+    ("GET", "/%6detrics", ADMIN_REFUSED),
+    ("POST", "/props", ADMIN_REFUSED),
+    ("POST", "/%70rops", ADMIN_REFUSED),
+    ("POST", "/lora-adapters", ADMIN_REFUSED),
+    ("POST", "//lora-adapters?x=1", ADMIN_REFUSED),
+])
+def test_slots_and_admin_endpoints_are_refused_without_calling_the_agent(method: str, path: str,
+                                                                         refusal: str) -> None:
+    assert on_request(path=path, method=method) == [
+        "remove x-paddler-endpoint",
+        refusal,
+        f"upstream :method={method} :path={path}",
+    ]
+
+
+@pytest.mark.parametrize(("method", "path"), [
+    ("GET", "/props"),
+    ("GET", "/lora-adapters"),
+    ("GET", "/slotsx"),
+    ("GET", "/v1/models"),
+    ("POST", "/v1/completions?next=/slots"),
+    ("GET", "/metricsx"),
+])
+def test_ordinary_requests_go_to_the_picker(method: str, path: str) -> None:
+    assert on_request(path=path, method=method)[1] == ACQUIRE
+
+
+@pytest.mark.parametrize(("method", "path", "expose_slots", "expose_admin", "refused"), [
+    ("GET", "/slots", True, False, False),
+    ("GET", "/slots/0", True, False, False),
+    ("GET", "/metrics", True, False, True),
+    ("GET", "/metrics", False, True, False),
+    ("POST", "/props", False, True, False),
+    ("POST", "/lora-adapters", False, True, False),
+    ("GET", "/slots", False, True, True),
+])
+def test_expose_settings_let_their_endpoints_through(method: str, path: str, expose_slots: bool,
+                                                     expose_admin: bool, refused: bool) -> None:
+    route = {**ROUTE, "expose_slots": expose_slots, "expose_admin": expose_admin}
+    second = on_request(path=path, method=method, route=route)[1]
+    assert second.startswith("respond :status=403") if refused else second == ACQUIRE
+
+
+@pytest.mark.parametrize(("path", "canonical"), [
+    ("/slots?x=1", "/slots"),
+    ("//a///b", "/a/b"),
+    ("/%2F%2fslots", "/slots"),
+    ("/a%20b", "/a b"),
+    ("/%zzslots", "/%zzslots"),
+    ("/%252Fslots", "/%2Fslots"),  # decoded once, as llama.cpp does
+])
+def test_canonical_path(path: str, canonical: str) -> None:
+    assert run_lua(f"print(paddler.canonical_path({json.dumps(path)}))") == [canonical]
+
+
+def test_picker_timeout_comes_from_the_route() -> None:
+    assert on_request(route={**ROUTE, "picker_timeout_ms": 2500})[1] == (
+        "httpCall paddler_agent POST /api/v1/picker/acquire authority=paddler-agent body= timeout=2500 async=false")
+
+
+def test_the_lease_is_released_once_the_response_has_streamed_to_its_end() -> None:
+    assert run_lua('response({"data: a", "data: b"}, {paddler = {lease = "42"}})') == [
+        "chunk data: a",
+        "chunk data: b",
+        "httpCall paddler_agent POST /api/v1/picker/release/42 authority=paddler-agent body= timeout=1000 async=true",
+        "response done",
+    ]
+
+
+def test_a_response_without_a_lease_releases_nothing() -> None:
+    assert run_lua('response({"data: a"}, {})') == ["response done"]
+    assert run_lua('response({"data: a"}, {paddler = {}})') == ["response done"]
+
+
+def test_request_then_response_releases_the_lease_the_picker_gave() -> None:
+    headers = {":method": "POST", ":path": "/v1/completions"}
+    lines = run_lua(f"local store = {{}}\n"
+                    f"request({lua(headers)}, {lua(ROUTE)}, {lua(GRANTED)}, store)\n"
+                    'response({"{}"}, store)')
+    assert lines[-3:] == [
+        "chunk {}",
+        "httpCall paddler_agent POST /api/v1/picker/release/42 authority=paddler-agent body= timeout=1000 async=true",
+        "response done",
+    ]
