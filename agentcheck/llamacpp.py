@@ -3,20 +3,20 @@
 ``interpret`` turns raw answers from ``/health``, ``/slots``, ``/props`` (and ``/metrics``
 when ``/slots`` is disabled) into a ``BackendStatus``; it is where every quirk of the
 llama.cpp versions in the wild is handled, and it is tested without sockets.
-``LlamaCppClient`` only fetches those answers, concurrently and with bounded size.
+``LlamaCppClient`` only fetches those answers, with bounded size, over kept-alive connections.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
+from agentcheck.http_client import HttpClient, HttpError, Response
 from agentcheck.status import BackendStatus, SlotSource, State
 from fleet import Backend
 
@@ -93,17 +93,17 @@ def interpret(
         return BackendStatus.down(State.ERROR, f"GET /slots answered HTTP {slots.status}")
 
     # /slots is disabled (--no-slots): fall back to /metrics, then to what is configured.
-    total = configured_slots or total_from_props
-    if total is None:
+    known_total = configured_slots or total_from_props
+    if known_total is None:
         return BackendStatus.down(
             State.ERROR, "/slots is disabled and the slot count is unknown: set slots in the fleet file"
         )
     if isinstance(metrics, Reply) and metrics.status == 200:
-        processing = _requests_processing(metrics.body)
-        if isinstance(processing, str):
-            return BackendStatus.down(State.ERROR, f"GET /metrics: {processing}")
-        return _ready(total, processing, SlotSource.METRICS, model, sleeping)
-    return _ready(total, 0, SlotSource.CONFIGURED, model, sleeping)
+        busy = _requests_processing(metrics.body)
+        if isinstance(busy, str):
+            return BackendStatus.down(State.ERROR, f"GET /metrics: {busy}")
+        return _ready(known_total, busy, SlotSource.METRICS, model, sleeping)
+    return _ready(known_total, 0, SlotSource.CONFIGURED, model, sleeping)
 
 
 def _ready(total: int, processing: int, source: SlotSource, model: str | None, sleeping: bool) -> BackendStatus:
@@ -158,7 +158,7 @@ def _legacy_health(body: dict[str, Any]) -> tuple[int, int] | None:
     return None
 
 
-def _is_count(value: Any) -> bool:
+def _is_count(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
@@ -195,54 +195,57 @@ def _requests_processing(body: bytes) -> int | str:
 class LlamaCppClient:
     """Fetches a backend's endpoints; never raises for anything the backend does.
 
-    A healthy server costs one request per poll: ``/slots``. ``/props`` (model, slot count)
-    rarely changes and is refreshed every ``PROPS_REFRESH_POLLS`` polls; ``/health`` and
-    ``/metrics`` are only asked when ``/slots`` cannot answer, to say why.
+    A healthy server costs one request per poll: ``/slots``, on a kept-alive connection
+    (``agentcheck.http_client``). ``/props`` (model, slot count) rarely changes and is
+    refreshed every ``PROPS_REFRESH_POLLS`` polls; ``/health`` and ``/metrics`` are only
+    asked when ``/slots`` answers but not with a usable list, to say why. A backend that
+    cannot even be connected to costs one connection attempt per poll.
+
+    ``session`` is accepted for compatibility and not used: polling has its own client.
+    ``close()`` closes the polling connections.
     """
 
     PROPS_REFRESH_POLLS = 30
 
-    def __init__(self, session: aiohttp.ClientSession) -> None:
-        self._session = session
+    def __init__(self, session: aiohttp.ClientSession | None = None, timeout: float = 10.0) -> None:
+        self._http = HttpClient(timeout=timeout, max_body=MAX_BODY_BYTES)
         self._props: dict[str, tuple[Outcome, int]] = {}
 
+    async def close(self) -> None:
+        await self._http.close()
+
     async def poll(self, backend: Backend, api_key: str | None) -> BackendStatus:
-        base = f"http://{backend.address}"
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        slots_request = self._get(base + "/slots", headers)
+        answer = await self._get(backend, "/slots", headers)
+        if isinstance(answer, HttpError) and answer.connect:  # nothing listening: /health would fail alike
+            failure = Failure(answer.reason)
+            return interpret(failure, failure, None, None, backend.slots)
+        slots = _outcome(answer)
         cached = self._props.get(backend.name)
         if cached is None or cached[1] >= self.PROPS_REFRESH_POLLS:
-            slots, props = await asyncio.gather(slots_request, self._get(base + "/props", headers))
-            age = 0
+            props, age = _outcome(await self._get(backend, "/props", headers)), 0
         else:
-            slots, (props, age) = await slots_request, cached
+            props, age = cached
         self._props[backend.name] = (props, age + 1)
         if isinstance(slots, Reply) and slots.status == 200:
             status = interpret(None, slots, props, None, backend.slots)
             if status.state is State.READY:
                 return status
-        health, props = await asyncio.gather(self._get(base + "/health", headers), self._get(base + "/props", headers))
-        self._props[backend.name] = (props, 1)
+        health = _outcome(await self._get(backend, "/health", headers))
+        if age != 0:
+            props = _outcome(await self._get(backend, "/props", headers))
+            self._props[backend.name] = (props, 1)
         metrics = None
         if isinstance(slots, Reply) and slots.status in (404, 501):
-            metrics = await self._get(base + "/metrics", headers)
+            metrics = _outcome(await self._get(backend, "/metrics", headers))
         return interpret(health, slots, props, metrics, backend.slots)
 
-    async def _get(self, url: str, headers: dict[str, str]) -> Outcome:
-        try:
-            async with self._session.get(url, headers=headers, allow_redirects=False) as response:
-                chunks, size = [], 0
-                async for chunk in response.content.iter_chunked(64 * 1024):
-                    size += len(chunk)
-                    if size > MAX_BODY_BYTES:
-                        return Failure(f"response larger than {MAX_BODY_BYTES} bytes")
-                    chunks.append(chunk)
-                return Reply(response.status, b"".join(chunks))
-        except aiohttp.ClientConnectorError as exc:
-            return Failure(f"connection failed ({exc.os_error.strerror or exc.os_error})")
-        except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError):
-            return Failure("connection closed mid-response")
-        except aiohttp.ClientResponseError as exc:
-            return Failure(f"invalid HTTP response ({exc.message})")
-        except aiohttp.ClientError as exc:
-            return Failure(f"HTTP client error ({type(exc).__name__})")
+    async def _get(self, backend: Backend, path: str, headers: dict[str, str]) -> Reply | HttpError:
+        answer = await self._http.get(backend.address.host, backend.address.port, path, headers)
+        if isinstance(answer, Response):
+            return Reply(answer.status, answer.body)
+        return answer
+
+
+def _outcome(answer: Reply | HttpError) -> Outcome:
+    return Failure(answer.reason) if isinstance(answer, HttpError) else answer
