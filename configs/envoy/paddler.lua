@@ -10,7 +10,8 @@
 --
 -- Settings come from the route's metadata (filter_metadata "envoy.filters.http.lua");
 -- paddler-gen envoy writes them:
---   picker_timeout_ms (default 11000), slots_forbidden_body, admin_forbidden_body;
+--   picker_timeout_ms, slots_forbidden_body, admin_forbidden_body   required: a route without
+--       one is answered 500 "misconfigured" and logged, never guessed;
 --   expose_slots, expose_admin   optional, default false (refuse);
 --   skip_picker                  optional: true on routes that are not llama.cpp (/health).
 --
@@ -33,6 +34,7 @@ local VERDICT_HEADER = "x-paddler-verdict"
 local LEASE_HEADER = "x-paddler-lease"
 local AGENT_CLUSTER = "paddler_agent"
 local RELEASE_TIMEOUT_MS = 1000
+local REQUIRED_SETTINGS = { "picker_timeout_ms", "slots_forbidden_body", "admin_forbidden_body" }
 
 -- The path llama.cpp will see: query dropped, %XX decoded, repeated slashes merged.
 function paddler.canonical_path(path)
@@ -42,16 +44,30 @@ function paddler.canonical_path(path)
   return bare
 end
 
--- The route's settings as a table. metadata is anything with get(self, key): Envoy's route
--- metadata handle.
+-- The route's settings as a table, or nil and the reason (naming the key) when one is missing.
+-- metadata is anything with get(self, key): Envoy's route metadata handle.
 function paddler.read_settings(metadata)
-  return {
-    picker_timeout_ms = tonumber(metadata:get("picker_timeout_ms")) or 11000,
-    slots_forbidden_body = metadata:get("slots_forbidden_body"),
-    admin_forbidden_body = metadata:get("admin_forbidden_body"),
-    expose_slots = metadata:get("expose_slots") == true,
-    expose_admin = metadata:get("expose_admin") == true,
-  }
+  local settings = {}
+  for _, key in ipairs(REQUIRED_SETTINGS) do
+    local value = metadata:get(key)
+    if value == nil then
+      return nil, "route metadata lacks " .. key
+    end
+    settings[key] = value
+  end
+  settings.picker_timeout_ms = tonumber(settings.picker_timeout_ms)
+  if settings.picker_timeout_ms == nil or settings.picker_timeout_ms <= 0 then
+    return nil, "route metadata's picker_timeout_ms is not a positive number"
+  end
+  settings.expose_slots = metadata:get("expose_slots") == true
+  settings.expose_admin = metadata:get("expose_admin") == true
+  return settings
+end
+
+-- The 500 body for a route paddler-gen did not write; same shape as llama.cpp's errors.
+-- reason comes from read_settings: fixed text and key names, nothing to escape.
+function paddler.misconfigured_body(reason)
+  return '{"error":{"code":500,"type":"misconfigured","message":"paddler.lua: ' .. reason .. '"}}'
 end
 
 -- The 403 body when this request must not reach llama.cpp, else nil.
@@ -82,7 +98,13 @@ function paddler.on_request(request_handle)
   if metadata:get("skip_picker") then
     return
   end
-  local settings = paddler.read_settings(metadata)
+  local settings, problem = paddler.read_settings(metadata)
+  if settings == nil then
+    request_handle:logErr("paddler.lua: " .. problem)
+    request_handle:respond({ [":status"] = "500", ["content-type"] = "application/json" },
+                           paddler.misconfigured_body(problem))
+    return
+  end
   local body = paddler.forbidden_body(headers:get(":path"), headers:get(":method"), settings)
   if body ~= nil then
     request_handle:respond({ [":status"] = "403", ["content-type"] = "application/json" }, body)

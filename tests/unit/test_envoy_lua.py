@@ -1,4 +1,4 @@
-"""The Envoy Lua filter (configs/envoy/paddler.lua) on a real LuaJIT (Envoy's Lua) without Envoy.
+"""The Envoy Lua filter (configs/envoy/paddler.lua) on a real LuaJIT (Envoy's Lua), and a few checks in real Envoy.
 
 The filter returns its table of pure helpers and defines Envoy's two globals; here each test
 loads it with ``dofile`` and drives ``envoy_on_request`` / ``envoy_on_response`` with request and
@@ -13,10 +13,14 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from pathlib import Path
+from typing import Iterator, NamedTuple
 
 import pytest
 
-from generator.envoy import packaged_lua_path
+from devstack.processes import LOOPBACK, EnvoyProcess, free_port, http_get, wait_until
+from fleet import load_fleet
+from generator.envoy import packaged_lua_path, render_envoy
 
 LUAJIT = shutil.which("luajit")
 
@@ -301,6 +305,34 @@ def test_canonical_path(path: str, canonical: str) -> None:
     assert run_lua(f"print(paddler.canonical_path({json.dumps(path)}))") == [canonical]
 
 
+@pytest.mark.parametrize("key", ["picker_timeout_ms", "slots_forbidden_body", "admin_forbidden_body"])
+def test_a_route_without_a_required_setting_is_a_loud_500_naming_it(key: str) -> None:
+    route = {k: v for k, v in ROUTE.items() if k != key}
+    message = f"paddler.lua: route metadata lacks {key}"
+    body = '{"error":{"code":500,"type":"misconfigured","message":"' + message + '"}}'
+    assert on_request(route=route) == [
+        "remove x-paddler-endpoint",
+        f"err {message}",
+        f"respond :status=500 content-type=application/json {body}",
+        "upstream :method=POST :path=/v1/chat/completions",
+    ]
+    assert json.loads(body) == {"error": {"code": 500, "type": "misconfigured", "message": message}}
+
+
+def test_a_route_with_no_settings_at_all_names_the_first_missing_key() -> None:
+    assert on_request(route={})[1] == "err paddler.lua: route metadata lacks picker_timeout_ms"
+
+
+@pytest.mark.parametrize("value", ["soon", 0, -5])
+def test_a_picker_timeout_that_is_not_a_positive_number_is_a_500_too(value: object) -> None:
+    message = "paddler.lua: route metadata's picker_timeout_ms is not a positive number"
+    assert on_request(route={**ROUTE, "picker_timeout_ms": value})[1:3] == [
+        f"err {message}",
+        'respond :status=500 content-type=application/json {"error":{"code":500,"type":"misconfigured",'
+        f'"message":"{message}"}}}}',
+    ]
+
+
 def test_picker_timeout_comes_from_the_route() -> None:
     assert on_request(route={**ROUTE, "picker_timeout_ms": 2500})[1] == (
         "httpCall paddler_agent POST /api/v1/picker/acquire authority=paddler-agent body= timeout=2500 async=false")
@@ -330,3 +362,52 @@ def test_request_then_response_releases_the_lease_the_picker_gave() -> None:
         "httpCall paddler_agent POST /api/v1/picker/release/42 authority=paddler-agent body= timeout=1000 async=true",
         "response done",
     ]
+
+
+# The same filter in a real Envoy, for what only Envoy can show: it finds the globals, and the
+# misconfigured answer and its log line come out as the stubs say. No agent and no llama-server
+# run: every request here is answered by the filter before either would be asked.
+
+
+class RealEnvoy(NamedTuple):
+    process: EnvoyProcess
+    url: str
+
+
+@pytest.fixture
+def envoy_without(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[RealEnvoy]:
+    """Envoy on the config paddler-gen renders, less the route setting named by the parameter."""
+    listen, admin = free_port(), free_port()
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text(f"backends:\n  - {{name: a, address: '{LOOPBACK}:{free_port()}'}}\n"
+                     f"agent: {{management: '{LOOPBACK}:{free_port()}'}}\n"
+                     f"balancer: {{listen: '{LOOPBACK}:{listen}', metrics_listen: '{LOOPBACK}:{admin}'}}\n")
+    config = render_envoy(load_fleet(fleet), lua_dir=str(packaged_lua_path().parent))
+    if request.param is not None:
+        lines = config.splitlines(keepends=True)
+        kept = [line for line in lines if line.strip().split(":")[0] != request.param]
+        assert len(kept) == len(lines) - 1, f"the rendered config has no single {request.param} line"
+        config = "".join(kept)
+    with EnvoyProcess(config, tmp_path / "envoy", f"http://{LOOPBACK}:{admin}") as process:
+        yield RealEnvoy(process, f"http://{LOOPBACK}:{listen}")
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("envoy_without", ["picker_timeout_ms", "admin_forbidden_body"], indirect=True)
+def test_real_envoy_answers_a_route_without_a_setting_500_and_logs_it(envoy_without: RealEnvoy,
+                                                                       request: pytest.FixtureRequest) -> None:
+    key = request.node.callspec.params["envoy_without"]
+    message = f"paddler.lua: route metadata lacks {key}"
+    status, body = http_get(envoy_without.url + "/v1/models")
+    assert status == 500
+    assert body.decode() == '{"error":{"code":500,"type":"misconfigured","message":"' + message + '"}}'
+    wait_until(lambda: message in envoy_without.process.log_path.read_text(errors="replace"), timeout=5,
+               what="the error in Envoy's log")
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("envoy_without", [None], indirect=True, ids=["complete-config"])
+@pytest.mark.parametrize(("path", "body"), [("/slots", SLOTS_FORBIDDEN), ("//%73lots/0", SLOTS_FORBIDDEN),
+                                            ("/metrics", ADMIN_FORBIDDEN)])
+def test_real_envoy_refuses_slots_and_admin_endpoints(envoy_without: RealEnvoy, path: str, body: str) -> None:
+    assert http_get(envoy_without.url + path) == (403, body.encode())
