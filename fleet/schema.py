@@ -14,14 +14,16 @@ import ipaddress
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, ClassVar, TypeVar
 
 import yaml
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
-_HOSTNAME_PATTERN = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
+_HOSTNAME_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME_PATTERN = re.compile(rf"{_HOSTNAME_LABEL}(\.{_HOSTNAME_LABEL})*")
 _IPV6_TEXT_PATTERN = re.compile(r"[0-9A-Fa-f:.]+")
 _PORT_PATTERN = re.compile(r"[0-9]{1,5}")
 _METRIC_PREFIX_PATTERN = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
@@ -48,132 +50,6 @@ class Address:
 
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
-@dataclass(frozen=True)
-class Backend:
-    """One llama.cpp server (or a downstream balancer that answers like one)."""
-
-    name: str
-    address: Address
-    api_key: str | None = None
-    api_key_env: str | None = None
-    slots: int | None = None
-
-    def resolve_api_key(self, environ: Mapping[str, str] = os.environ) -> str | None:
-        """The bearer token to send, read from the environment at start-up when so configured."""
-        if self.api_key_env is None:
-            return self.api_key
-        return environ.get(self.api_key_env)
-
-
-@dataclass(frozen=True)
-class AgentConfig:
-    listen: Address = Address("127.0.0.1", 5555)
-    management: Address = Address("127.0.0.1", 8085)
-    interval: float = 1.0
-    # Operator endpoints (drain/ready) need this bearer token; with neither set they are disabled.
-    operator_token: str | None = None
-    operator_token_env: str | None = None
-
-    def resolve_operator_token(self, environ: Mapping[str, str] = os.environ) -> str | None:
-        if self.operator_token_env is None:
-            return self.operator_token
-        return environ.get(self.operator_token_env) or None
-
-
-@dataclass(frozen=True)
-class StatsdConfig:
-    address: Address
-    prefix: str = "paddler"
-    interval: float = 1.0
-
-
-@dataclass(frozen=True)
-class BalancerConfig:
-    listen: Address = Address("127.0.0.1", 8000)
-    max_buffered_requests: int = 30
-    buffered_request_timeout: float = 10.0
-    # Inactivity limit on both sides of a request; bounds the worst time to first token.
-    idle_timeout: float = 300.0
-    # /slots shows prompts; admin endpoints (/metrics, POST /props, POST /lora-adapters) change or
-    # reveal server state. Neither is reachable through the balancer unless turned on.
-    expose_slots: bool = False
-    expose_admin: bool = False
-    stats_socket: str | None = None
-    # Where HAProxy serves its own Prometheus exporter; None renders no such frontend.
-    metrics_listen: Address | None = None
-
-
-@dataclass(frozen=True)
-class Fleet:
-    backends: tuple[Backend, ...]
-    standby: tuple[Backend, ...] = ()
-    agent: AgentConfig = field(default_factory=AgentConfig)
-    balancer: BalancerConfig = field(default_factory=BalancerConfig)
-    statsd: StatsdConfig | None = None
-    source: str = "<fleet>"
-
-    def all_backends(self) -> tuple[Backend, ...]:
-        return self.backends + self.standby
-
-
-DEFAULT_FLEET_YAML = """\
-# Embedded default: one llama-server on its own default address.
-backends:
-  - name: llama1
-    address: 127.0.0.1:8080
-"""
-
-
-def default_fleet() -> Fleet:
-    return parse_fleet(yaml.safe_load(DEFAULT_FLEET_YAML), source="<embedded default>")
-
-
-def load_fleet(path: str | Path) -> Fleet:
-    source = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise FleetError(source, "(file)", f"cannot read: {exc.strerror or exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise FleetError(source, "(file)", "not UTF-8 text") from exc
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        if node is not None:
-            _refuse_duplicate_keys(source, node, "")
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        where = ""
-        mark = getattr(exc, "problem_mark", None)
-        if mark is not None:
-            where = f" at line {mark.line + 1}, column {mark.column + 1}"
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise FleetError(source, "(yaml)", f"not valid YAML{where}: {problem}") from None
-    return parse_fleet(data, source=source)
-
-
-def parse_fleet(data: Any, source: str = "<fleet>") -> Fleet:
-    """Validate already-decoded YAML data into a Fleet."""
-    reader = _Reader(source)
-    top = reader.mapping(data, "(top level)", allowed={"backends", "standby", "agent", "balancer", "statsd"})
-    backends = reader.backend_list(top.get("backends"), "backends", required=True)
-    standby = reader.backend_list(top.get("standby", []), "standby", required=False)
-    seen: dict[str, str] = {}
-    for group, items in (("backends", backends), ("standby", standby)):
-        for index, backend in enumerate(items):
-            key = f"{group}[{index}].name"
-            if backend.name in seen:
-                raise FleetError(source, key, f"duplicate name {backend.name!r} (first used at {seen[backend.name]})")
-            seen[backend.name] = key
-    return Fleet(
-        backends=tuple(backends),
-        standby=tuple(standby),
-        agent=reader.agent(top.get("agent", {})),
-        balancer=reader.balancer(top.get("balancer", {})),
-        statsd=reader.statsd(top["statsd"]) if "statsd" in top else None,
-        source=source,
-    )
 
 
 def parse_duration(value: Any) -> float:
@@ -226,110 +102,6 @@ def validate_name(value: Any) -> str:
     return value
 
 
-class _Reader:
-    """Walks decoded YAML, turning every problem into a FleetError with its key path."""
-
-    def __init__(self, source: str) -> None:
-        self.source = source
-
-    def fail(self, key: str, problem: str) -> FleetError:
-        return FleetError(self.source, key, problem)
-
-    def mapping(self, value: Any, key: str, allowed: set[str], required: frozenset[str] | set[str] = frozenset()) -> dict[str, Any]:
-        if not isinstance(value, dict):
-            raise self.fail(key, f"expected a mapping, got {_kind(value)}")
-        for name in value:
-            if name not in allowed:
-                raise self.fail(f"{key}.{name}" if key != "(top level)" else str(name),
-                                f"unknown key (allowed: {', '.join(sorted(allowed))})")
-        for name in sorted(required):
-            if name not in value:
-                raise self.fail(f"{key}.{name}", "required key is missing")
-        return value
-
-    def convert(self, key: str, func: Any, value: Any) -> Any:
-        try:
-            return func(value)
-        except ValueError as exc:
-            raise self.fail(key, str(exc)) from None
-
-    def positive_int(self, key: str, value: Any) -> int:
-        return self.convert(key, _positive_int, value)
-
-    def backend_list(self, value: Any, key: str, required: bool) -> list[Backend]:
-        if value is None:
-            if required:
-                raise self.fail(key, "required key is missing (list at least one llama.cpp server)")
-            return []
-        if not isinstance(value, list):
-            raise self.fail(key, f"expected a list, got {_kind(value)}")
-        if required and not value:
-            raise self.fail(key, "list at least one llama.cpp server")
-        return [self.backend(item, f"{key}[{index}]") for index, item in enumerate(value)]
-
-    def backend(self, value: Any, key: str) -> Backend:
-        item = self.mapping(value, key, allowed={"name", "address", "api_key", "api_key_env", "slots"},
-                            required={"name", "address"})
-        if "api_key" in item and "api_key_env" in item:
-            raise self.fail(f"{key}.api_key", "give either api_key or api_key_env, not both")
-        api_key = item.get("api_key")
-        if api_key is not None and (not isinstance(api_key, str) or not api_key or not api_key.isprintable()):
-            raise self.fail(f"{key}.api_key", "expected a non-empty single-line string")
-        api_key_env = item.get("api_key_env")
-        if api_key_env is not None and (not isinstance(api_key_env, str) or not _ENV_NAME_PATTERN.fullmatch(api_key_env)):
-            raise self.fail(f"{key}.api_key_env", f"expected an environment variable name, got {api_key_env!r}")
-        slots = item.get("slots")
-        return Backend(
-            name=self.convert(f"{key}.name", validate_name, item["name"]),
-            address=self.convert(f"{key}.address", parse_address, item["address"]),
-            api_key=api_key,
-            api_key_env=api_key_env,
-            slots=None if slots is None else self.positive_int(f"{key}.slots", slots),
-        )
-
-    def optional(self, item: dict[str, Any], section: str, key: str, parse: Any, default: Any) -> Any:
-        if key not in item:
-            return default
-        return self.convert(f"{section}.{key}", parse, item[key])
-
-    def agent(self, value: Any) -> AgentConfig:
-        defaults = AgentConfig()
-        item = self.mapping(value, "agent", allowed=set(defaults.__dataclass_fields__))
-        if "operator_token" in item and "operator_token_env" in item:
-            raise self.fail("agent.operator_token", "give either operator_token or operator_token_env, not both")
-        return AgentConfig(
-            listen=self.optional(item, "agent", "listen", parse_address, defaults.listen),
-            management=self.optional(item, "agent", "management", parse_address, defaults.management),
-            interval=self.optional(item, "agent", "interval", parse_duration, defaults.interval),
-            operator_token=self.optional(item, "agent", "operator_token", _secret, None),
-            operator_token_env=self.optional(item, "agent", "operator_token_env", _env_name, None),
-        )
-
-    def statsd(self, value: Any) -> StatsdConfig:
-        item = self.mapping(value, "statsd", allowed={"address", "prefix", "interval"}, required={"address"})
-        return StatsdConfig(
-            address=self.convert("statsd.address", parse_address, item["address"]),
-            prefix=self.optional(item, "statsd", "prefix", _metric_prefix, "paddler"),
-            interval=self.optional(item, "statsd", "interval", parse_duration, 1.0),
-        )
-
-    def balancer(self, value: Any) -> BalancerConfig:
-        defaults = BalancerConfig()
-        item = self.mapping(value, "balancer", allowed=set(defaults.__dataclass_fields__))
-        return BalancerConfig(
-            listen=self.optional(item, "balancer", "listen", parse_address, defaults.listen),
-            max_buffered_requests=self.optional(item, "balancer", "max_buffered_requests", _positive_int,
-                                                defaults.max_buffered_requests),
-            buffered_request_timeout=self.optional(item, "balancer", "buffered_request_timeout", parse_duration,
-                                                   defaults.buffered_request_timeout),
-            idle_timeout=self.optional(item, "balancer", "idle_timeout", parse_duration, defaults.idle_timeout),
-            expose_slots=self.optional(item, "balancer", "expose_slots", _boolean, defaults.expose_slots),
-            expose_admin=self.optional(item, "balancer", "expose_admin", _boolean, defaults.expose_admin),
-            stats_socket=self.optional(item, "balancer", "stats_socket", _socket_path, defaults.stats_socket),
-            metrics_listen=self.optional(item, "balancer", "metrics_listen", parse_address, defaults.metrics_listen),
-        )
-
-
 def _positive_int(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"expected a whole number, got {value!r}")
@@ -341,6 +113,12 @@ def _positive_int(value: Any) -> int:
 def _secret(value: Any) -> str:
     if not isinstance(value, str) or len(value) < 16 or not value.isprintable() or " " in value:
         raise ValueError("expected a single-word token of at least 16 characters")
+    return value
+
+
+def _api_key(value: Any) -> str:
+    if not isinstance(value, str) or not value or not value.isprintable():
+        raise ValueError("expected a non-empty single-line string")
     return value
 
 
@@ -369,10 +147,208 @@ def _socket_path(value: Any) -> str:
     return value
 
 
+def key(parse: Callable[[Any], Any], default: Any = MISSING) -> Any:
+    """One key of a fleet section: how its value is checked, and its default (none: required).
+
+    The dataclasses below are the schema: a section's keys are its fields, in this form, so a new
+    key is one line, and the reader (``_read_section``) needs no change.
+    """
+    return field(default=default, metadata={"parse": parse})
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One llama.cpp server (or a downstream balancer that answers like one)."""
+
+    name: str = key(validate_name)
+    address: Address = key(parse_address)
+    api_key: str | None = key(_api_key, None)
+    api_key_env: str | None = key(_env_name, None)
+    slots: int | None = key(_positive_int, None)
+
+    exclusive: ClassVar[tuple[tuple[str, str], ...]] = (("api_key", "api_key_env"),)
+
+    def resolve_api_key(self, environ: Mapping[str, str] = os.environ) -> str | None:
+        """The bearer token to send, read from the environment at start-up when so configured."""
+        if self.api_key_env is None:
+            return self.api_key
+        return environ.get(self.api_key_env)
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    listen: Address = key(parse_address, Address("127.0.0.1", 5555))
+    management: Address = key(parse_address, Address("127.0.0.1", 8085))
+    interval: float = key(parse_duration, 1.0)
+    # Operator endpoints (drain/ready) need this bearer token; with neither set they are disabled.
+    operator_token: str | None = key(_secret, None)
+    operator_token_env: str | None = key(_env_name, None)
+
+    exclusive: ClassVar[tuple[tuple[str, str], ...]] = (("operator_token", "operator_token_env"),)
+
+    def resolve_operator_token(self, environ: Mapping[str, str] = os.environ) -> str | None:
+        if self.operator_token_env is None:
+            return self.operator_token
+        return environ.get(self.operator_token_env) or None
+
+
+@dataclass(frozen=True)
+class StatsdConfig:
+    address: Address = key(parse_address)
+    prefix: str = key(_metric_prefix, "paddler")
+    interval: float = key(parse_duration, 1.0)
+
+    exclusive: ClassVar[tuple[tuple[str, str], ...]] = ()
+
+
+@dataclass(frozen=True)
+class BalancerConfig:
+    listen: Address = key(parse_address, Address("127.0.0.1", 8000))
+    max_buffered_requests: int = key(_positive_int, 30)
+    buffered_request_timeout: float = key(parse_duration, 10.0)
+    # Inactivity limit on both sides of a request; bounds the worst time to first token.
+    idle_timeout: float = key(parse_duration, 300.0)
+    # /slots shows prompts; admin endpoints (/metrics, POST /props, POST /lora-adapters) change or
+    # reveal server state. Neither is reachable through the balancer unless turned on.
+    expose_slots: bool = key(_boolean, False)
+    expose_admin: bool = key(_boolean, False)
+    stats_socket: str | None = key(_socket_path, None)
+    # Where HAProxy serves its own Prometheus exporter; None renders no such frontend.
+    metrics_listen: Address | None = key(parse_address, None)
+
+    exclusive: ClassVar[tuple[tuple[str, str], ...]] = ()
+
+
+@dataclass(frozen=True)
+class Fleet:
+    backends: tuple[Backend, ...]
+    standby: tuple[Backend, ...] = ()
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    balancer: BalancerConfig = field(default_factory=BalancerConfig)
+    statsd: StatsdConfig | None = None
+    source: str = "<fleet>"
+
+    def all_backends(self) -> tuple[Backend, ...]:
+        return self.backends + self.standby
+
+
+DEFAULT_FLEET_YAML = """\
+# Embedded default: one llama-server on its own default address.
+backends:
+  - name: llama1
+    address: 127.0.0.1:8080
+"""
+
+_TOP_LEVEL = ("backends", "standby", "agent", "balancer", "statsd")
+
+
+def default_fleet() -> Fleet:
+    return parse_fleet(yaml.safe_load(DEFAULT_FLEET_YAML), source="<embedded default>")
+
+
+def load_fleet(path: str | Path) -> Fleet:
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise FleetError(source, "(file)", f"cannot read: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise FleetError(source, "(file)", "not UTF-8 text") from exc
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        if node is not None:
+            _refuse_duplicate_keys(source, node, "")
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = ""
+        mark = getattr(exc, "problem_mark", None)
+        if mark is not None:
+            where = f" at line {mark.line + 1}, column {mark.column + 1}"
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise FleetError(source, "(yaml)", f"not valid YAML{where}: {problem}") from None
+    return parse_fleet(data, source=source)
+
+
+def parse_fleet(data: Any, source: str = "<fleet>") -> Fleet:
+    """Validate already-decoded YAML data into a Fleet."""
+    top = _mapping(source, data, "(top level)", allowed=_TOP_LEVEL)
+    backends = _backend_list(source, top.get("backends"), "backends", required=True)
+    standby = _backend_list(source, top.get("standby", []), "standby", required=False)
+    seen: dict[str, str] = {}
+    for group, items in (("backends", backends), ("standby", standby)):
+        for index, backend in enumerate(items):
+            name_key = f"{group}[{index}].name"
+            if backend.name in seen:
+                raise FleetError(source, name_key,
+                                 f"duplicate name {backend.name!r} (first used at {seen[backend.name]})")
+            seen[backend.name] = name_key
+    return Fleet(
+        backends=tuple(backends),
+        standby=tuple(standby),
+        agent=_read_section(source, AgentConfig, top.get("agent", {}), "agent"),
+        balancer=_read_section(source, BalancerConfig, top.get("balancer", {}), "balancer"),
+        statsd=_read_section(source, StatsdConfig, top["statsd"], "statsd") if "statsd" in top else None,
+        source=source,
+    )
+
+
+_Section = TypeVar("_Section", Backend, AgentConfig, StatsdConfig, BalancerConfig)
+
+
+def _read_section(source: str, section: type[_Section], value: Any, path: str) -> _Section:
+    """Check one mapping against a section's fields: unknown and missing keys, each value's parse,
+    and pairs of keys that exclude each other. Every problem names its key path."""
+    fields_by_name = {item.name: item for item in fields(section) if "parse" in item.metadata}
+    item = _mapping(source, value, path, allowed=tuple(fields_by_name),
+                    required=[name for name, spec in fields_by_name.items() if spec.default is MISSING])
+    for first, second in section.exclusive:
+        if first in item and second in item:
+            raise FleetError(source, f"{path}.{first}", f"give either {first} or {second}, not both")
+    parsed = {}
+    for name, raw in item.items():
+        try:
+            parsed[name] = fields_by_name[name].metadata["parse"](raw)
+        except ValueError as exc:
+            raise FleetError(source, f"{path}.{name}", str(exc)) from None
+    return section(**parsed)
+
+
+def _mapping(source: str, value: Any, path: str, allowed: Sequence[str],
+             required: Sequence[str] = ()) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise FleetError(source, path, f"expected a mapping, got {_kind(value)}")
+    for name in value:
+        if name not in allowed:
+            raise FleetError(source, f"{path}.{name}" if path != "(top level)" else str(name),
+                             f"unknown key (allowed: {', '.join(sorted(allowed))})")
+    for name in sorted(required):
+        if name not in value:
+            raise FleetError(source, f"{path}.{name}", "required key is missing")
+    return value
+
+
+def _backend_list(source: str, value: Any, path: str, required: bool) -> list[Backend]:
+    if value is None:
+        if required:
+            raise FleetError(source, path, "required key is missing (list at least one llama.cpp server)")
+        return []
+    if not isinstance(value, list):
+        raise FleetError(source, path, f"expected a list, got {_kind(value)}")
+    if required and not value:
+        raise FleetError(source, path, "list at least one llama.cpp server")
+    return [_read_section(source, Backend, item, f"{path}[{index}]") for index, item in enumerate(value)]
+
+
 def _kind(value: Any) -> str:
     if value is None:
         return "nothing"
-    return {dict: "a mapping", list: "a list", str: f"the string {value!r}"}.get(type(value), repr(value))
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, str):
+        return f"the string {value!r}"
+    return repr(value)
 
 
 def _refuse_duplicate_keys(source: str, node: yaml.Node, path: str) -> None:
