@@ -14,7 +14,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import CollectorRegistry
 
-from agentcheck import responses
+from fleet import contract as responses
 from agentcheck.monitor import FleetState
 from agentcheck.picker import BufferFull, BufferTimeout, Picker
 from agentcheck.snapshot import fleet_snapshot

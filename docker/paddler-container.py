@@ -93,8 +93,9 @@ def load() -> Any:
 
 def local(address: Any) -> str:
     """An address to reach a listener in this network namespace (0.0.0.0 → loopback)."""
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(address.host, address.host)
-    return f"[{host}]:{address.port}" if ":" in host else f"{host}:{address.port}"
+    from fleet.contract import client_address
+
+    return str(client_address(address))
 
 
 def answers_health(url: str) -> bool:

@@ -9,8 +9,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from agentcheck import responses
-from fleet import Address, Fleet, FleetError
+from fleet import Address, Fleet, FleetError, contract
 from generator.templates import render, validate
 
 LUA_FILE = "paddler.lua"
@@ -36,10 +35,6 @@ def _endpoint(fleet: Fleet, group: str, index: int, name: str, address: Address)
     return {"name": name, "host": address.host, "port": address.port}
 
 
-def _loopback_if_any(address: Address) -> Address:
-    return Address("127.0.0.1", address.port) if address.host in ("0.0.0.0", "::") else address
-
-
 def envoy_context(fleet: Fleet, lua_dir: str = DEFAULT_LUA_DIR) -> dict[str, Any]:
     groups = []
     for priority, (group, backends) in enumerate((("backends", fleet.backends), ("standby", fleet.standby))):
@@ -48,7 +43,7 @@ def envoy_context(fleet: Fleet, lua_dir: str = DEFAULT_LUA_DIR) -> dict[str, Any
         if endpoints:
             groups.append({"priority": priority, "endpoints": endpoints})
     balancer = fleet.balancer
-    agent = _loopback_if_any(fleet.agent.management)
+    agent = contract.client_address(fleet.agent.management)
     return {
         "source": fleet.source,
         "agent_address": str(agent),
@@ -66,8 +61,8 @@ def envoy_context(fleet: Fleet, lua_dir: str = DEFAULT_LUA_DIR) -> dict[str, Any
         "health_interval": envoy_duration(fleet.agent.interval),
         "expose_slots": balancer.expose_slots,
         "expose_admin": balancer.expose_admin,
-        "slots_forbidden_body": responses.SLOTS_FORBIDDEN,
-        "admin_forbidden_body": responses.ADMIN_FORBIDDEN,
+        "slots_forbidden_body": contract.SLOTS_FORBIDDEN,
+        "admin_forbidden_body": contract.ADMIN_FORBIDDEN,
         "lua_path": f"{lua_dir.rstrip('/')}/{LUA_FILE}",
     }
 

@@ -11,8 +11,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from agentcheck import responses
-from fleet import Fleet
+from fleet import Fleet, contract
 from generator.templates import render, validate
 
 BACKEND_NAME = "llama"
@@ -33,9 +32,7 @@ def haproxy_duration(seconds: float) -> str:
 
 
 def haproxy_context(fleet: Fleet, lua_dir: str = DEFAULT_LUA_DIR) -> dict[str, Any]:
-    agent = fleet.agent.listen
-    # An agent listening on every address is reached on loopback from a co-located HAProxy.
-    agent_host = "127.0.0.1" if agent.host in ("0.0.0.0", "::") else agent.host
+    agent = contract.client_address(fleet.agent.listen)
     servers = [{"name": backend.name, "address": str(backend.address),
                 # Until the agent's first reply: the configured slots, else 1 (safe: never overfill).
                 "maxconn": backend.slots or 1, "backup": backup}
@@ -44,7 +41,7 @@ def haproxy_context(fleet: Fleet, lua_dir: str = DEFAULT_LUA_DIR) -> dict[str, A
     return {
         "source": fleet.source,
         "agent_address": str(agent),
-        "agent_host": agent_host,
+        "agent_host": agent.host,
         "agent_port": agent.port,
         "agent_inter": haproxy_duration(fleet.agent.interval),
         "backend_name": BACKEND_NAME,
@@ -52,7 +49,11 @@ def haproxy_context(fleet: Fleet, lua_dir: str = DEFAULT_LUA_DIR) -> dict[str, A
         "listen": str(balancer.listen),
         "max_buffered_requests": balancer.max_buffered_requests,
         "buffered_request_timeout": haproxy_duration(balancer.buffered_request_timeout),
-        "buffered_request_timeout_ms": round(balancer.buffered_request_timeout * 1000),
+        # What paddler.lua reads at load, by the fleet file's names (fleet/contract.py).
+        "lua_env": [(contract.HAPROXY_LUA_ENV["backend"], BACKEND_NAME),
+                    (contract.HAPROXY_LUA_ENV["max_buffered_requests"], balancer.max_buffered_requests),
+                    (contract.HAPROXY_LUA_ENV["buffered_request_timeout_ms"],
+                     round(balancer.buffered_request_timeout * 1000))],
         "idle_timeout": haproxy_duration(balancer.idle_timeout),
         "expose_slots": balancer.expose_slots,
         "expose_admin": balancer.expose_admin,
@@ -60,11 +61,11 @@ def haproxy_context(fleet: Fleet, lua_dir: str = DEFAULT_LUA_DIR) -> dict[str, A
         "metrics_listen": str(balancer.metrics_listen) if balancer.metrics_listen else None,
         "global_maxconn": GLOBAL_MAXCONN,
         "lua_path": f"{lua_dir.rstrip('/')}/{LUA_FILE}",
-        "retry_after": responses.RETRY_AFTER_SECONDS,
-        "buffer_full_body": responses.BUFFER_FULL,
-        "buffer_timeout_body": responses.BUFFER_TIMEOUT,
-        "slots_forbidden_body": responses.SLOTS_FORBIDDEN,
-        "admin_forbidden_body": responses.ADMIN_FORBIDDEN,
+        "retry_after": contract.RETRY_AFTER_SECONDS,
+        "buffer_full_body": contract.BUFFER_FULL,
+        "buffer_timeout_body": contract.BUFFER_TIMEOUT,
+        "slots_forbidden_body": contract.SLOTS_FORBIDDEN,
+        "admin_forbidden_body": contract.ADMIN_FORBIDDEN,
     }
 
 

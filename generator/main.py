@@ -14,9 +14,9 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from fleet import Fleet, FleetError, default_fleet, load_fleet
 from generator import envoy, haproxy
@@ -76,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         except CheckError as exc:
             print(f"paddler-gen: {target.proxy} refused the config:\n{exc}", file=sys.stderr)
             return 1
-        print(f"paddler-gen: {'valid for ' + checked_with if checked_with else args.command + ' not found, not checked'}",
-              file=sys.stderr)
+        verdict = f"valid for {checked_with}" if checked_with else f"{args.command} not found, not checked"
+        print(f"paddler-gen: {verdict}", file=sys.stderr)
     if args.install_lua:
         destination = Path(args.lua_dir) / "paddler.lua"
         destination.parent.mkdir(parents=True, exist_ok=True)

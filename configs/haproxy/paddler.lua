@@ -5,19 +5,20 @@
 -- adds what HAProxy has no directive for:
 --
 --   lua.paddler_admit   http-request action. Bounds the buffer (HAProxy's queue plus requests
---                       held here) at PADDLER_MAX_BUFFERED, and when no server is usable at all
+--                       held here) at max_buffered_requests, and when no server is usable at all
 --                       (all down, or scaling from zero) holds the request, yielding, until one
---                       is or PADDLER_BUFFER_TIMEOUT_MS passes. It only sets the variable
+--                       is or buffered_request_timeout passes. It only sets the variable
 --                       txn.paddler_verdict to "overflow" or "timeout"; haproxy.cfg decides
 --                       what to answer.
 --   lua.paddler_health  http service: Paddler-compatible aggregated /health,
 --                       {"status":"ok","slots_idle":N,"slots_processing":M,"requests_buffered":K}.
 --
--- haproxy.cfg lines (paddler-gen haproxy writes them):
+-- haproxy.cfg lines (paddler-gen haproxy writes them; the names are the fleet file's, and each
+-- is required: HAProxy refuses to start when one is missing or not a number):
 --   global
 --       setenv PADDLER_BACKEND llama
---       setenv PADDLER_MAX_BUFFERED 30
---       setenv PADDLER_BUFFER_TIMEOUT_MS 10000
+--       setenv PADDLER_MAX_BUFFERED_REQUESTS 30
+--       setenv PADDLER_BUFFERED_REQUEST_TIMEOUT_MS 10000
 --       lua-load /etc/haproxy/paddler/paddler.lua
 --   frontend llm
 --       http-request use-service lua.paddler_health if { path /health }
@@ -28,10 +29,8 @@
 
 local paddler = {}
 
+-- Filled from the environment at load (read_settings); nothing here is a fallback.
 local settings = {
-  backend = "llama",
-  max_buffered = 30,
-  timeout_ms = 10000,
   hold_poll_ms = 50,
 }
 
@@ -104,7 +103,7 @@ function paddler.admit(txn)
   local backend = settings.backend
   local now = now_ms()
   local buffered = (tonumber(txn.f:queue(backend)) or 0) + paddler.held_count(now)
-  if buffered >= settings.max_buffered then
+  if buffered >= settings.max_buffered_requests then
     txn:set_var("txn.paddler_verdict", "overflow")
     return
   end
@@ -113,7 +112,7 @@ function paddler.admit(txn)
   end
   next_id = next_id + 1
   local id = next_id
-  local deadline = now + settings.timeout_ms
+  local deadline = now + settings.buffered_request_timeout_ms
   held[id] = deadline
   while (tonumber(txn.f:nbsrv(backend)) or 0) == 0 do
     if now_ms() >= deadline then
@@ -137,10 +136,27 @@ function paddler.health(applet)
   applet:send(body)
 end
 
+-- Each setting is required: a config that lacks one must fail at load, not run on a guess.
+function paddler.required_env(getenv, name, kind)
+  local value = getenv(name)
+  if value == nil or value == "" then
+    error("paddler.lua: " .. name .. " is not set (setenv " .. name .. " in haproxy.cfg's global section)")
+  end
+  if kind == "number" then
+    local number = tonumber(value)
+    if number == nil or number < 1 or number ~= math.floor(number) then
+      error("paddler.lua: " .. name .. " must be a whole number of at least 1, got " .. value)
+    end
+    return number
+  end
+  return value
+end
+
 local function read_settings()
-  settings.backend = os.getenv("PADDLER_BACKEND") or settings.backend
-  settings.max_buffered = tonumber(os.getenv("PADDLER_MAX_BUFFERED")) or settings.max_buffered
-  settings.timeout_ms = tonumber(os.getenv("PADDLER_BUFFER_TIMEOUT_MS")) or settings.timeout_ms
+  settings.backend = paddler.required_env(os.getenv, "PADDLER_BACKEND", "string")
+  settings.max_buffered_requests = paddler.required_env(os.getenv, "PADDLER_MAX_BUFFERED_REQUESTS", "number")
+  settings.buffered_request_timeout_ms = paddler.required_env(os.getenv, "PADDLER_BUFFERED_REQUEST_TIMEOUT_MS",
+                                                              "number")
   if core.backends[settings.backend] == nil then
     error("paddler.lua: PADDLER_BACKEND names no backend: " .. settings.backend)
   end

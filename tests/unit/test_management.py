@@ -13,7 +13,7 @@ import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from agentcheck import responses
+from fleet import contract as responses
 from agentcheck.management import create_app, token_refusal
 from agentcheck.metrics import FleetCollector, build_registry
 from agentcheck.monitor import FleetState

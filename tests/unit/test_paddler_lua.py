@@ -72,3 +72,30 @@ def test_more_sessions_than_maxconn_never_report_negative_idle() -> None:
     body, _ = health([{"status": "UP", "slim": 2, "scur": 3, "bck": 0}])
     assert body["slots_idle"] == 0 and body["slots_processing"] == 3
 
+
+
+def required_env(env: dict[str, str], name: str, kind: str) -> str:
+    table = ", ".join(f"[{json.dumps(k)}] = {json.dumps(v)}" for k, v in env.items())
+    return run_lua(f"local env = {{{table}}}\n"
+                   f"local ok, result = pcall(paddler.required_env, function(n) return env[n] end, "
+                   f"{json.dumps(name)}, {json.dumps(kind)})\n"
+                   "print(ok, result)")
+
+
+def test_a_required_setting_is_read_by_its_fleet_name() -> None:
+    env = {"PADDLER_MAX_BUFFERED_REQUESTS": "30"}
+    assert required_env(env, "PADDLER_MAX_BUFFERED_REQUESTS", "number") == "true\t30"
+
+
+@pytest.mark.parametrize(("env", "problem"), [
+    ({}, "PADDLER_MAX_BUFFERED_REQUESTS is not set (setenv PADDLER_MAX_BUFFERED_REQUESTS in haproxy.cfg's global section)"),
+    ({"PADDLER_MAX_BUFFERED_REQUESTS": ""}, "PADDLER_MAX_BUFFERED_REQUESTS is not set"),
+    ({"PADDLER_MAX_BUFFERED_REQUESTS": "lots"}, "must be a whole number of at least 1, got lots"),
+    ({"PADDLER_MAX_BUFFERED_REQUESTS": "0"}, "must be a whole number of at least 1, got 0"),
+    ({"PADDLER_MAX_BUFFERED_REQUESTS": "2.5"}, "must be a whole number of at least 1, got 2.5"),
+])
+def test_a_missing_or_malformed_setting_stops_the_load_instead_of_a_silent_default(
+        env: dict[str, str], problem: str) -> None:
+    ok, _, message = required_env(env, "PADDLER_MAX_BUFFERED_REQUESTS", "number").partition("\t")
+    assert ok == "false"
+    assert problem in message
