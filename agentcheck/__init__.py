@@ -1,29 +1,28 @@
-"""paddler-agent: llama.cpp slot awareness for HAProxy's agent-check (and, later, Envoy)."""
+"""paddler-agent: llama.cpp slot awareness for HAProxy's agent-check and Envoy's picker.
 
-from agentcheck.config import AgentSettings
-from agentcheck.llamacpp import Failure, LlamaCppClient, Reply, interpret
-from agentcheck.monitor import FleetState, Monitor
+Re-exports the pure core only (no I/O, no aiohttp): the fleet model, the status a poll yields
+and the policy that turns it into an agent-check reply. The process is ``agentcheck.server.Agent``.
+"""
+
+from agentcheck.model import FleetModel, Member, PollWindow, Role
 from agentcheck.policy import WeightFormula, agent_reply, invalid_request_reply, unknown_backend_reply, weight_percent
 from agentcheck.protocol import Request, parse_request
-from agentcheck.server import Agent
+from agentcheck.replies import AgentCheckReplies
 from agentcheck.status import PENDING, BackendStatus, SlotSource, State
 
 __all__ = [
     "PENDING",
-    "Agent",
-    "AgentSettings",
+    "AgentCheckReplies",
     "BackendStatus",
-    "Failure",
-    "FleetState",
-    "LlamaCppClient",
-    "Monitor",
-    "Reply",
+    "FleetModel",
+    "Member",
+    "PollWindow",
     "Request",
+    "Role",
     "SlotSource",
     "State",
     "WeightFormula",
     "agent_reply",
-    "interpret",
     "invalid_request_reply",
     "parse_request",
     "unknown_backend_reply",

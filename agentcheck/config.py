@@ -1,64 +1,81 @@
-"""The agent's settings: one typed object, built once from the fleet and the command line."""
+"""The agent's settings: the fleet plus what the command line overrides, resolved once at start-up."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Mapping
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from agentcheck.policy import DEFAULT_WEIGHT_FORMULA, WeightFormula
-from fleet import Address, Backend, Fleet, FleetError, StatsdConfig
+from fleet import Address, Backend, Fleet, FleetError, contract
 
 POLL_TIMEOUT_FRACTION = 0.8  # a poll must finish before the next one is due
 
 
 @dataclass(frozen=True)
 class AgentSettings:
-    backends: tuple[Backend, ...]
-    listen: Address = Address("127.0.0.1", 5555)
-    interval: float = 1.0
+    fleet: Fleet
+    listen: Address
+    interval: float
+    # None: no management server (and so no picker, dashboard or /metrics).
+    management: Address | None
     weight: WeightFormula = DEFAULT_WEIGHT_FORMULA
+    operator_token: str | None = None
+    # Bearer tokens per backend, read from the environment once (``api_key_env``).
+    api_keys: Mapping[str, str | None] = field(default_factory=dict)
     # How long to wait for HAProxy's agent-send line. In fleet mode the name is needed, so wait
     # longer; with one backend a check may send nothing at all, so answer quickly.
     request_wait: float = 1.0
     single_backend_request_wait: float = 0.1
-    management: Address | None = Address("127.0.0.1", 8085)
-    operator_token: str | None = None
-    statsd: StatsdConfig | None = None
-    # The balancer's aggregated /health, read for the number of buffered requests.
-    balancer_health_url: str | None = None
-    standby: frozenset[str] = frozenset()
-    max_buffered_requests: int = 30
-    buffered_request_timeout: float = 10.0
+
+    @property
+    def backends(self) -> tuple[Backend, ...]:
+        return self.fleet.all_backends()
 
     @property
     def poll_timeout(self) -> float:
         return self.interval * POLL_TIMEOUT_FRACTION
 
     @property
-    def single_backend(self) -> Backend | None:
-        return self.backends[0] if len(self.backends) == 1 else None
+    def agent_send_wait(self) -> float:
+        return self.single_backend_request_wait if len(self.backends) == 1 else self.request_wait
+
+    @property
+    def balancer_health_url(self) -> str:
+        """The balancer's aggregated /health, read for the number of requests waiting in HAProxy."""
+        return f"http://{contract.client_address(self.fleet.balancer.listen)}/health"
 
     @classmethod
     def from_fleet(cls, fleet: Fleet, listen: Address | None = None, interval: float | None = None,
                    weight: WeightFormula | None = None, management: Address | None = None,
-                   environ: Mapping[str, str] = os.environ) -> "AgentSettings":
+                   environ: Mapping[str, str] = os.environ) -> AgentSettings:
+        """The fleet's settings with command-line overrides; secrets named by ``*_env`` keys are read
+        here, so a missing one stops the agent at start-up rather than failing every poll."""
         token = fleet.agent.resolve_operator_token(environ)
         if fleet.agent.operator_token_env and not token:
             raise FleetError(fleet.source, "agent.operator_token_env",
                              f"environment variable {fleet.agent.operator_token_env} is not set or empty")
-        balancer = fleet.balancer.listen
-        balancer_host = "127.0.0.1" if balancer.host in ("0.0.0.0", "::") else balancer.host
         return cls(
-            backends=fleet.all_backends(),
+            fleet=fleet,
             listen=listen or fleet.agent.listen,
             interval=interval or fleet.agent.interval,
-            weight=weight or DEFAULT_WEIGHT_FORMULA,
             management=management or fleet.agent.management,
+            weight=weight or DEFAULT_WEIGHT_FORMULA,
             operator_token=token,
-            statsd=fleet.statsd,
-            balancer_health_url=f"http://{Address(balancer_host, balancer.port)}/health",
-            standby=frozenset(backend.name for backend in fleet.standby),
-            max_buffered_requests=fleet.balancer.max_buffered_requests,
-            buffered_request_timeout=fleet.balancer.buffered_request_timeout,
+            api_keys=resolve_api_keys(fleet, environ),
         )
+
+
+def resolve_api_keys(fleet: Fleet, environ: Mapping[str, str]) -> dict[str, str | None]:
+    keys = {}
+    for backend in fleet.all_backends():
+        key = backend.resolve_api_key(environ)
+        if backend.api_key_env and not key:
+            raise FleetError("environment", f"{backend.name}.api_key_env",
+                             f"environment variable {backend.api_key_env} is not set or empty")
+        if key is not None and not key.isprintable():
+            raise FleetError("environment", f"{backend.name}.api_key_env",
+                             f"environment variable {backend.api_key_env} holds a control character "
+                             "(a line break?); it cannot be sent in an Authorization header")
+        keys[backend.name] = key
+    return keys

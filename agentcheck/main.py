@@ -8,11 +8,15 @@ import logging
 import resource
 import signal
 import sys
+from collections.abc import Callable
+from typing import TypeVar
 
 from agentcheck.config import AgentSettings
 from agentcheck.policy import WeightFormula
 from agentcheck.server import Agent
 from fleet import FleetError, default_fleet, load_fleet, parse_address, parse_duration, parse_fleet
+
+T = TypeVar("T")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="management API, dashboard and /metrics (default 127.0.0.1:8085)")
     parser.add_argument("--interval", metavar="DURATION", help="poll interval, e.g. 500ms, 1s (default 1s)")
     parser.add_argument("--weight", choices=[formula.value for formula in WeightFormula],
-                        help="how ready backends are weighted (default idle: proportional to idle slots; see docs/agent.md)")
+                        help="how ready backends are weighted "
+                             "(default idle: proportional to idle slots; see docs/agent.md)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser
 
@@ -41,7 +46,7 @@ def settings_from_args(args: argparse.Namespace) -> AgentSettings:
         fleet = load_fleet(args.fleet)
     elif args.backend:
         entries = []
-        for index, spec in enumerate(args.backend):
+        for spec in args.backend:
             name, sep, address = spec.partition("=")
             if not sep:
                 raise FleetError("command line", f"--backend {spec!r}", "expected NAME=HOST:PORT")
@@ -56,7 +61,7 @@ def settings_from_args(args: argparse.Namespace) -> AgentSettings:
     return AgentSettings.from_fleet(fleet, listen=listen, interval=interval, weight=weight, management=management)
 
 
-def _option(flag: str, parse, value):  # type: ignore[no-untyped-def]
+def _option(flag: str, parse: Callable[[str], T], value: str | None) -> T | None:
     if value is None:
         return None
     try:
@@ -72,7 +77,7 @@ def raise_open_file_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def _loop_factory():  # type: ignore[no-untyped-def]
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     """uvloop where installed (it halves the agent's CPU per check); asyncio's own loop otherwise."""
     try:
         import uvloop

@@ -1,29 +1,34 @@
 """The agent's HTTP management server: fleet API, dashboard, Prometheus metrics, operator drain/ready,
 and the endpoint picker Envoy's Lua filter calls.
 
-Handlers are thin adapters over FleetState and fleet_snapshot. Operator endpoints need the
+Handlers are thin adapters over the fleet model, its snapshot and the picker. Operator endpoints need the
 configured bearer token; without one configured they are disabled, never open.
 """
 
 from __future__ import annotations
 
 import hmac
+from collections.abc import Awaitable, Callable
 from importlib import resources
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import CollectorRegistry
 
-from fleet import contract as responses
-from agentcheck.monitor import FleetState
+from agentcheck.model import FleetModel
 from agentcheck.picker import BufferFull, BufferTimeout, Picker
-from agentcheck.snapshot import fleet_snapshot
+from agentcheck.replies import AgentCheckReplies
+from agentcheck.reporting import PICKER_SOURCE_HEADER
+from agentcheck.snapshot import Snapshot, health
+from fleet import contract
 
-STATE_KEY = web.AppKey("state", FleetState)
+MODEL_KEY = web.AppKey("model", FleetModel)
+REPLIES_KEY = web.AppKey("replies", AgentCheckReplies)
+SNAPSHOT_KEY: web.AppKey[Snapshot] = web.AppKey("snapshot")
 REGISTRY_KEY = web.AppKey("registry", CollectorRegistry)
 TOKEN_KEY = web.AppKey("operator_token", str)
-STANDBY_KEY = web.AppKey("standby", frozenset)
 PICKER_KEY = web.AppKey("picker", Picker)
+Handler = Callable[[web.Request], Awaitable[web.Response]]
 ENDPOINT_HEADER = "x-paddler-endpoint"  # the header Envoy's override_host policy reads
 LEASE_HEADER = "x-paddler-lease"
 VERDICT_HEADER = "x-paddler-verdict"
@@ -47,17 +52,16 @@ def _error(status: int, message: str) -> web.Response:
 
 
 async def agents(request: web.Request) -> web.Response:
-    return web.json_response(fleet_snapshot(request.app[STATE_KEY], request.app[STANDBY_KEY]))
+    return web.json_response(request.app[SNAPSHOT_KEY]())
 
 
-async def health(request: web.Request) -> web.Response:
+async def fleet_health(request: web.Request) -> web.Response:
     """Paddler-style aggregated health, from the agent's view of llama.cpp."""
-    snapshot = fleet_snapshot(request.app[STATE_KEY], request.app[STANDBY_KEY])
-    usable = any(a["state"] == "ready" and not a["drained"] for a in snapshot["agents"])
-    body = {"status": "ok" if usable else "unavailable",
-            "slots_idle": snapshot["totals"]["slots_idle"],
-            "slots_processing": snapshot["totals"]["slots_processing"]}
-    return web.json_response(body, status=200 if usable else 503)
+    snapshot = request.app[SNAPSHOT_KEY]()
+    totals = snapshot["totals"]
+    body, status = health(snapshot["usable"], totals["slots_idle"], totals["slots_processing"],
+                          snapshot["requests_buffered"])
+    return web.json_response(body, status=status)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -70,19 +74,18 @@ async def dashboard(_: web.Request) -> web.Response:
     return web.Response(text=page, content_type="text/html", headers={"Cache-Control": "no-store"})
 
 
-def _operator(drain: bool):  # type: ignore[no-untyped-def]
+def _operator(drain: bool) -> Handler:
     async def handle(request: web.Request) -> web.Response:
         refusal = token_refusal(request.headers.get("Authorization"), request.app[TOKEN_KEY])
         if refusal is not None:
             return _error(*refusal)
         name = request.match_info["name"]
-        state = request.app[STATE_KEY]
         try:
-            state.set_drained(name, drain)
+            request.app[MODEL_KEY].set_drained(name, drain)
         except KeyError:
             return _error(404, f"no backend named {name!r}")
-        return web.json_response({"name": name, "drained": drain,
-                                  "agent_check_reply": (state.reply_for(name) or "").rstrip("\n")})
+        reply = request.app[REPLIES_KEY].reply_for(name) or ""
+        return web.json_response({"name": name, "drained": drain, "agent_check_reply": reply.rstrip("\n")})
     return handle
 
 
@@ -91,9 +94,9 @@ async def acquire(request: web.Request) -> web.Response:
     try:
         lease = await request.app[PICKER_KEY].acquire()
     except BufferFull:
-        return _overloaded(responses.BUFFER_FULL, "buffer_full")
+        return _overloaded(contract.BUFFER_FULL, "buffer_full")
     except BufferTimeout:
-        return _overloaded(responses.BUFFER_TIMEOUT, "buffer_timeout")
+        return _overloaded(contract.BUFFER_TIMEOUT, "buffer_timeout")
     return web.json_response({"endpoint": lease.address, "backend": lease.backend, "lease": lease.id},
                              headers={ENDPOINT_HEADER: lease.address, LEASE_HEADER: str(lease.id)})
 
@@ -101,7 +104,7 @@ async def acquire(request: web.Request) -> web.Response:
 def _overloaded(body: str, verdict: str) -> web.Response:
     """The picker's own refusal, marked so the Lua filter relays it instead of falling back."""
     return web.Response(status=503, text=body, content_type="application/json",
-                        headers={"Retry-After": str(responses.RETRY_AFTER_SECONDS), VERDICT_HEADER: verdict})
+                        headers={"Retry-After": str(contract.RETRY_AFTER_SECONDS), VERDICT_HEADER: verdict})
 
 
 async def release(request: web.Request) -> web.Response:
@@ -114,28 +117,28 @@ async def release(request: web.Request) -> web.Response:
 
 
 async def picker_health(request: web.Request) -> web.Response:
-    """Paddler-compatible /health for a balancer that routes through the picker (Envoy)."""
+    """Paddler-compatible /health for a balancer that routes through the picker (Envoy): counts as the
+    picker sees them (polls corrected by its own leases), and its own queue."""
     picker = request.app[PICKER_KEY]
-    state = request.app[STATE_KEY]
     candidates = picker.candidates()
     processing = sum(picker.busy(name) for name in candidates)
-    idle = sum(state.status(name).slots_total for name in candidates) - processing
-    body = {"status": "ok" if candidates else "unavailable", "slots_idle": idle, "slots_processing": processing,
-            "requests_buffered": picker.waiting}
-    return web.json_response(body, status=200 if candidates else 503)
+    total = sum(request.app[MODEL_KEY][name].status.slots_total for name in candidates)
+    body, status = health(bool(candidates), total - processing, processing, picker.waiting)
+    return web.json_response(body, status=status, headers={PICKER_SOURCE_HEADER: "picker"})
 
 
-def create_app(state: FleetState, registry: CollectorRegistry, operator_token: str | None,
-               standby: frozenset[str], picker: Picker) -> web.Application:
+def create_app(model: FleetModel, replies: AgentCheckReplies, snapshot: Snapshot, registry: CollectorRegistry,
+               operator_token: str | None, picker: Picker) -> web.Application:
     app = web.Application()
-    app[STATE_KEY] = state
+    app[MODEL_KEY] = model
+    app[REPLIES_KEY] = replies
+    app[SNAPSHOT_KEY] = snapshot
     app[REGISTRY_KEY] = registry
     app[TOKEN_KEY] = operator_token or ""
-    app[STANDBY_KEY] = standby
     app[PICKER_KEY] = picker
     app.router.add_get("/", dashboard)
     app.router.add_get("/api/v1/agents", agents)
-    app.router.add_get("/health", health)
+    app.router.add_get("/health", fleet_health)
     app.router.add_get("/metrics", metrics)
     app.router.add_post("/api/v1/agents/{name}/drain", _operator(drain=True))
     app.router.add_post("/api/v1/agents/{name}/ready", _operator(drain=False))

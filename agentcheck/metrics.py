@@ -1,26 +1,27 @@
-"""Prometheus exposition: a collector that reads FleetState at scrape time (no global registry)."""
+"""Prometheus exposition: a collector that reads the fleet snapshot and the counters at scrape time
+(no global registry)."""
 
 from __future__ import annotations
 
 from collections import Counter
-from typing import Iterator
+from collections.abc import Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from agentcheck.monitor import FleetState
-from agentcheck.snapshot import fleet_snapshot
+from agentcheck.monitor import PollCounters
+from agentcheck.snapshot import Snapshot
 from agentcheck.status import State
 
 
 class FleetCollector(Collector):
-    def __init__(self, state: FleetState, checks_served: Counter[str], standby: frozenset[str]) -> None:
-        self._state = state
+    def __init__(self, snapshot: Snapshot, poll_counters: PollCounters, checks_served: Counter[str]) -> None:
+        self._snapshot = snapshot
+        self._poll_counters = poll_counters
         self._checks_served = checks_served
-        self._standby = standby
 
     def collect(self) -> Iterator[Metric]:
-        snapshot = fleet_snapshot(self._state, self._standby)
+        snapshot = self._snapshot()
         totals = snapshot["totals"]
         yield GaugeMetricFamily("paddler_slots_idle", "Idle llama.cpp slots, fleet total (ready backends)",
                                 value=totals["slots_idle"])
@@ -52,10 +53,10 @@ class FleetCollector(Collector):
             for state in State:
                 states.add_metric([name, state.value], 1.0 if agent["state"] == state.value else 0.0)
             drained.add_metric([name], 1.0 if agent["drained"] else 0.0)
-            poll_seconds.add_metric([name], self._state.poll_seconds.get(name, 0.0))
-            polls.add_metric([name], self._state.polls[name])
-        for (name, state), count in sorted(self._state.failed_polls.items()):
-            failures.add_metric([name, state], count)
+            poll_seconds.add_metric([name], agent["poll_seconds"] or 0.0)
+            polls.add_metric([name], self._poll_counters.polls[name])
+        for (name, state_value), count in sorted(self._poll_counters.failures.items()):
+            failures.add_metric([name, state_value], count)
         yield from per_backend.values()
         yield from (states, drained, poll_seconds, polls, failures)
         served = CounterMetricFamily("paddler_agent_checks", "Agent-check replies served, by kind", labels=["reply"])

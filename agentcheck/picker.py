@@ -22,11 +22,10 @@ import asyncio
 import itertools
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
-from agentcheck.monitor import FleetState
-from agentcheck.status import State
+from agentcheck.model import FleetModel, Member, Role
 
 LEASE_MAX_AGE = 3600.0  # a lease never released (client gone mid-stream) stops counting after this
 # A picked request needs a moment to reach llama.cpp's slot; a poll that started sooner than this
@@ -56,12 +55,11 @@ class Lease:
 
 
 class Picker:
-    def __init__(self, state: FleetState, standby: frozenset[str], max_waiting: int, timeout: float,
+    def __init__(self, model: FleetModel, max_buffered_requests: int, buffered_request_timeout: float,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self._state = state
-        self._standby = standby
-        self._max_waiting = max_waiting
-        self._timeout = timeout
+        self._model = model
+        self._max_buffered_requests = max_buffered_requests
+        self._buffered_request_timeout = buffered_request_timeout
         self._clock = clock
         self._ids = itertools.count(1)
         # Leases by backend (each in issue order) and by id: polls touch one backend, releases one id.
@@ -69,7 +67,6 @@ class Picker:
         self._by_id: dict[int, Lease] = {}
         self._waiting: deque[asyncio.Future[Lease]] = deque()
         self._poll_history: dict[str, tuple[float, float | None]] = {}  # backend → (latest, previous) poll start
-        state.on_change.append(self.wake)
 
     @property
     def waiting(self) -> int:
@@ -80,9 +77,10 @@ class Picker:
         HAProxy's connection count) and the last poll corrected by leases since (which also sees load
         from outside the balancer, but lags: llama.cpp lists a request as processing only once its
         task is picked up, a few hundred ms later on a busy host)."""
-        status = self._state.status(name)
-        poll_started = self._state.poll_started.get(name, float("-inf"))
-        poll_finished = self._state.poll_finished.get(name, float("-inf"))
+        member = self._model[name]
+        status = member.status
+        poll_started = member.poll.started if member.poll else float("-inf")
+        poll_finished = member.poll.finished if member.poll else float("-inf")
         polled = status.slots_processing
         own = 0
         for lease in self._leases.get(name, {}).values():
@@ -100,23 +98,22 @@ class Picker:
 
     def candidates(self) -> list[str]:
         """Backends that may get new requests: ready, not drained primaries; else such standby ones."""
-        usable = [name for name in self._state.names
-                  if self._state.status(name).state is State.READY and not self._state.is_drained(name)]
-        primaries = [name for name in usable if name not in self._standby]
-        return primaries or [name for name in usable if name in self._standby]
+        usable = [member for member in self._model if member.usable]
+        primaries = [member.name for member in usable if member.role is Role.PRIMARY]
+        return primaries or [member.name for member in usable]
 
     def free_slots(self) -> dict[str, int]:
-        return {name: self._state.status(name).slots_total - self.busy(name) for name in self.candidates()}
+        return {name: self._model[name].status.slots_total - self.busy(name) for name in self.candidates()}
 
     def _try_lease(self) -> Lease | None:
         free = self.free_slots()
         if not free:
             return None
         # Most free slots first; among equals the larger server, then the name, for a stable order.
-        name = max(free, key=lambda n: (free[n], self._state.status(n).slots_total, n))
+        name = max(free, key=lambda n: (free[n], self._model[n].status.slots_total, n))
         if free[name] <= 0:
             return None
-        lease = Lease(next(self._ids), name, str(self._state.backend(name).address), self._clock())
+        lease = Lease(next(self._ids), name, str(self._model[name].backend.address), self._clock())
         self._leases.setdefault(name, {})[lease.id] = lease
         self._by_id[lease.id] = lease
         return lease
@@ -127,13 +124,13 @@ class Picker:
             lease = self._try_lease()
             if lease is not None:
                 return lease
-        if len(self._waiting) >= self._max_waiting:
+        if len(self._waiting) >= self._max_buffered_requests:
             raise BufferFull()
         waiter: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
         self._waiting.append(waiter)
         lease = None
         try:
-            async with asyncio.timeout(self._timeout):
+            async with asyncio.timeout(self._buffered_request_timeout):
                 lease = await waiter
             return lease
         except TimeoutError:
@@ -153,7 +150,11 @@ class Picker:
         self.wake()
         return True
 
-    def wake(self, changed: str | None = None) -> None:
+    def on_member_change(self, previous: Member, current: Member) -> None:
+        """The model's subscription: a poll result or an operator change may free slots."""
+        self.wake(current)
+
+    def wake(self, changed: Member | None = None) -> None:
         """Hand free slots to waiting requests, oldest first; prune leases the polls have absorbed.
 
         Called after every poll of every backend, so it touches only the backend that ``changed``
@@ -162,7 +163,7 @@ class Picker:
         if changed is not None:
             self._record_poll(changed)
         if self._by_id:
-            for name in [changed] if changed is not None else list(self._leases):
+            for name in [changed.name] if changed is not None else list(self._leases):
                 self._prune(name)
         while self._waiting:
             head = self._waiting[0]
@@ -175,18 +176,20 @@ class Picker:
             self._waiting.popleft()
             head.set_result(lease)
 
-    def _record_poll(self, name: str) -> None:
-        started = self._state.poll_started.get(name)
-        latest = self._poll_history.get(name, (None, None))[0]
-        if started is not None and started != latest:
-            self._poll_history[name] = (started, latest)
+    def _record_poll(self, member: Member) -> None:
+        if member.poll is None:
+            return
+        latest = self._poll_history.get(member.name, (None, None))[0]
+        if member.poll.started != latest:
+            self._poll_history[member.name] = (member.poll.started, latest)
 
     def _prune(self, name: str) -> None:
         leases = self._leases.get(name)
         if not leases:
             return
         now = self._clock()
-        poll_started = self._state.poll_started.get(name, float("-inf"))
+        poll = self._model[name].poll
+        poll_started = poll.started if poll else float("-inf")
         for lease_id, lease in list(leases.items()):
             absorbed = lease.released_at is not None and lease.released_at <= poll_started
             if absorbed or now - lease.issued_at > LEASE_MAX_AGE:
@@ -204,6 +207,6 @@ class Picker:
             return
         old = [lease for lease in leases.values()  # issue order
                if lease.released_at is None and lease.issued_at + SETTLE_SECONDS <= previous]
-        running = self._state.status(name).slots_processing
+        running = self._model[name].status.slots_processing
         for lease in old[:max(0, len(old) - running)]:
             lease.released_at = self._clock()

@@ -64,7 +64,8 @@ def agent_reply(status: BackendStatus, fleet_max_slots: int,
     if status.state is State.READY and status.slots_total < 1:
         return f"down #{_comment('error: server reports no slots')}\n"
     if status.state is State.READY:
-        detail = f"idle={status.slots_idle} processing={status.slots_processing} via {status.slot_source.value}"
+        source = status.slot_source.value if status.slot_source else "unknown source"
+        detail = f"idle={status.slots_idle} processing={status.slots_processing} via {source}"
         if status.sleeping:
             detail += " sleeping"
         if drained:

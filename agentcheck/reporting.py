@@ -1,4 +1,4 @@
-"""Periodic reporting: the balancer's buffered-request count, and StatsD gauges with Paddler's names."""
+"""Periodic reporting: how many requests wait in the balancer, and StatsD gauges with Paddler's names."""
 
 from __future__ import annotations
 
@@ -9,46 +9,62 @@ import logging
 import aiohttp
 import statsd
 
-from agentcheck.monitor import FleetState
-from agentcheck.snapshot import fleet_snapshot
+from agentcheck.snapshot import Snapshot
 from fleet import StatsdConfig
 
 log = logging.getLogger("paddler.agent")
 
+# The picker marks its own /health answer with this header, so the agent can tell that the
+# balancer in front is Envoy routing /health back to the picker rather than HAProxy.
+PICKER_SOURCE_HEADER = "X-Paddler-Source"
 
-async def probe_balancer_forever(session: aiohttp.ClientSession, url: str, state: FleetState,
-                                 interval: float) -> None:
-    """Keep ``state.requests_buffered`` current from the balancer's aggregated /health.
 
-    The agent sees llama.cpp; only the balancer knows how many requests wait in front of it.
-    Unknown (None) while the balancer does not answer.
+class BalancerProbe:
+    """The number of requests waiting in HAProxy (its queue plus requests paddler.lua holds), read
+    from HAProxy's aggregated /health; None while it does not answer.
+
+    The agent sees llama.cpp; only HAProxy knows its queue. Behind Envoy the waiting requests are
+    the picker's own, counted where they wait: when the balancer's /health turns out to be the
+    picker's answer, the probe stops and reports nothing.
     """
-    while True:
-        state.requests_buffered = await _buffered(session, url, timeout=interval * 0.8)
-        await asyncio.sleep(interval)
 
+    def __init__(self, session: aiohttp.ClientSession, url: str, interval: float) -> None:
+        self._session = session
+        self._url = url
+        self._interval = interval
+        self.requests_buffered: int | None = None
+        self.balancer_is_picker = False
 
-async def _buffered(session: aiohttp.ClientSession, url: str, timeout: float) -> int | None:
-    try:
-        async with session.get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as response:
-            value = json.loads(await response.read()).get("requests_buffered")
-    except (aiohttp.ClientError, TimeoutError, ValueError, AttributeError):
-        return None
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+    async def run(self) -> None:
+        while not self.balancer_is_picker:
+            self.requests_buffered = await self._read()
+            await asyncio.sleep(self._interval)
+        log.info("the balancer's /health is the picker's own: requests_buffered comes from the picker")
+
+    async def _read(self) -> int | None:
+        try:
+            async with self._session.get(self._url,
+                                         timeout=aiohttp.ClientTimeout(total=self._interval * 0.8)) as response:
+                if response.headers.get(PICKER_SOURCE_HEADER) == "picker":
+                    self.balancer_is_picker = True
+                    return None
+                value = json.loads(await response.read()).get("requests_buffered")
+        except (aiohttp.ClientError, TimeoutError, ValueError, AttributeError):
+            return None
+        return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 class StatsdReporter:
     """Gauges every ``interval``: fleet totals as ``<prefix>.slots_idle`` (Paddler's names) and
     per backend as ``<prefix>.backends.<name>.slots_idle``."""
 
-    def __init__(self, config: StatsdConfig, state: FleetState, standby: frozenset[str]) -> None:
+    def __init__(self, config: StatsdConfig, snapshot: Snapshot) -> None:
         self._config = config
-        self._state = state
-        self._standby = standby
+        self._snapshot = snapshot
         self._client = statsd.StatsClient(config.address.host, config.address.port, prefix=config.prefix)
 
     def report(self) -> None:
-        snapshot = fleet_snapshot(self._state, self._standby)
+        snapshot = self._snapshot()
         with self._client.pipeline() as pipe:
             pipe.gauge("slots_idle", snapshot["totals"]["slots_idle"])
             pipe.gauge("slots_processing", snapshot["totals"]["slots_processing"])

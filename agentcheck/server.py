@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-from collections import Counter
-from typing import Any, Coroutine, Mapping
+from collections.abc import Coroutine
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -21,38 +20,35 @@ from agentcheck.config import AgentSettings
 from agentcheck.llamacpp import LlamaCppClient
 from agentcheck.management import create_app
 from agentcheck.metrics import FleetCollector, build_registry
-from agentcheck.monitor import FleetState, Monitor
+from agentcheck.model import FleetModel
+from agentcheck.monitor import Monitor
 from agentcheck.picker import Picker
-from agentcheck.policy import invalid_request_reply, unknown_backend_reply
-from agentcheck.protocol import AgentCheckProtocol, Request
-from agentcheck.reporting import StatsdReporter, probe_balancer_forever
-from fleet import Backend, FleetError
+from agentcheck.protocol import AgentCheckProtocol
+from agentcheck.replies import AgentCheckReplies
+from agentcheck.reporting import BalancerProbe, StatsdReporter
+from agentcheck.snapshot import fleet_snapshot
 
 log = logging.getLogger("paddler.agent")
 
 SHUTDOWN_TIMEOUT = 2.0
 
 
-def resolve_api_keys(backends: tuple[Backend, ...], environ: Mapping[str, str] = os.environ) -> dict[str, str | None]:
-    """Read ``api_key_env`` variables once, failing loudly at start-up rather than at the first poll."""
-    keys = {}
-    for backend in backends:
-        key = backend.resolve_api_key(environ)
-        if backend.api_key_env and not key:
-            raise FleetError("environment", f"{backend.name}.api_key_env",
-                             f"environment variable {backend.api_key_env} is not set or empty")
-        keys[backend.name] = key
-    return keys
-
-
 class Agent:
-    def __init__(self, settings: AgentSettings, environ: Mapping[str, str] = os.environ) -> None:
+    """The parts of the agent and their wiring. Each part owns its state: the model the fleet's,
+    the replies their cache and counts, the monitor its poll counters, the picker its leases and
+    queue, the probe HAProxy's queue length. Parts hear of fleet changes through the model's
+    subscriptions, made here in ``start`` and nowhere else."""
+
+    def __init__(self, settings: AgentSettings) -> None:
         self.settings = settings
-        self.state = FleetState(settings.backends, settings.weight)
-        self.checks_served: Counter[str] = Counter()
-        self._api_keys = resolve_api_keys(settings.backends, environ)
+        self.model = FleetModel.from_fleet(settings.fleet)
+        self.replies = AgentCheckReplies(self.model, settings.weight)
+        self.picker = Picker(self.model, settings.fleet.balancer.max_buffered_requests,
+                             settings.fleet.balancer.buffered_request_timeout)
+        self.monitor: Monitor | None = None
+        self._probe: BalancerProbe | None = None
         self._session: aiohttp.ClientSession | None = None
-        self._server: asyncio.AbstractServer | None = None
+        self._server: asyncio.Server | None = None
         self._management: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._connections: set[AgentCheckProtocol] = set()
@@ -63,69 +59,62 @@ class Agent:
     def port(self) -> int:
         """The agent-check port actually bound (useful when configured as 0)."""
         assert self._server is not None
-        return self._server.sockets[0].getsockname()[1]
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
 
-    def answer(self, request: Request) -> str:
-        reply, kind = self._answer(request)
-        self.checks_served[kind] += 1
-        return reply
+    def requests_buffered(self) -> int | None:
+        """Requests waiting in front of the fleet: in the picker's queue (Envoy) or in HAProxy's,
+        as its /health last said; None while HAProxy's count is unknown."""
+        if self._probe is None or self._probe.balancer_is_picker:
+            return self.picker.waiting
+        haproxy = self._probe.requests_buffered
+        if haproxy is None:
+            return self.picker.waiting or None
+        return haproxy + self.picker.waiting
 
-    def _answer(self, request: Request) -> tuple[str, str]:
-        if request.problem is not None:
-            return invalid_request_reply(request.problem), "invalid"
-        name = request.name
-        if name is None:
-            single = self.settings.single_backend
-            if single is None:
-                return invalid_request_reply("agent-send must name a backend (this agent watches several)"), "invalid"
-            name = single.name
-        reply = self.state.reply_for(name)
-        if reply is None:
-            return unknown_backend_reply(name), "unknown"
-        return reply, reply.split(" ", 2)[1] if reply.startswith("up ") else "down"
+    def snapshot(self) -> dict[str, Any]:
+        return fleet_snapshot(self.model, self.replies.reply_for, self.requests_buffered())
 
     async def start(self) -> None:
         settings = self.settings
+        self.model.subscribe(self.replies.on_member_change)
+        self.model.subscribe(self.picker.on_member_change)
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=60),
             cookie_jar=aiohttp.DummyCookieJar(),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=settings.poll_timeout),
         )
         client = LlamaCppClient(self._session)
-        monitor = Monitor(settings.backends, self.state,
-                          lambda backend: client.poll(backend, self._api_keys[backend.name]),
-                          settings.interval, settings.poll_timeout)
-        await monitor.poll_all()
-        self._background(monitor.run(), "monitor")
-        if settings.balancer_health_url:
-            self._background(probe_balancer_forever(self._session, settings.balancer_health_url, self.state,
-                                                    settings.interval), "balancer-probe")
-        if settings.statsd is not None:
-            self._background(StatsdReporter(settings.statsd, self.state, settings.standby).run(), "statsd")
+        self.monitor = Monitor(self.model,
+                               lambda backend: client.poll(backend, settings.api_keys.get(backend.name)),
+                               settings.interval, settings.poll_timeout)
+        await self.monitor.poll_all()
+        self._background(self.monitor.run(), "monitor")
+        self._probe = BalancerProbe(self._session, settings.balancer_health_url, settings.interval)
+        self._background(self._probe.run(), "balancer-probe")
+        if settings.fleet.statsd is not None:
+            self._background(StatsdReporter(settings.fleet.statsd, self.snapshot).run(), "statsd")
         if settings.management is not None:
             await self._start_management()
-        wait = settings.single_backend_request_wait if settings.single_backend else settings.request_wait
         self._server = await asyncio.get_running_loop().create_server(
-            lambda: self._track(AgentCheckProtocol(self.answer, wait, on_close=self._untrack)),
+            lambda: self._track(AgentCheckProtocol(self.replies.answer, settings.agent_send_wait,
+                                                   on_close=self._untrack)),
             host=settings.listen.host, port=settings.listen.port, reuse_address=True, backlog=1024,
         )
         log.info("agent-check listening on %s:%d for %d backend(s)", settings.listen.host, self.port,
-                 len(settings.backends))
+                 len(self.model))
 
     async def _start_management(self) -> None:
         settings = self.settings
-        assert settings.management is not None
-        registry = build_registry(FleetCollector(self.state, self.checks_served, settings.standby))
-        picker = Picker(self.state, settings.standby, settings.max_buffered_requests,
-                        settings.buffered_request_timeout)
-        app = create_app(self.state, registry, settings.operator_token, settings.standby, picker)
+        assert settings.management is not None and self.monitor is not None
+        registry = build_registry(FleetCollector(self.snapshot, self.monitor.counters, self.replies.served))
+        app = create_app(self.model, self.replies, self.snapshot, registry, settings.operator_token, self.picker)
         # handler_cancellation: a request that gives up while queued in the picker leaves the queue.
         self._management = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await self._management.setup()
         await web.TCPSite(self._management, settings.management.host, settings.management.port).start()
         log.info("management API and dashboard on http://%s/ (operator endpoints %s)", settings.management,
                  "enabled" if settings.operator_token else "disabled: no token configured")
-
     def _background(self, coroutine: Coroutine[Any, Any, None], name: str) -> None:
         self._tasks.append(asyncio.create_task(coroutine, name=name))
 

@@ -1,40 +1,53 @@
-"""One plain-data view of the fleet, shared by /api/v1/agents, the dashboard, /metrics and StatsD."""
+"""One plain-data view of the fleet, shared by /api/v1/agents, /health, the dashboard, /metrics and StatsD."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-from agentcheck.monitor import FleetState
-from agentcheck.status import State
+from agentcheck.model import FleetModel, Role
+
+Snapshot = Callable[[], dict[str, Any]]
 
 
-def fleet_snapshot(state: FleetState, standby: frozenset[str] = frozenset()) -> dict[str, Any]:
+def fleet_snapshot(model: FleetModel, reply_for: Callable[[str], str | None],
+                   requests_buffered: int | None) -> dict[str, Any]:
     """Per-backend rows plus fleet totals over ready backends (a drained backend's idle slots
     do not count: nothing new will be sent there)."""
     agents = []
     totals = {"slots_idle": 0, "slots_processing": 0, "slots_total": 0}
-    for name in state.names:
-        status = state.status(name)
-        backend = state.backend(name)
-        drained = state.is_drained(name)
-        ready = status.state is State.READY
+    for member in model:
+        status = member.status
+        ready = member.ready
         agents.append({
-            "name": name,
-            "address": str(backend.address),
-            "standby": name in standby,
+            "name": member.name,
+            "address": str(member.backend.address),
+            "standby": member.role is Role.STANDBY,
             "state": status.state.value,
             "reason": status.reason,
-            "drained": drained,
+            "drained": member.drained,
             "slots_idle": status.slots_idle if ready else 0,
             "slots_processing": status.slots_processing if ready else 0,
             "slots_total": status.slots_total if ready else 0,
             "slot_source": status.slot_source.value if ready and status.slot_source else None,
             "model": status.model,
-            "last_update": state.updated_at(name),
-            "agent_check_reply": (state.reply_for(name) or "").rstrip("\n"),
+            "last_update": member.updated_at,
+            "poll_seconds": member.poll.seconds if member.poll else None,
+            "agent_check_reply": (reply_for(member.name) or "").rstrip("\n"),
         })
         if ready:
-            totals["slots_idle"] += 0 if drained else status.slots_idle
+            totals["slots_idle"] += 0 if member.drained else status.slots_idle
             totals["slots_processing"] += status.slots_processing
             totals["slots_total"] += status.slots_total
-    return {"agents": agents, "totals": totals, "requests_buffered": state.requests_buffered}
+    usable = any(member.usable for member in model)
+    return {"agents": agents, "totals": totals, "usable": usable, "requests_buffered": requests_buffered}
+
+
+def health(usable: bool, slots_idle: int, slots_processing: int,
+           requests_buffered: int | None) -> tuple[dict[str, Any], int]:
+    """Paddler's aggregated /health body and its HTTP status: 200 while any backend can take work."""
+    body: dict[str, Any] = {"status": "ok" if usable else "unavailable", "slots_idle": slots_idle,
+                            "slots_processing": slots_processing}
+    if requests_buffered is not None:
+        body["requests_buffered"] = requests_buffered
+    return body, 200 if usable else 503

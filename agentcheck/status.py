@@ -39,7 +39,7 @@ class BackendStatus:
         return max(0, self.slots_total - self.slots_processing)
 
     @classmethod
-    def down(cls, state: State, reason: str) -> "BackendStatus":
+    def down(cls, state: State, reason: str) -> BackendStatus:
         return cls(state=state, reason=reason)
 
 

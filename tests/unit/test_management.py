@@ -1,4 +1,4 @@
-"""The management API over a FleetState set by hand: real aiohttp server on loopback, no llama.cpp."""
+"""The management API over a fleet model set by hand: real aiohttp server on loopback, no llama.cpp."""
 
 from __future__ import annotations
 
@@ -6,25 +6,31 @@ import asyncio
 import json
 import socket
 from collections import Counter
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from fleet import contract as responses
 from agentcheck.management import create_app, token_refusal
 from agentcheck.metrics import FleetCollector, build_registry
-from agentcheck.monitor import FleetState
+from agentcheck.model import FleetModel, PollWindow
+from agentcheck.monitor import PollCounters
 from agentcheck.picker import Picker
-from agentcheck.reporting import StatsdReporter
+from agentcheck.replies import AgentCheckReplies
+from agentcheck.reporting import BalancerProbe, StatsdReporter
+from agentcheck.snapshot import Snapshot, fleet_snapshot
 from agentcheck.status import BackendStatus, SlotSource, State
 from fleet import Address, Backend, StatsdConfig
 
 TOKEN = "s3cret-operator-token"
-BACKENDS = [Backend("gpu1", Address("127.0.0.1", 9001)), Backend("gpu2", Address("127.0.0.1", 9002)),
-            Backend("backup", Address("127.0.0.1", 9003))]
+BACKENDS = [Backend("gpu1", Address("127.0.0.1", 9001)), Backend("gpu2", Address("127.0.0.1", 9002))]
+STANDBY = [Backend("backup", Address("127.0.0.1", 9003))]
+BUFFER_FULL = ('{"error":{"code":503,"type":"buffer_full",'
+               '"message":"all llama.cpp slots are busy and the request buffer is full"}}')
+BUFFER_TIMEOUT = ('{"error":{"code":503,"type":"buffer_timeout",'
+                  '"message":"no llama.cpp slot became free within buffered_request_timeout"}}')
 
 
 def ready(total: int, processing: int) -> BackendStatus:
@@ -32,13 +38,29 @@ def ready(total: int, processing: int) -> BackendStatus:
                          model="/models/m.gguf")
 
 
-def fleet_state() -> FleetState:
-    state = FleetState(BACKENDS)
-    state.update("gpu1", ready(4, 1), now=1000.0, poll_seconds=0.002)
-    state.update("gpu2", BackendStatus.down(State.UNREACHABLE, "connection failed"), now=1001.0)
-    state.update("backup", ready(2, 0), now=1002.0)
-    state.requests_buffered = 3
-    return state
+class Fleet:
+    """The parts the agent wires, set by hand: a model with replies subscribed, poll counts, and
+    3 requests waiting in the balancer."""
+
+    def __init__(self) -> None:
+        self.model = FleetModel(BACKENDS, STANDBY)
+        self.replies = AgentCheckReplies(self.model)
+        self.model.subscribe(self.replies.on_member_change)
+        self.model.record_poll("gpu1", ready(4, 1), now=1000.0, window=PollWindow(50.0, 50.002))
+        self.model.record_poll("gpu2", BackendStatus.down(State.UNREACHABLE, "connection failed"), now=1001.0,
+                               window=PollWindow(51.0, 51.0))
+        self.model.record_poll("backup", ready(2, 0), now=1002.0, window=PollWindow(52.0, 52.0))
+        self.polls = PollCounters()
+        self.polls.count("gpu2", self.model["gpu2"].status)
+
+    def snapshot(self) -> dict:
+        return fleet_snapshot(self.model, self.replies.reply_for, 3)
+
+    def reply_for(self, name: str) -> str | None:
+        return self.replies.reply_for(name)
+
+    def is_drained(self, name: str) -> bool:
+        return self.model[name].drained
 
 
 class Api:
@@ -55,11 +77,13 @@ class Api:
             return response.status, await response.json()
 
 
-async def serve(state: FleetState, token: str | None, checks: Counter[str] | None = None) -> tuple[web.AppRunner, str]:
-    standby = frozenset({"backup"})
-    registry = build_registry(FleetCollector(state, checks or Counter(), standby))
-    picker = Picker(state, standby, max_waiting=2, timeout=0.2)
-    runner = web.AppRunner(create_app(state, registry, token, standby, picker), handler_cancellation=True)
+async def serve(state: Fleet, token: str | None, checks: Counter[str] | None = None) -> tuple[web.AppRunner, str]:
+    snapshot: Snapshot = state.snapshot
+    registry = build_registry(FleetCollector(snapshot, state.polls, checks or Counter()))
+    picker = Picker(state.model, max_buffered_requests=2, buffered_request_timeout=0.2)
+    state.model.subscribe(picker.on_member_change)
+    runner = web.AppRunner(create_app(state.model, state.replies, snapshot, registry, token, picker),
+                           handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
@@ -68,8 +92,8 @@ async def serve(state: FleetState, token: str | None, checks: Counter[str] | Non
 
 
 @pytest.fixture
-async def api() -> AsyncIterator[tuple[Api, FleetState]]:
-    state = fleet_state()
+async def api() -> AsyncIterator[tuple[Api, Fleet]]:
+    state = Fleet()
     runner, base = await serve(state, TOKEN, Counter({"ready": 5, "down": 2, "unknown": 1}))
     async with aiohttp.ClientSession() as session:
         yield Api(base, session), state
@@ -91,7 +115,7 @@ def test_token_refusal(header: str | None, token: str | None, expected: int | No
     assert (refusal[0] if refusal else None) == expected
 
 
-async def test_agents_lists_every_backend_with_its_state_and_reply(api: tuple[Api, FleetState]) -> None:
+async def test_agents_lists_every_backend_with_its_state_and_reply(api: tuple[Api, Fleet]) -> None:
     client, _ = api
     status, text = await client.get("/api/v1/agents")
     assert status == 200
@@ -100,7 +124,7 @@ async def test_agents_lists_every_backend_with_its_state_and_reply(api: tuple[Ap
     assert rows["gpu1"] == {
         "name": "gpu1", "address": "127.0.0.1:9001", "standby": False, "state": "ready", "reason": "",
         "drained": False, "slots_idle": 3, "slots_processing": 1, "slots_total": 4, "slot_source": "slots",
-        "model": "/models/m.gguf", "last_update": 1000.0,
+        "model": "/models/m.gguf", "last_update": 1000.0, "poll_seconds": pytest.approx(0.002),
         "agent_check_reply": "up ready 75% maxconn:4 #idle=3 processing=1 via slots"}
     assert rows["gpu2"]["state"] == "unreachable" and rows["gpu2"]["reason"] == "connection failed"
     assert rows["gpu2"]["agent_check_reply"] == "down #unreachable: connection failed"
@@ -109,7 +133,7 @@ async def test_agents_lists_every_backend_with_its_state_and_reply(api: tuple[Ap
     assert body["requests_buffered"] == 3
 
 
-async def test_metrics_parse_and_match_the_fleet(api: tuple[Api, FleetState]) -> None:
+async def test_metrics_parse_and_match_the_fleet(api: tuple[Api, Fleet]) -> None:
     client, _ = api
     status, text = await client.get("/metrics")
     assert status == 200
@@ -121,12 +145,12 @@ async def test_metrics_parse_and_match_the_fleet(api: tuple[Api, FleetState]) ->
     assert samples["paddler_backend_slots_processing", (("backend", "gpu1"),)] == 1
     assert samples["paddler_backend_state", (("backend", "gpu2"), ("state", "unreachable"))] == 1
     assert samples["paddler_backend_state", (("backend", "gpu2"), ("state", "ready"))] == 0
-    assert samples["paddler_backend_poll_duration_seconds", (("backend", "gpu1"),)] == 0.002
+    assert samples["paddler_backend_poll_duration_seconds", (("backend", "gpu1"),)] == pytest.approx(0.002)
     assert samples["paddler_backend_poll_failures_total", (("backend", "gpu2"), ("state", "unreachable"))] == 1
     assert samples["paddler_agent_checks_total", (("reply", "ready"),)] == 5
 
 
-async def test_drain_and_ready_with_the_token_change_the_reply(api: tuple[Api, FleetState]) -> None:
+async def test_drain_and_ready_with_the_token_change_the_reply(api: tuple[Api, Fleet]) -> None:
     client, state = api
     status, body = await client.post("/api/v1/agents/gpu1/drain", TOKEN)
     assert status == 200
@@ -142,7 +166,7 @@ async def test_drain_and_ready_with_the_token_change_the_reply(api: tuple[Api, F
 
 @pytest.mark.parametrize(("token", "expected"), [(None, 401), ("wrong-token-value", 403)])
 async def test_drain_without_the_right_token_is_refused_and_changes_nothing(
-        api: tuple[Api, FleetState], token: str | None, expected: int) -> None:
+        api: tuple[Api, Fleet], token: str | None, expected: int) -> None:
     client, state = api
     before = state.reply_for("gpu1")
     status, body = await client.post("/api/v1/agents/gpu1/drain", token)
@@ -151,14 +175,14 @@ async def test_drain_without_the_right_token_is_refused_and_changes_nothing(
     assert state.reply_for("gpu1") == before and not state.is_drained("gpu1")
 
 
-async def test_drain_of_unknown_backend_is_404(api: tuple[Api, FleetState]) -> None:
+async def test_drain_of_unknown_backend_is_404(api: tuple[Api, Fleet]) -> None:
     client, _ = api
     status, _ = await client.post("/api/v1/agents/gpu9/drain", TOKEN)
     assert status == 404
 
 
 async def test_without_a_configured_token_operator_endpoints_are_disabled() -> None:
-    state = fleet_state()
+    state = Fleet()
     runner, base = await serve(state, None)
     try:
         async with aiohttp.ClientSession() as session:
@@ -170,11 +194,50 @@ async def test_without_a_configured_token_operator_endpoints_are_disabled() -> N
     assert not state.is_drained("gpu1")
 
 
-async def test_dashboard_is_served_as_html(api: tuple[Api, FleetState]) -> None:
+async def test_dashboard_is_served_uncached(api: tuple[Api, Fleet]) -> None:
+    # What it shows is checked in a real browser (tests/integration/test_dashboard.py).
     client, _ = api
-    status, text = await client.get("/")
+    async with client.session.get(client.base + "/") as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"] == "text/html; charset=utf-8"
+        assert response.headers["Cache-Control"] == "no-store"
+        assert "<title>paddler-agent</title>" in await response.text()
+
+
+async def test_fleet_health_aggregates_usable_backends_and_the_buffer(api: tuple[Api, Fleet]) -> None:
+    client, _ = api
+    status, text = await client.get("/health")
     assert status == 200
-    assert "<html" in text.lower() or "<!doctype html" in text.lower()
+    assert json.loads(text) == {"status": "ok", "slots_idle": 5, "slots_processing": 1, "requests_buffered": 3}
+
+
+async def test_balancer_probe_reads_haproxys_queue_and_stops_when_the_balancer_is_the_picker(
+        api: tuple[Api, Fleet]) -> None:
+    client, _ = api
+
+    async def haproxy_health(_: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "slots_idle": 0, "slots_processing": 4, "requests_buffered": 7})
+
+    app = web.Application()
+    app.router.add_get("/health", haproxy_health)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        haproxy = BalancerProbe(client.session, f"http://127.0.0.1:{runner.addresses[0][1]}/health", interval=0.05)
+        probing = asyncio.create_task(haproxy.run())
+        async with asyncio.timeout(5):
+            while haproxy.requests_buffered != 7:
+                await asyncio.sleep(0.01)
+        assert not probing.done()
+        probing.cancel()
+
+        envoy = BalancerProbe(client.session, client.base + "/api/v1/picker/health", interval=0.05)
+        async with asyncio.timeout(5):
+            await envoy.run()  # returns: nothing to probe, the picker counts its own queue
+        assert envoy.balancer_is_picker and envoy.requests_buffered is None
+    finally:
+        await runner.cleanup()
 
 
 async def test_statsd_reporter_sends_paddlers_gauges_to_a_real_udp_socket() -> None:
@@ -183,7 +246,7 @@ async def test_statsd_reporter_sends_paddlers_gauges_to_a_real_udp_socket() -> N
     receiver.settimeout(2.0)
     try:
         config = StatsdConfig(Address("127.0.0.1", receiver.getsockname()[1]), prefix="llm.prod")
-        reporter = StatsdReporter(config, fleet_state(), frozenset({"backup"}))
+        reporter = StatsdReporter(config, Fleet().snapshot)
         reporter.report()
         reporter.close()
         lines = set()
@@ -196,7 +259,7 @@ async def test_statsd_reporter_sends_paddlers_gauges_to_a_real_udp_socket() -> N
 
 
 async def test_picker_hands_out_endpoints_then_buffers_then_refuses_with_the_shared_bodies(
-        api: tuple[Api, FleetState]) -> None:
+        api: tuple[Api, Fleet]) -> None:
     client, _ = api
     leases = []
     for _ in range(3):  # gpu1 has 3 free slots
@@ -205,7 +268,7 @@ async def test_picker_hands_out_endpoints_then_buffers_then_refuses_with_the_sha
             assert response.headers["x-paddler-endpoint"] == "127.0.0.1:9001"
             leases.append((await response.json())["lease"])
     waiting = [asyncio.create_task(client.session.post(client.base + "/api/v1/picker/acquire")) for _ in range(2)]
-    status, text = await client.get("/api/v1/picker/health")
+    _status, text = await client.get("/api/v1/picker/health")
     assert json.loads(text)["slots_idle"] == 0
     wait = asyncio.get_running_loop().time()
     while json.loads((await client.get("/api/v1/picker/health"))[1])["requests_buffered"] < 2:
@@ -213,11 +276,11 @@ async def test_picker_hands_out_endpoints_then_buffers_then_refuses_with_the_sha
         await asyncio.sleep(0.01)
     async with client.session.post(client.base + "/api/v1/picker/acquire") as response:
         assert response.status == 503 and response.headers["Retry-After"] == "1"
-        assert await response.text() == responses.BUFFER_FULL
+        assert await response.text() == BUFFER_FULL
     async with client.session.post(client.base + f"/api/v1/picker/release/{leases[0]}") as response:
         assert response.status == 204
     first, second = [await task for task in waiting]
     assert first.status == 200 and first.headers["x-paddler-endpoint"] == "127.0.0.1:9001"
-    assert second.status == 503 and await second.text() == responses.BUFFER_TIMEOUT
+    assert second.status == 503 and await second.text() == BUFFER_TIMEOUT
     first.release()
     second.release()

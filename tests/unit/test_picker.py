@@ -1,4 +1,4 @@
-"""The endpoint picker over a FleetState set by hand, with a controllable clock."""
+"""The endpoint picker over a fleet model set by hand, with a controllable clock."""
 
 from __future__ import annotations
 
@@ -6,13 +6,13 @@ import asyncio
 
 import pytest
 
-from agentcheck.monitor import FleetState
+from agentcheck.model import FleetModel, PollWindow
 from agentcheck.picker import SETTLE_SECONDS, BufferFull, BufferTimeout, Picker
 from agentcheck.status import BackendStatus, SlotSource, State
 from fleet import Address, Backend
 
-BACKENDS = [Backend("small", Address("10.0.0.1", 8080)), Backend("large", Address("10.0.0.2", 8080)),
-            Backend("spare", Address("10.0.0.3", 8080))]
+BACKENDS = [Backend("small", Address("10.0.0.1", 8080)), Backend("large", Address("10.0.0.2", 8080))]
+STANDBY = [Backend("spare", Address("10.0.0.3", 8080))]
 
 
 class Clock:
@@ -27,15 +27,16 @@ def ready(total: int, processing: int = 0) -> BackendStatus:
     return BackendStatus(State.READY, slots_total=total, slots_processing=processing, slot_source=SlotSource.SLOTS)
 
 
-def make(max_waiting: int = 10, timeout: float = 5.0) -> tuple[FleetState, Picker, Clock]:
+def make(max_waiting: int = 10, timeout: float = 5.0) -> tuple[FleetModel, Picker, Clock]:
     clock = Clock()
-    state = FleetState(BACKENDS)
-    picker = Picker(state, frozenset({"spare"}), max_waiting, timeout, clock)
-    poll(state, clock, small=ready(2), large=ready(4), spare=ready(2))
-    return state, picker, clock
+    model = FleetModel(BACKENDS, STANDBY)
+    picker = Picker(model, max_waiting, timeout, clock)
+    model.subscribe(picker.on_member_change)
+    poll(model, clock, small=ready(2), large=ready(4), spare=ready(2))
+    return model, picker, clock
 
 
-def poll(state: FleetState, clock: Clock, in_transit: bool = False, **statuses: BackendStatus) -> None:
+def poll(model: FleetModel, clock: Clock, in_transit: bool = False, **statuses: BackendStatus) -> None:
     """A poll that started a while after the last lease (or, ``in_transit``, right after it) and
     finished a moment later."""
     if not in_transit:
@@ -43,7 +44,7 @@ def poll(state: FleetState, clock: Clock, in_transit: bool = False, **statuses: 
     started = clock.now
     clock.now += 0.01
     for name, status in statuses.items():
-        state.update(name, status, now=clock.now, poll_started=started)
+        model.record_poll(name, status, now=clock.now, window=PollWindow(started, started))
     clock.now += 0.01
 
 
@@ -62,44 +63,44 @@ async def test_lease_carries_the_backend_address_for_override_host() -> None:
 
 
 async def test_a_poll_that_started_after_a_lease_supersedes_it() -> None:
-    state, picker, clock = make()
+    model, picker, clock = make()
     await picker.acquire()  # large
     assert picker.busy("large") == 1
-    poll(state, clock, large=ready(4, 1))  # llama.cpp now reports that request itself
+    poll(model, clock, large=ready(4, 1))  # llama.cpp now reports that request itself
     assert picker.busy("large") == 1  # not 2
-    poll(state, clock, large=ready(4, 0))  # it finished without a release (client went away)
+    poll(model, clock, large=ready(4, 0))  # it finished without a release (client went away)
     assert picker.busy("large") == 0
 
 
 async def test_a_poll_right_after_a_lease_may_not_see_the_request_yet() -> None:
-    state, picker, clock = make()
+    model, picker, clock = make()
     await picker.acquire()  # large, still on its way to llama.cpp
-    poll(state, clock, in_transit=True, large=ready(4, 0))
+    poll(model, clock, in_transit=True, large=ready(4, 0))
     assert picker.busy("large") == 1, "the in-transit request was forgotten: its slot could be given twice"
 
 
 async def test_our_own_running_leases_bound_busy_even_when_llama_cpp_lags() -> None:
-    state, picker, clock = make()
+    model, picker, clock = make()
     for _ in range(3):
         await picker.acquire()  # large, large, large
-    poll(state, clock, large=ready(4, 1))  # llama.cpp has picked up only one of them so far
+    poll(model, clock, large=ready(4, 1))  # llama.cpp has picked up only one of them so far
     assert picker.busy("large") == 3
 
 
 async def test_release_frees_the_slot_before_the_next_poll() -> None:
-    state, picker, clock = make()
+    model, picker, clock = make()
     leases = [await picker.acquire() for _ in range(6)]
-    poll(state, clock, small=ready(2, 2), large=ready(4, 4))
+    poll(model, clock, small=ready(2, 2), large=ready(4, 4))
     assert picker.free_slots() == {"small": 0, "large": 0}
     assert picker.release(leases[0].id)
     assert picker.free_slots()[leases[0].backend] == 1
     assert not picker.release(leases[0].id)  # twice is a no-op
-    poll(state, clock, small=ready(2, 2), large=ready(4, 3))  # the poll now shows it too: no double count
+    poll(model, clock, small=ready(2, 2), large=ready(4, 3))  # the poll now shows it too: no double count
     assert picker.free_slots() == {"small": 0, "large": 1}
 
 
 async def test_waiters_are_served_first_come_first_served_as_slots_free() -> None:
-    state, picker, clock = make()
+    _model, picker, _clock = make()
     leases = [await picker.acquire() for _ in range(6)]
     waiters = [asyncio.create_task(picker.acquire()) for _ in range(3)]
     await asyncio.sleep(0)
@@ -150,26 +151,26 @@ async def test_waiting_longer_than_the_timeout_fails() -> None:
 
 
 async def test_standby_only_when_no_primary_is_usable_and_drained_is_never_picked() -> None:
-    state, picker, clock = make()
-    state.set_drained("large", True)
+    model, picker, clock = make()
+    model.set_drained("large", True)
     assert picker.candidates() == ["small"]
-    poll(state, clock, small=BackendStatus.down(State.UNREACHABLE, "gone"))
+    poll(model, clock, small=BackendStatus.down(State.UNREACHABLE, "gone"))
     assert picker.candidates() == ["spare"]
     assert (await picker.acquire()).backend == "spare"
 
 
 async def test_scale_from_zero_request_waits_until_a_backend_is_ready() -> None:
-    state, picker, clock = make()
-    poll(state, clock, **{name: BackendStatus.down(State.LOADING, "") for name in ("small", "large", "spare")})
+    model, picker, clock = make()
+    poll(model, clock, **{name: BackendStatus.down(State.LOADING, "") for name in ("small", "large", "spare")})
     waiter = asyncio.create_task(picker.acquire())
     await asyncio.sleep(0)
     assert not waiter.done() and picker.waiting == 1
-    poll(state, clock, small=ready(2))
+    poll(model, clock, small=ready(2))
     assert (await asyncio.wait_for(waiter, 1)).backend == "small"
 
 
 async def test_a_lease_granted_to_an_abandoned_waiter_is_given_back() -> None:
-    state, picker, clock = make()
+    _model, picker, _clock = make()
     leases = [await picker.acquire() for _ in range(6)]
     waiter = asyncio.create_task(picker.acquire())
     await asyncio.sleep(0)

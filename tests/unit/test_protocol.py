@@ -8,10 +8,8 @@ from typing import AsyncIterator
 
 import pytest
 
-from agentcheck.config import AgentSettings
 from agentcheck.policy import agent_reply, invalid_request_reply, unknown_backend_reply
 from agentcheck.protocol import MAX_REQUEST_BYTES, AgentCheckProtocol, Request, parse_request
-from agentcheck.server import Agent
 from agentcheck.status import PENDING, BackendStatus, SlotSource, State
 from fleet import Address, Backend
 
@@ -185,53 +183,3 @@ async def test_many_concurrent_clients_are_each_answered() -> None:
         replies = await asyncio.gather(*(ask(port, name) for name in names))
 
     assert replies == [Recorder.line_for(Request(name=name)).encode() for name in names]
-
-
-# --- Agent.answer ---------------------------------------------------------------------------
-
-
-def backend(name: str, port: int) -> Backend:
-    return Backend(name, Address("127.0.0.1", port))
-
-
-def make_agent(*backends: Backend) -> Agent:
-    return Agent(AgentSettings(backends=backends), environ={})
-
-
-READY_4 = BackendStatus(State.READY, slots_total=4, slots_processing=1, slot_source=SlotSource.SLOTS)
-
-
-def test_agent_answers_unknown_name_with_unknown_backend_reply() -> None:
-    agent = make_agent(backend("gpu1", 1))
-
-    assert agent.answer(Request(name="gpu9")) == unknown_backend_reply("gpu9")
-
-
-def test_agent_with_one_backend_answers_a_nameless_request_for_that_backend() -> None:
-    agent = make_agent(backend("gpu1", 1))
-    assert agent.answer(Request()) == agent_reply(PENDING, 0)
-
-    agent.state.update("gpu1", READY_4, now=0.0)
-
-    assert agent.answer(Request()) == agent_reply(READY_4, 4)
-    assert agent.answer(Request()) == agent.answer(Request(name="gpu1"))
-
-
-def test_agent_with_two_backends_refuses_a_nameless_request() -> None:
-    agent = make_agent(backend("gpu1", 1), backend("gpu2", 2))
-
-    assert agent.answer(Request()) == invalid_request_reply("agent-send must name a backend (this agent watches several)")
-
-
-def test_agent_with_two_backends_answers_each_by_name() -> None:
-    agent = make_agent(backend("gpu1", 1), backend("gpu2", 2))
-    agent.state.update("gpu2", READY_4, now=0.0)
-
-    assert agent.answer(Request(name="gpu1")) == agent_reply(PENDING, 4)
-    assert agent.answer(Request(name="gpu2")) == agent_reply(READY_4, 4)
-
-
-def test_agent_answers_a_bad_request_with_its_problem() -> None:
-    agent = make_agent(backend("gpu1", 1))
-
-    assert agent.answer(NOT_TERMINATED) == invalid_request_reply("agent-send line not terminated in time")

@@ -1,0 +1,67 @@
+"""Agent-check answers: a parsed request and the fleet model → the reply line, cached per backend.
+
+Checks are the hot path (one per backend per ``agent-inter``), so each backend's reply is
+computed once per change and served from the cache until the model says the member changed.
+Weights are relative to the largest backend ever seen ready; a new maximum rescales them all.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from agentcheck.model import FleetModel, Member
+from agentcheck.policy import (
+    DEFAULT_WEIGHT_FORMULA,
+    WeightFormula,
+    agent_reply,
+    invalid_request_reply,
+    unknown_backend_reply,
+)
+from agentcheck.protocol import Request
+
+
+class AgentCheckReplies:
+    def __init__(self, model: FleetModel, formula: WeightFormula = DEFAULT_WEIGHT_FORMULA) -> None:
+        self._model = model
+        self._formula = formula
+        self._largest_slots = 0
+        self._cache: dict[str, str] = {}
+        self.served: Counter[str] = Counter()  # replies by kind: ready, drain, down, unknown, invalid
+
+    def on_member_change(self, previous: Member, current: Member) -> None:
+        """The model's subscription: drop what the change made stale."""
+        status = current.status
+        if current.ready and status.slots_total > self._largest_slots:
+            self._largest_slots = status.slots_total
+            self._cache.clear()
+        elif previous.status != status or previous.drained != current.drained:
+            self._cache.pop(current.name, None)
+
+    def reply_for(self, name: str) -> str | None:
+        """The agent-check line for a backend, or None when the name is not in the fleet."""
+        reply = self._cache.get(name)
+        if reply is None:
+            member = self._model.get(name)
+            if member is None:
+                return None
+            reply = self._cache[name] = agent_reply(member.status, self._largest_slots, self._formula,
+                                                    drained=member.drained)
+        return reply
+
+    def answer(self, request: Request) -> str:
+        reply, kind = self._answer(request)
+        self.served[kind] += 1
+        return reply
+
+    def _answer(self, request: Request) -> tuple[str, str]:
+        if request.problem is not None:
+            return invalid_request_reply(request.problem), "invalid"
+        name = request.name
+        if name is None:
+            if len(self._model) != 1:
+                return invalid_request_reply("agent-send must name a backend (this agent watches several)"), "invalid"
+            name = self._model.names[0]
+        reply = self.reply_for(name)
+        if reply is None:
+            return unknown_backend_reply(name), "unknown"
+        return reply, reply.split(" ", 2)[1] if reply.startswith("up ") else "down"

@@ -1,0 +1,158 @@
+"""The fleet model (roles, status, drain, poll windows, one subscription) and the agent-check replies
+built on it, without sockets."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from agentcheck.model import FleetModel, Member, PollWindow, Role
+from agentcheck.policy import WeightFormula
+from agentcheck.protocol import Request
+from agentcheck.replies import AgentCheckReplies
+from agentcheck.status import PENDING, BackendStatus, SlotSource, State
+from fleet import Address, Backend
+
+GPU1 = Backend("gpu1", Address("127.0.0.1", 8081))
+GPU2 = Backend("gpu2", Address("127.0.0.1", 8082))
+SPARE = Backend("spare", Address("127.0.0.1", 8083))
+WINDOW = PollWindow(10.0, 10.2)
+
+
+def ready(total: int, processing: int = 0) -> BackendStatus:
+    return BackendStatus(State.READY, slots_total=total, slots_processing=processing, slot_source=SlotSource.SLOTS)
+
+
+def wired(*backends: Backend, standby: tuple[Backend, ...] = (),
+          formula: WeightFormula = WeightFormula.IDLE) -> tuple[FleetModel, AgentCheckReplies]:
+    model = FleetModel(backends, standby)
+    replies = AgentCheckReplies(model, formula)
+    model.subscribe(replies.on_member_change)
+    return model, replies
+
+
+# --- FleetModel -----------------------------------------------------------------------------
+
+
+def test_members_start_pending_with_their_role() -> None:
+    model = FleetModel([GPU1], [SPARE])
+
+    assert [(m.name, m.role, m.status, m.drained, m.updated_at, m.poll) for m in model] == [
+        ("gpu1", Role.PRIMARY, PENDING, False, None, None),
+        ("spare", Role.STANDBY, PENDING, False, None, None),
+    ]
+
+
+def test_a_poll_result_replaces_the_member_and_old_views_stay_as_they_were() -> None:
+    model = FleetModel([GPU1])
+    before = model["gpu1"]
+
+    model.record_poll("gpu1", ready(4, 1), now=123.0, window=WINDOW)
+
+    assert before.status == PENDING  # views are immutable: a holder never sees it change under it
+    after = model["gpu1"]
+    assert (after.status, after.updated_at, after.poll) == (ready(4, 1), 123.0, WINDOW)
+    assert after.poll is not None and after.poll.seconds == pytest.approx(0.2)
+    assert after.usable
+
+
+def test_every_change_reaches_each_subscriber_with_before_and_after() -> None:
+    model = FleetModel([GPU1])
+    seen: list[tuple[str, bool, bool]] = []
+
+    def listener(previous: Member, current: Member) -> None:
+        seen.append((current.name, previous.drained, current.drained))
+
+    model.subscribe(listener)
+    model.record_poll("gpu1", ready(2), now=1.0, window=WINDOW)
+    model.set_drained("gpu1", True)
+
+    assert seen == [("gpu1", False, False), ("gpu1", False, True)]
+    assert not model["gpu1"].usable
+
+
+def test_draining_a_name_outside_the_fleet_is_a_key_error() -> None:
+    with pytest.raises(KeyError):
+        FleetModel([GPU1]).set_drained("gpu9", True)
+
+
+def test_a_state_that_does_not_change_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    model = FleetModel([GPU1])
+    with caplog.at_level(logging.INFO, logger="paddler.agent"):
+        for reason in ("connection refused", "connection refused", "no answer within 0.8s"):
+            model.record_poll("gpu1", BackendStatus.down(State.UNREACHABLE, reason), now=1.0, window=WINDOW)
+
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO] == [
+        "gpu1: pending -> unreachable (connection refused)"]
+
+
+# --- AgentCheckReplies ----------------------------------------------------------------------
+
+
+def test_reply_is_down_before_the_first_poll() -> None:
+    _, replies = wired(GPU1)
+
+    assert replies.reply_for("gpu1") == "down #awaiting first poll\n"
+
+
+def test_reply_for_a_name_outside_the_fleet_is_none() -> None:
+    _, replies = wired(GPU1)
+
+    assert replies.reply_for("gpu9") is None
+
+
+def test_a_poll_result_changes_the_cached_reply() -> None:
+    model, replies = wired(GPU1)
+    assert replies.reply_for("gpu1") == "down #awaiting first poll\n"  # now cached
+
+    model.record_poll("gpu1", ready(4, 1), now=1.0, window=WINDOW)
+    assert replies.reply_for("gpu1") == "up ready 75% maxconn:4 #idle=3 processing=1 via slots\n"
+
+    model.record_poll("gpu1", ready(4, 3), now=2.0, window=WINDOW)
+    assert replies.reply_for("gpu1") == "up ready 25% maxconn:4 #idle=1 processing=3 via slots\n"
+
+    model.record_poll("gpu1", BackendStatus.down(State.LOADING, ""), now=3.0, window=WINDOW)
+    assert replies.reply_for("gpu1") == "down #loading\n"
+
+
+def test_drain_and_undrain_change_the_cached_reply() -> None:
+    model, replies = wired(GPU1)
+    model.record_poll("gpu1", ready(4), now=1.0, window=WINDOW)
+    assert replies.reply_for("gpu1") == "up ready 100% maxconn:4 #idle=4 processing=0 via slots\n"
+
+    model.set_drained("gpu1", True)
+    assert replies.reply_for("gpu1") == \
+        "up drain maxconn:4 #drained by operator, idle=4 processing=0 via slots\n"
+
+    model.set_drained("gpu1", False)
+    assert replies.reply_for("gpu1") == "up ready 100% maxconn:4 #idle=4 processing=0 via slots\n"
+
+
+def test_with_capacity_weights_a_new_larger_backend_rescales_the_others() -> None:
+    model, replies = wired(GPU1, GPU2, formula=WeightFormula.CAPACITY)
+    model.record_poll("gpu1", ready(2), now=1.0, window=WINDOW)
+    assert replies.reply_for("gpu1") == "up ready 100% maxconn:2 #idle=2 processing=0 via slots\n"
+
+    model.record_poll("gpu2", ready(4), now=2.0, window=WINDOW)
+
+    assert replies.reply_for("gpu1") == "up ready 50% maxconn:2 #idle=2 processing=0 via slots\n"
+    assert replies.reply_for("gpu2") == "up ready 100% maxconn:4 #idle=4 processing=0 via slots\n"
+
+
+@pytest.mark.parametrize(("backends", "request_", "reply", "kind"), [
+    ((GPU1,), Request(), "up ready 100% maxconn:4 #idle=4 processing=0 via slots\n", "ready"),
+    ((GPU1, GPU2), Request(), "down #paddler-agent: agent-send must name a backend (this agent watches several)\n",
+     "invalid"),
+    ((GPU1, GPU2), Request(name="gpu1"), "up ready 100% maxconn:4 #idle=4 processing=0 via slots\n", "ready"),
+    ((GPU1, GPU2), Request(name="gpu2"), "down #awaiting first poll\n", "down"),
+    ((GPU1,), Request(name="gpu9"), "down #paddler-agent: unknown backend 'gpu9', check agent-send\n", "unknown"),
+    ((GPU1,), Request(problem="agent-send is not ASCII text"), "down #paddler-agent: agent-send is not ASCII text\n",
+     "invalid"),
+])
+def test_answers_and_their_counts(backends: tuple[Backend, ...], request_: Request, reply: str, kind: str) -> None:
+    model, replies = wired(*backends)
+    model.record_poll("gpu1", ready(4), now=1.0, window=WINDOW)
+
+    assert replies.answer(request_) == reply
+    assert replies.served == {kind: 1}
