@@ -1,18 +1,21 @@
 """The agent's dashboard in a real headless Chromium, against real llama-servers and the real agent.
 
-Each look at the page is a fresh ``chromium --dump-dom`` (devstack/browser.py): the page's own
-JavaScript fetches /api/v1/agents and builds the table, so these tests see what an operator
-sees, not what the API returns. Chromium is required: a missing binary fails the test.
+One browser stays open on the page (devstack/browser.py) while its own JavaScript polls
+/api/v1/agents on the real clock. Every look reads what is *rendered*: the table as a person
+reads it (column headings and cell text as displayed, ``innerText``, so CSS upper-casing
+included), the total tiles by their labels, and the colours the browser computed for a row in
+trouble, compared with the literal colours the page's CSS defines. Nothing here reads the API.
+Chromium is required: a missing binary fails the test.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from html.parser import HTMLParser
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 import pytest
 
@@ -26,111 +29,103 @@ ROOT = Path(__file__).resolve().parents[2]
 SCREENSHOT = ROOT / "artifacts" / "dashboard.png"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
-DUMP_WAIT_MS = 2500  # virtual time: polls at 0, 1 and 2 s, in about half a second of wall time
-SCREENSHOT_WAIT_MS = 120_000  # 120 one-second polls: fills the history chart (a few seconds of wall time)
 N_PREDICT = 3000  # two of these on one llama-server keep 2 slots busy for ~4-5 s
 CTX_PER_SLOT = 4096  # room for N_PREDICT tokens without hitting the context limit
-TOTALS = ("total-idle", "total-processing", "total-slots", "requests-buffered")
+NO_NUMBER = "\u2013"  # the en dash the page shows instead of a slot count it does not trust
+WAIT = 20.0  # real seconds any one thing may take to appear on the page (it polls every second)
+
+# The colours dashboard.html's CSS gives these, as getComputedStyle reports them.
+BAD = "rgb(198, 40, 40)"  # --bad: #c62828 (problem badge, reason text, the row's left bar)
+BAD_BG = "rgb(253, 236, 236)"  # --bad-bg: #fdecec (every cell of a row in trouble)
+MUTED = "rgb(107, 114, 128)"  # --muted: #6b7280 ("none" issues, the dashes of a row in trouble)
+WHITE = "rgb(255, 255, 255)"  # .badge.bad text
+INK = "rgb(29, 35, 48)"  # --ink: #1d2330 (numbers of a ready row)
+TRANSPARENT = "rgba(0, 0, 0, 0)"  # cells of a ready row: no background of their own, the white card shows
+
+# What the page shows, read from the rendered DOM. Rows are keyed by the name a person reads in
+# the first column; cells by the column heading above them.
+LOOK = r"""
+(() => {
+  const seen = (node) => node.innerText.replace(/\s+/g, " ").trim();
+  const shown = (node) => node.getClientRects().length > 0 && getComputedStyle(node).visibility === "visible";
+  const headings = [...document.querySelectorAll("#backends thead th")].map(seen);
+  const rows = [...document.querySelectorAll("#backends tbody tr")].filter(shown).map((tr) => {
+    const tds = [...tr.children];
+    const cells = Object.fromEntries(tds.map((td, i) => [headings[i] ?? String(i), seen(td)]));
+    const colours = Object.fromEntries(tds.map((td, i) => [headings[i] ?? String(i), {
+      color: getComputedStyle(td).color, background: getComputedStyle(td).backgroundColor}]));
+    const issues = tds[headings.indexOf("ISSUES")];
+    const badge = issues && issues.querySelector(".badge");
+    const reason = issues && issues.querySelector(".reason");
+    const none = issues && issues.querySelector(".none");
+    return {
+      cells, colours,
+      bar: getComputedStyle(tds[0]).boxShadow,
+      badge: badge && {text: seen(badge), color: getComputedStyle(badge).color,
+                       background: getComputedStyle(badge).backgroundColor},
+      reason: reason && {text: seen(reason), color: getComputedStyle(reason).color},
+      none: none && {text: seen(none), color: getComputedStyle(none).color},
+    };
+  });
+  const totals = Object.fromEntries([...document.querySelectorAll("#totals .tile")].filter(shown)
+    .map((tile) => [seen(tile.querySelector(".label")), seen(tile.querySelector(".value"))]));
+  return {headings, rows, totals, status: seen(document.getElementById("status"))};
+})()
+"""
 
 
 @dataclass
+class View:
+    """One look at the rendered page."""
+
+    headings: list[str]
+    rows: list[dict[str, Any]]
+    totals: dict[str, str]
+    status: str
+
+    @property
+    def names(self) -> list[str]:
+        return [row["cells"].get("NAME", "") for row in self.rows]
+
+    def row(self, name: str) -> dict[str, Any]:
+        for row in self.rows:
+            if row["cells"].get("NAME") == name:
+                return row
+        raise AssertionError(f"no row named {name!r} on the page; it shows {self.names}")
+
+    def cell(self, name: str, heading: str) -> str:
+        for row in self.rows:
+            if row["cells"].get("NAME") == name:
+                return row["cells"].get(heading, "")
+        return ""
+
+    def numbers(self, name: str) -> tuple[str, str, str]:
+        return (self.cell(name, "IDLE"), self.cell(name, "PROCESSING"), self.cell(name, "TOTAL"))
+
+
 class Dashboard:
-    """What the page shows: per-backend cells by class (``cell-idle`` -> ``idle``) and ids' text."""
+    """The open page; ``look()`` reads it now, ``until(pred)`` re-reads it until ``pred`` holds (bounded)."""
 
-    rows: dict[str, dict[str, str]] = field(default_factory=dict)
-    ids: dict[str, str] = field(default_factory=dict)
-    polls: int = 0
-    row_classes: dict[str, str] = field(default_factory=dict)
+    def __init__(self, page: browser.LivePage) -> None:
+        self.page = page
+        self.looks = 0
+        self.last: View | None = None
 
-    def cell(self, backend: str, name: str) -> str:
-        return self.rows.get(backend, {}).get(name, "")
-
-
-class _DashboardParser(HTMLParser):
-    """Collects the text of ``tr[data-backend] td.cell-*`` and of the elements in ``TOTALS`` + ``status``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.view = Dashboard()
-        self._row: str | None = None
-        self._capture: tuple[str, str, int] | None = None  # (kind:key, tag, depth of that tag)
-        self._text: list[str] = []
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        attributes = {key: value or "" for key, value in attrs}
-        if self._capture is not None:
-            key, captured_tag, depth = self._capture
-            if tag == captured_tag:
-                self._capture = (key, captured_tag, depth + 1)
-            return
-        if tag == "tr" and "data-backend" in attributes:
-            self._row = attributes["data-backend"]
-            self.view.rows[self._row] = {}
-            self.view.row_classes[self._row] = attributes.get("class", "")
-        elif tag == "td" and self._row is not None:
-            cells = [c for c in attributes.get("class", "").split() if c.startswith("cell-")]
-            if cells:
-                self._start("cell:" + cells[0][len("cell-"):], tag)
-        elif attributes.get("id") in (*TOTALS, "status"):
-            if attributes["id"] == "status":
-                self.view.polls = int(attributes.get("data-polls") or 0)
-            self._start("id:" + attributes["id"], tag)
-
-    def _start(self, key: str, tag: str) -> None:
-        self._capture, self._text = (key, tag, 1), []
-
-    def handle_endtag(self, tag: str) -> None:
-        if self._capture is not None:
-            key, captured_tag, depth = self._capture
-            if tag != captured_tag:
-                return
-            if depth > 1:
-                self._capture = (key, captured_tag, depth - 1)
-                return
-            text = " ".join("".join(self._text).split())
-            kind, _, name = key.partition(":")
-            if kind == "cell" and self._row is not None:
-                self.view.rows[self._row][name] = text
-            else:
-                self.view.ids[name] = text
-            self._capture = None
-        elif tag == "tr":
-            self._row = None
-
-    def handle_data(self, data: str) -> None:
-        if self._capture is not None:
-            self._text.append(data)
-
-
-def parse(dom: str) -> Dashboard:
-    parser = _DashboardParser()
-    parser.feed(dom)
-    parser.close()
-    return parser.view
-
-
-class Page:
-    """The dashboard URL; ``look()`` is one real browser visit, ``until(pred)`` re-visits until it holds."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.visits = 0
-        self.last: Dashboard | None = None
-
-    def look(self, wait_ms: int = DUMP_WAIT_MS) -> Dashboard:
-        self.visits += 1
-        self.last = parse(browser.dump_dom(self.url, wait_ms))
+    def look(self) -> View:
+        self.looks += 1
+        self.last = View(**self.page.evaluate(LOOK))
         return self.last
 
-    def until(self, predicate: Callable[[Dashboard], bool], what: str, timeout: float = 20.0) -> Dashboard:
-        def check() -> Dashboard | None:
+    def until(self, predicate: Callable[[View], bool], what: str, timeout: float = WAIT) -> View:
+        def check() -> View | None:
             view = self.look()
             return view if predicate(view) else None
         try:
             return wait_until(check, timeout=timeout, interval=0.1, what=what)
         except TimeoutError as exc:
-            raise AssertionError(f"{exc}; the page last showed rows={self.last and self.last.rows} "
-                                 f"ids={self.last and self.last.ids}") from None
+            last = self.last
+            raise AssertionError(f"{exc}; the page last showed rows={last and [r['cells'] for r in last.rows]} "
+                                 f"totals={last and last.totals} status={last and last.status!r}") from None
 
 
 def require_chromium() -> str:
@@ -148,47 +143,76 @@ def test_dashboard_follows_slots_and_failures_in_a_real_browser(
     a = make_llama("gpu-a", slots=2).start()
     b = make_llama("gpu-b", slots=4, ctx_per_slot=CTX_PER_SLOT).start()
     with AgentProcess(tmp_path, ["--backend", f"gpu-a={a.address}", "--backend", f"gpu-b={b.address}",
-                                 "--interval", "200ms"]) as agent:
-        page = Page(agent.management_url + "/")
+                                 "--interval", "200ms"]) as agent, \
+            browser.LivePage(agent.management_url + "/") as page:
+        dashboard = Dashboard(page)
 
-        # 1. One row per backend, in fleet order, with the slots each server really has.
-        view = page.until(lambda v: v.cell("gpu-a", "total") == "2" and v.cell("gpu-b", "total") == "4",
-                          what="both backends to show up ready")
-        assert list(view.rows) == ["gpu-a", "gpu-b"]
-        for name, server, slots in (("gpu-a", a, "2"), ("gpu-b", b, "4")):
-            row = view.rows[name]
-            assert (row["idle"], row["processing"], row["total"]) == (slots, "0", slots), row
-            assert (row["address"], row["model"]) == (server.address, name), row
-            assert row["state"] == "none" and row["updated"].endswith("s ago"), row
-            assert "row-ready" in view.row_classes[name]
-        assert [view.ids[i] for i in TOTALS] == ["6", "0", "6", "unknown"]  # no balancer reports its buffer
-        assert view.ids["status"].startswith("updated "), view.ids["status"]
-        assert view.polls >= 2, f"the page polled {view.polls} time(s) in {DUMP_WAIT_MS} virtual ms"
+        # 1. One row per backend, in fleet order, each with the slots its server really has, all idle.
+        view = dashboard.until(lambda v: v.numbers("gpu-a") == ("2", "0", "2")
+                               and v.numbers("gpu-b") == ("4", "0", "4"),
+                               what="both backends to show up ready with all their slots idle")
+        assert view.headings == ["NAME", "ISSUES", "ADDRESS", "LAST UPDATE", "IDLE", "PROCESSING", "TOTAL",
+                                 "MODEL"]
+        assert view.names == ["gpu-a", "gpu-b"]
+        for name, server in (("gpu-a", a), ("gpu-b", b)):
+            row = view.row(name)
+            assert row["cells"]["ADDRESS"] == server.address, row["cells"]
+            assert row["cells"]["MODEL"] == name, row["cells"]  # LlamaServer serves the model under its name
+            assert row["cells"]["ISSUES"] == "none", row["cells"]
+            assert row["none"] == {"text": "none", "color": MUTED}, row
+            assert row["cells"]["LAST UPDATE"].endswith(" s ago"), row["cells"]
+            assert row["badge"] is None and row["reason"] is None, row
+            assert {c["background"] for c in row["colours"].values()} == {TRANSPARENT}, row["colours"]
+            assert row["colours"]["IDLE"]["color"] == INK, row["colours"]
+            assert row["bar"] == "none", row
+        assert view.totals == {"IDLE SLOTS": "6", "PROCESSING SLOTS": "0", "TOTAL SLOTS": "6",
+                               "REQUESTS BUFFERED": "unknown"}  # no balancer reports its buffer
+        assert view.status.startswith("updated "), view.status
 
-        # 2. Two long completions on gpu-b: the page shows its slots busy while they run.
+        # 2. gpu-a dies: its row says unreachable, in the problem colours, and its slots leave the totals.
+        a.kill()
+        view = dashboard.until(lambda v: v.row("gpu-a")["badge"] is not None
+                               and v.row("gpu-a")["badge"]["text"] == "UNREACHABLE",
+                               what="gpu-a's row to show an UNREACHABLE badge")
+        down = view.row("gpu-a")
+        assert down["badge"] == {"text": "UNREACHABLE", "color": WHITE, "background": BAD}, down
+        assert down["reason"] is not None and "Connection refused" in down["reason"]["text"], down
+        assert down["reason"]["color"] == BAD, down
+        assert down["cells"]["ISSUES"].startswith("UNREACHABLE"), down["cells"]
+        assert down["none"] is None, down
+        assert view.numbers("gpu-a") == (NO_NUMBER, NO_NUMBER, NO_NUMBER)  # no slot numbers for a server that is down
+        assert down["colours"]["IDLE"]["color"] == MUTED, down["colours"]
+        assert {c["background"] for c in down["colours"].values()} == {BAD_BG}, down["colours"]
+        assert down["bar"] == f"{BAD} 4px 0px 0px 0px inset", down["bar"]
+        assert down["cells"]["ADDRESS"] == a.address, down["cells"]
+        # gpu-b is untouched, and now the only slots in the totals (one poll renders table and totals).
+        assert view.numbers("gpu-b") == ("4", "0", "4")
+        assert view.row("gpu-b")["badge"] is None
+        assert {c["background"] for c in view.row("gpu-b")["colours"].values()} == {TRANSPARENT}
+        assert view.totals == {"IDLE SLOTS": "4", "PROCESSING SLOTS": "0", "TOTAL SLOTS": "4",
+                               "REQUESTS BUFFERED": "unknown"}
+
+        # 3. Two long completions on gpu-b: the page shows two of its slots processing, as the
+        #    server's own /slots does, and the totals move with them; gpu-a stays down.
         with ThreadPoolExecutor(2) as pool:
             load = [pool.submit(clients.completion, b.url, N_PREDICT) for _ in range(2)]
-            view = page.until(lambda v: v.cell("gpu-b", "processing") == "2",
-                              what="gpu-b's processing cell to show 2 busy slots")
-            assert (view.cell("gpu-b", "idle"), view.cell("gpu-b", "total")) == ("2", "4")
-            assert view.ids["total-processing"] == "2" and view.ids["total-idle"] == "4"
-
-            # 3. gpu-a dies: its row is flagged unreachable, its slots leave the totals.
-            a.kill()
-            view = page.until(lambda v: "unreachable" in v.cell("gpu-a", "state"),
-                              what="gpu-a's row to show it unreachable")
-            assert "row-problem" in view.row_classes["gpu-a"]
-            assert view.cell("gpu-a", "idle") == view.cell("gpu-a", "total") == "–"
-            assert view.cell("gpu-b", "total") == "4" and view.ids["total-slots"] == "4"
-
-            shot_started = time.monotonic()
-            browser.screenshot(page.url, SCREENSHOT, wait_ms=SCREENSHOT_WAIT_MS)
-            shot_seconds = time.monotonic() - shot_started
+            view = dashboard.until(lambda v: v.numbers("gpu-b") == ("2", "2", "4"),
+                                   what="gpu-b's row to show 2 idle, 2 processing, 4 total")
+            assert b.busy_slots() == 2, "the page shows 2 processing but the server's /slots disagrees"
+            assert view.totals == {"IDLE SLOTS": "2", "PROCESSING SLOTS": "2", "TOTAL SLOTS": "4",
+                                   "REQUESTS BUFFERED": "unknown"}
+            assert view.row("gpu-a")["badge"]["text"] == "UNREACHABLE"
+            assert view.numbers("gpu-a") == (NO_NUMBER, NO_NUMBER, NO_NUMBER)
+            page.screenshot(SCREENSHOT)  # exactly the state just asserted: gpu-a down, gpu-b busy
             answers = [f.result(timeout=120) for f in load]
         assert [answer.status for answer in answers] == [200, 200]
 
+        # 4. The load is over: gpu-b's slots are all idle again on the page.
+        view = dashboard.until(lambda v: v.numbers("gpu-b") == ("4", "0", "4"),
+                               what="gpu-b's row to show its slots idle again")
+        assert view.totals == {"IDLE SLOTS": "4", "PROCESSING SLOTS": "0", "TOTAL SLOTS": "4",
+                               "REQUESTS BUFFERED": "unknown"}
+
     png = SCREENSHOT.read_bytes()
     assert png[:8] == PNG_SIGNATURE, f"{SCREENSHOT} is not a PNG"
-    assert len(png) > 10_000, f"{SCREENSHOT} is only {len(png)} bytes: probably a blank page"
-    print(f"{page.visits} page visits, screenshot {shot_seconds:.1f}s, "
-          f"test {time.monotonic() - started:.1f}s -> {SCREENSHOT}")
+    print(f"{dashboard.looks} looks at the page, test {time.monotonic() - started:.1f}s -> {SCREENSHOT}")
