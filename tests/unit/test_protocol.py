@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import pytest
 
-from agentcheck.policy import agent_reply, invalid_request_reply, unknown_backend_reply
+from agentcheck.policy import invalid_request_reply
 from agentcheck.protocol import MAX_REQUEST_BYTES, AgentCheckProtocol, Request, parse_request
-from agentcheck.status import PENDING, BackendStatus, SlotSource, State
-from fleet import Address, Backend
 
 NOT_TERMINATED = Request(problem="agent-send line not terminated in time")
-TOO_LONG = Request(problem=f"agent-send longer than {MAX_REQUEST_BYTES} bytes")
+TOO_LONG = Request(problem="agent-send longer than 256 bytes")
 
 # --- parse_request --------------------------------------------------------------------------
 
@@ -114,7 +112,7 @@ async def test_named_request_gets_its_reply_line_and_the_connection_closes() -> 
             received = await read_until_closed(reader)
 
     assert recorder.requests == [Request(name="gpu1")]
-    assert received == Recorder.line_for(Request(name="gpu1")).encode()
+    assert received == b"up ready 100% maxconn:1 #for gpu1\n"
 
 
 async def test_silent_client_gets_the_no_name_reply_after_the_wait() -> None:
@@ -127,7 +125,7 @@ async def test_silent_client_gets_the_no_name_reply_after_the_wait() -> None:
             elapsed = loop.time() - started
 
     assert recorder.requests == [Request()]
-    assert received == Recorder.line_for(Request()).encode()
+    assert received == b"up ready 100% maxconn:1 #for no name\n"
     assert elapsed >= wait * 0.9
 
 
@@ -139,7 +137,7 @@ async def test_client_that_stalls_mid_name_gets_a_problem_reply() -> None:
             received = await read_until_closed(reader)
 
     assert recorder.requests == [NOT_TERMINATED]
-    assert received == invalid_request_reply(NOT_TERMINATED.problem or "").encode()
+    assert received == b"down #paddler-agent: agent-send line not terminated in time\n"
 
 
 async def test_oversized_request_gets_a_problem_reply_and_the_connection_is_closed() -> None:
@@ -151,7 +149,7 @@ async def test_oversized_request_gets_a_problem_reply_and_the_connection_is_clos
             rest = await read_until_closed(reader)
 
     assert recorder.requests == [TOO_LONG]
-    assert line == invalid_request_reply(TOO_LONG.problem or "").encode()
+    assert line == b"down #paddler-agent: agent-send longer than 256 bytes\n"
     assert rest == b""
 
 
@@ -168,7 +166,7 @@ async def test_client_that_closes_at_once_does_not_stop_the_server() -> None:
             received = await read_until_closed(reader)
 
     assert recorder.requests[-1] == Request(name="gpu2")
-    assert received == Recorder.line_for(Request(name="gpu2")).encode()
+    assert received == b"up ready 100% maxconn:1 #for gpu2\n"
 
 
 async def test_many_concurrent_clients_are_each_answered() -> None:
@@ -182,4 +180,4 @@ async def test_many_concurrent_clients_are_each_answered() -> None:
         names = [f"gpu{index}" for index in range(50)]
         replies = await asyncio.gather(*(ask(port, name) for name in names))
 
-    assert replies == [Recorder.line_for(Request(name=name)).encode() for name in names]
+    assert replies == [f"up ready 100% maxconn:1 #for gpu{index}\n".encode() for index in range(50)]
