@@ -80,7 +80,7 @@ def test_full_fleet_file_loads_every_key(tmp_path: Path) -> None:
         Backend("gpu-2.local", Address("::1", 8080), api_key_env="GPU2_API_KEY"),
     )
     assert fleet.standby == (Backend("cpu_spare", Address("spare.example.com", 8081)),)
-    assert fleet.all_backends() == fleet.backends + fleet.standby
+    assert [backend.name for backend in fleet.all_backends()] == ["gpu1", "gpu-2.local", "cpu_spare"]
     assert fleet.agent == AgentConfig(
         listen=Address("0.0.0.0", 5556), management=Address("127.0.0.1", 9000), interval=0.5
     )

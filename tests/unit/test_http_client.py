@@ -320,14 +320,14 @@ async def test_healthy_server_costs_one_slots_request_per_poll_and_props_now_and
     client = LlamaCppClient(timeout=5.0)
     try:
         async with aiohttp_server({"/slots": slots, "/props": props}) as (port, seen):
-            statuses = [await client.poll(backend(port), "key") for _ in range(LlamaCppClient.PROPS_REFRESH_POLLS + 1)]
+            statuses = [await client.poll(backend(port), "key") for _ in range(31)]  # /props again after 30
     finally:
         await client.close()
 
     assert {s.state for s in statuses} == {State.READY}
     assert statuses[0].slots_total == 2 and statuses[0].slots_processing == 1
     assert statuses[0].slot_source is SlotSource.SLOTS and statuses[0].model == "tiny"
-    assert seen.paths.count("/slots") == LlamaCppClient.PROPS_REFRESH_POLLS + 1
+    assert seen.paths.count("/slots") == 31
     assert seen.paths.count("/props") == 2
     assert "/health" not in seen.paths
     assert seen.connections == 1

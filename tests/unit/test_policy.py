@@ -9,7 +9,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agentcheck.policy import (
-    MAX_COMMENT_LENGTH,
     agent_reply,
     invalid_request_reply,
     unknown_backend_reply,
@@ -114,7 +113,8 @@ def test_loading_is_exactly_down_loading() -> None:
 def test_long_reason_is_truncated_in_the_comment() -> None:
     reply = agent_reply(BackendStatus.down(State.ERROR, "x" * 1000), 4)
 
-    assert reply == "down #" + ("error: " + "x" * 1000)[:MAX_COMMENT_LENGTH] + "\n"
+    assert reply == "down #error: " + "x" * 153 + "\n"  # the comment is cut at 160 characters
+    assert len(reply) == len("down #") + 160 + len("\n")
 
 
 # --- weights and maxconn --------------------------------------------------------------------
