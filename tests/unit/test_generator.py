@@ -31,8 +31,9 @@ def rendered(name: str) -> str:
 @pytest.mark.parametrize("name", FLEETS)
 def test_rendered_config_matches_its_golden_file(name: str) -> None:
     golden = GOLDEN / f"{name}.cfg"
-    if UPDATE:
+    if UPDATE:  # writing the expectation from the output proves nothing: never report it as a pass
         golden.write_text(rendered(name))
+        pytest.skip(f"rewrote {golden.name}: review the diff, then run without PADDLER_UPDATE_GOLDEN")
     assert rendered(name) == golden.read_text()
 
 
