@@ -3,24 +3,40 @@ and the endpoint picker Envoy's Lua filter calls.
 
 Handlers are thin adapters over the fleet model, its snapshot and the picker. Operator endpoints need the
 configured bearer token; without one configured they are disabled, never open.
+
+Two guards against callers other than the operator's tools and Envoy's filter:
+
+* Every request must name a host this agent serves (``Host``): an IP address, ``localhost``, the
+  name Envoy's filter uses, or the management address's own host name. A web page that rebinds
+  its DNS name to this address sends its own name, and is refused (421) before any handler runs.
+* The picker endpoints need the filter's secret in ``x-paddler-picker-token``: the token named by
+  ``agent.picker_token_env``, or a fixed marker when none is configured. A custom header cannot be
+  sent cross-origin without a CORS preflight, which this server never grants, so even the marker
+  stops a web page's ``text/plain`` POST; the token also stops other hosts that can reach the port.
+  Lease ids are random tokens, so a lease is released only by the request it was given to.
 """
 
 from __future__ import annotations
 
 import hmac
-from collections.abc import Awaitable, Callable
+import ipaddress
+import os
+import re
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from importlib import resources
 
-from aiohttp import web
+from aiohttp import hdrs, web
+from aiohttp.typedefs import Handler as StreamHandler
+from aiohttp.typedefs import Middleware
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import CollectorRegistry
 
 from agentcheck.model import FleetModel
-from agentcheck.picker import BufferFull, BufferTimeout, Picker
+from agentcheck.picker import LEASE_ID_PATTERN, BufferFull, BufferTimeout, Picker
 from agentcheck.replies import AgentCheckReplies
 from agentcheck.reporting import PICKER_SOURCE_HEADER
 from agentcheck.snapshot import Snapshot, health
-from fleet import contract
+from fleet import Fleet, FleetError, contract
 
 MODEL_KEY = web.AppKey("model", FleetModel)
 REPLIES_KEY = web.AppKey("replies", AgentCheckReplies)
@@ -28,10 +44,56 @@ SNAPSHOT_KEY: web.AppKey[Snapshot] = web.AppKey("snapshot")
 REGISTRY_KEY = web.AppKey("registry", CollectorRegistry)
 TOKEN_KEY = web.AppKey("operator_token", str)
 PICKER_KEY = web.AppKey("picker", Picker)
+PICKER_TOKEN_KEY = web.AppKey("picker_token", str)
 Handler = Callable[[web.Request], Awaitable[web.Response]]
 ENDPOINT_HEADER = "x-paddler-endpoint"  # the header Envoy's override_host policy reads
 LEASE_HEADER = "x-paddler-lease"
 VERDICT_HEADER = "x-paddler-verdict"
+PICKER_TOKEN_HEADER = "x-paddler-picker-token"  # sent by configs/envoy/paddler.lua on every picker call
+# What the filter sends, and the picker requires, when agent.picker_token_env is not configured. It must
+# equal generator.envoy.PICKER_TOKEN_UNSET (tests/unit/test_management.py checks that).
+PICKER_TOKEN_UNSET = "paddler-picker-token-unset"
+PICKER_TOKEN_PATTERN = re.compile(r"[!-~]{16,}")  # one word of printable ASCII: safe in a header and YAML
+AGENT_AUTHORITY = "paddler-agent"  # the :authority paddler.lua and Envoy's /health route send here
+LOCAL_HOST_NAMES = ("localhost", AGENT_AUTHORITY)
+
+
+def resolve_picker_token(fleet: Fleet, environ: Mapping[str, str] = os.environ) -> str:
+    """The secret Envoy's filter must send to the picker: the variable agent.picker_token_env names (set,
+    or the agent does not start), else the fixed marker. generator.envoy reads it by the same rule."""
+    name = fleet.agent.picker_token_env
+    if name is None:
+        return PICKER_TOKEN_UNSET
+    value = environ.get(name, "")
+    if not PICKER_TOKEN_PATTERN.fullmatch(value):
+        raise FleetError(fleet.source, "agent.picker_token_env",
+                         f"environment variable {name} must hold 16 or more printable ASCII characters, no spaces")
+    return value
+
+
+def _same_secret(given: str, expected: str) -> bool:
+    # Header values arrive decoded with surrogateescape; encode them back the same way, never raise.
+    return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected.encode())
+
+
+def host_refusal(host: str | None, names: Iterable[str]) -> str | None:
+    """Why a request naming this ``Host`` is refused, or None. Any IP address is served: a page can name
+    an IP only if it was served from that IP, so DNS rebinding always shows up as a host *name*. Names
+    must be listed (``names``, compared without port and case-insensitively). No Host header at all is
+    served too: every browser sends one."""
+    if host is None:
+        return None
+    bare = host[1:].partition("]")[0] if host.startswith("[") else host.rpartition(":")[0] if ":" in host else host
+    bare = bare.lower()
+    try:
+        ipaddress.ip_address(bare)
+        return None
+    except ValueError:
+        pass
+    if bare and bare in {name.lower() for name in names}:
+        return None
+    return ("this agent does not serve that Host: reach it by IP address, localhost or its management "
+            "address's host name")
 
 
 def token_refusal(authorization: str | None, token: str | None) -> tuple[int, str] | None:
@@ -41,7 +103,7 @@ def token_refusal(authorization: str | None, token: str | None) -> tuple[int, st
     scheme, _, given = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not given:
         return 401, "missing bearer token"
-    if not hmac.compare_digest(given.encode(), token.encode()):
+    if not _same_secret(given, token):
         return 403, "wrong token"
     return None
 
@@ -89,8 +151,20 @@ def _operator(drain: bool) -> Handler:
     return handle
 
 
+def _picker_refusal(request: web.Request) -> web.Response | None:
+    given = request.headers.get(PICKER_TOKEN_HEADER)
+    if given is None:
+        return _error(403, f"missing {PICKER_TOKEN_HEADER}: the picker serves Envoy's paddler.lua filter only")
+    if not _same_secret(given, request.app[PICKER_TOKEN_KEY]):
+        return _error(403, "wrong picker token: paddler-gen envoy and paddler-agent must read the same "
+                           "agent.picker_token_env")
+    return None
+
+
 async def acquire(request: web.Request) -> web.Response:
     """Envoy's Lua filter asks where to send a request; may wait in the fleet-wide FIFO."""
+    if (refusal := _picker_refusal(request)) is not None:
+        return refusal
     try:
         lease = await request.app[PICKER_KEY].acquire()
     except BufferFull:
@@ -98,7 +172,7 @@ async def acquire(request: web.Request) -> web.Response:
     except BufferTimeout:
         return _overloaded(contract.BUFFER_TIMEOUT, "buffer_timeout")
     return web.json_response({"endpoint": lease.address, "backend": lease.backend, "lease": lease.id},
-                             headers={ENDPOINT_HEADER: lease.address, LEASE_HEADER: str(lease.id)})
+                             headers={ENDPOINT_HEADER: lease.address, LEASE_HEADER: lease.id})
 
 
 def _overloaded(body: str, verdict: str) -> web.Response:
@@ -108,11 +182,14 @@ def _overloaded(body: str, verdict: str) -> web.Response:
 
 
 async def release(request: web.Request) -> web.Response:
-    try:
-        lease_id = int(request.match_info["lease"])
-    except ValueError:
-        return _error(400, "lease must be a number")
-    request.app[PICKER_KEY].release(lease_id)
+    """The filter's request on this lease has ended. Only the exact id the picker handed out frees a slot."""
+    if (refusal := _picker_refusal(request)) is not None:
+        return refusal
+    lease_id = request.match_info["lease"]
+    if not LEASE_ID_PATTERN.fullmatch(lease_id):
+        return _error(400, "a lease id is 22 characters of A-Z a-z 0-9 _ -")
+    if not request.app[PICKER_KEY].release(lease_id):
+        return _error(404, "no such lease, or already released")
     return web.Response(status=204)
 
 
@@ -127,15 +204,31 @@ async def picker_health(request: web.Request) -> web.Response:
     return web.json_response(body, status=status, headers={PICKER_SOURCE_HEADER: "picker"})
 
 
+def _host_guard(names: Iterable[str]) -> Middleware:
+    served = (*LOCAL_HOST_NAMES, *names)
+
+    @web.middleware
+    async def guard(request: web.Request, handler: StreamHandler) -> web.StreamResponse:
+        refusal = host_refusal(request.headers.get(hdrs.HOST), served)
+        if refusal is not None:
+            return _error(421, refusal)
+        return await handler(request)
+    return guard
+
+
 def create_app(model: FleetModel, replies: AgentCheckReplies, snapshot: Snapshot, registry: CollectorRegistry,
-               operator_token: str | None, picker: Picker) -> web.Application:
-    app = web.Application()
+               operator_token: str | None, picker: Picker, *, picker_token: str = PICKER_TOKEN_UNSET,
+               host_names: Iterable[str] = ()) -> web.Application:
+    """``host_names``: DNS names this server answers to besides localhost and the filter's name (IP
+    addresses are always served)."""
+    app = web.Application(middlewares=[_host_guard(host_names)])
     app[MODEL_KEY] = model
     app[REPLIES_KEY] = replies
     app[SNAPSHOT_KEY] = snapshot
     app[REGISTRY_KEY] = registry
     app[TOKEN_KEY] = operator_token or ""
     app[PICKER_KEY] = picker
+    app[PICKER_TOKEN_KEY] = picker_token
     app.router.add_get("/", dashboard)
     app.router.add_get("/api/v1/agents", agents)
     app.router.add_get("/health", fleet_health)

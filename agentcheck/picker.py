@@ -19,7 +19,8 @@ the whole fleet, bounded in length and time, with the same outcomes as the HAPro
 from __future__ import annotations
 
 import asyncio
-import itertools
+import re
+import secrets
 import time
 from collections import deque
 from collections.abc import Callable
@@ -31,6 +32,10 @@ LEASE_MAX_AGE = 3600.0  # a lease never released (client gone mid-stream) stops 
 # A picked request needs a moment to reach llama.cpp's slot; a poll that started sooner than this
 # after the lease may not show it yet, so the lease keeps counting until a later poll.
 SETTLE_SECONDS = 0.1
+# A lease id is a random token (16 bytes, URL-safe base64: 22 characters), not a counter: only the
+# request it was given to can release it, so nobody can free a slot someone else holds.
+LEASE_ID_BYTES = 16
+LEASE_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{22}")
 
 
 class PickerError(Exception):
@@ -47,7 +52,7 @@ class BufferTimeout(PickerError):
 
 @dataclass
 class Lease:
-    id: int
+    id: str
     backend: str
     address: str
     issued_at: float
@@ -61,10 +66,9 @@ class Picker:
         self._max_buffered_requests = max_buffered_requests
         self._buffered_request_timeout = buffered_request_timeout
         self._clock = clock
-        self._ids = itertools.count(1)
         # Leases by backend (each in issue order) and by id: polls touch one backend, releases one id.
-        self._leases: dict[str, dict[int, Lease]] = {}
-        self._by_id: dict[int, Lease] = {}
+        self._leases: dict[str, dict[str, Lease]] = {}
+        self._by_id: dict[str, Lease] = {}
         self._waiting: deque[asyncio.Future[Lease]] = deque()
         self._poll_history: dict[str, tuple[float, float | None]] = {}  # backend → (latest, previous) poll start
 
@@ -113,10 +117,15 @@ class Picker:
         name = max(free, key=lambda n: (free[n], self._model[n].status.slots_total, n))
         if free[name] <= 0:
             return None
-        lease = Lease(next(self._ids), name, str(self._model[name].backend.address), self._clock())
+        lease = Lease(self._new_id(), name, str(self._model[name].backend.address), self._clock())
         self._leases.setdefault(name, {})[lease.id] = lease
         self._by_id[lease.id] = lease
         return lease
+
+    def _new_id(self) -> str:
+        while (lease_id := secrets.token_urlsafe(LEASE_ID_BYTES)) in self._by_id:  # 2**-128: never, in practice
+            pass
+        return lease_id
 
     async def acquire(self) -> Lease:
         """A lease on the best backend now, or after waiting in the fleet-wide FIFO."""
@@ -141,8 +150,9 @@ class Picker:
             if lease is None and waiter.done() and not waiter.cancelled():
                 self.release(waiter.result().id)  # granted just as the wait was abandoned: give it back
 
-    def release(self, lease_id: int) -> bool:
-        """The request on this lease finished: its slot is free now, not at the next poll."""
+    def release(self, lease_id: str) -> bool:
+        """The request on this lease finished: its slot is free now, not at the next poll. False (and
+        nothing freed) for an id this picker did not hand out, or one already released."""
         lease = self._by_id.get(lease_id)
         if lease is None or lease.released_at is not None:
             return False
@@ -197,7 +207,7 @@ class Picker:
                 del self._by_id[lease_id]
         self._forget_lost_leases(name, leases)
 
-    def _forget_lost_leases(self, name: str, leases: dict[int, Lease]) -> None:
+    def _forget_lost_leases(self, name: str, leases: dict[str, Lease]) -> None:
         """Polled state supersedes leases whose release never came (the client went away mid-stream,
         so the filter never saw the end): when the latest poll counts fewer running requests than
         there are unreleased leases old enough for the poll before it to have seen them, the oldest

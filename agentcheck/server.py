@@ -18,7 +18,7 @@ from aiohttp import web
 
 from agentcheck.config import AgentSettings
 from agentcheck.llamacpp import LlamaCppClient
-from agentcheck.management import create_app
+from agentcheck.management import PICKER_TOKEN_UNSET, create_app, resolve_picker_token
 from agentcheck.metrics import FleetCollector, build_registry
 from agentcheck.model import FleetModel
 from agentcheck.monitor import Monitor
@@ -45,9 +45,11 @@ class Agent:
         self.replies = AgentCheckReplies(self.model, settings.weight)
         self.picker = Picker(self.model, settings.fleet.balancer.max_buffered_requests,
                              settings.fleet.balancer.buffered_request_timeout)
+        self.picker_token = resolve_picker_token(settings.fleet)  # before anything starts: a missing one stops us
         self.monitor: Monitor | None = None
         self._probe: BalancerProbe | None = None
-        self._session: aiohttp.ClientSession | None = None
+        self._session: aiohttp.ClientSession | None = None  # the balancer probe's; polls have their own client
+        self._client: LlamaCppClient | None = None
         self._server: asyncio.Server | None = None
         self._management: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -84,7 +86,7 @@ class Agent:
             cookie_jar=aiohttp.DummyCookieJar(),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=settings.poll_timeout),
         )
-        client = LlamaCppClient(self._session)
+        client = self._client = LlamaCppClient(timeout=settings.poll_timeout)
         self.monitor = Monitor(self.model,
                                lambda backend: client.poll(backend, settings.api_keys.get(backend.name)),
                                settings.interval, settings.poll_timeout)
@@ -108,13 +110,15 @@ class Agent:
         settings = self.settings
         assert settings.management is not None and self.monitor is not None
         registry = build_registry(FleetCollector(self.snapshot, self.monitor.counters, self.replies.served))
-        app = create_app(self.model, self.replies, self.snapshot, registry, settings.operator_token, self.picker)
+        app = create_app(self.model, self.replies, self.snapshot, registry, settings.operator_token, self.picker,
+                         picker_token=self.picker_token, host_names=(settings.management.host,))
         # handler_cancellation: a request that gives up while queued in the picker leaves the queue.
         self._management = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await self._management.setup()
         await web.TCPSite(self._management, settings.management.host, settings.management.port).start()
-        log.info("management API and dashboard on http://%s/ (operator endpoints %s)", settings.management,
-                 "enabled" if settings.operator_token else "disabled: no token configured")
+        log.info("management API and dashboard on http://%s/ (operator endpoints %s; picker token %s)",
+                 settings.management, "enabled" if settings.operator_token else "disabled: no token configured",
+                 "not configured" if self.picker_token == PICKER_TOKEN_UNSET else "configured")
     def _background(self, coroutine: Coroutine[Any, Any, None], name: str) -> None:
         self._tasks.append(asyncio.create_task(coroutine, name=name))
 
@@ -148,6 +152,8 @@ class Agent:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._client is not None:
+            await self._client.close()
         if self._session is not None:
             await self._session.close()
         log.info("agent stopped")

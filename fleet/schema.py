@@ -183,6 +183,7 @@ class AgentConfig:
     # Operator endpoints (drain/ready) need this bearer token; with neither set they are disabled.
     operator_token: str | None = key(_secret, None)
     operator_token_env: str | None = key(_env_name, None)
+    picker_token_env: str | None = key(_env_name, None)
 
     exclusive: ClassVar[tuple[tuple[str, str], ...]] = (("operator_token", "operator_token_env"),)
 

@@ -5,11 +5,14 @@
 -- metadata allows them), then ask the agent's picker where to go:
 --   200 -> set x-paddler-endpoint; the cluster's override_host policy routes there;
 --   503 with x-paddler-verdict -> answer the client with the agent's JSON (buffer full or timeout);
+--   403 or 421 (the agent refused the filter's picker_token or name) -> no header, an error:
+--       least_request, as when the agent is down (a config slip must not become an outage);
 --   anything else (agent down) -> no header, a warning: the cluster falls back to least_request.
 -- When the response has streamed to its end, the lease is released so the slot is reused at once.
 --
 -- Settings come from the route's metadata (filter_metadata "envoy.filters.http.lua");
 -- paddler-gen envoy writes them:
+--   picker_token (sent to the agent in x-paddler-picker-token),
 --   picker_timeout_ms, slots_forbidden_body, admin_forbidden_body   required: a route without
 --       one is answered 500 "misconfigured" and logged, never guessed;
 --   expose_slots, expose_admin   optional, default false (refuse);
@@ -33,8 +36,10 @@ local ENDPOINT_HEADER = "x-paddler-endpoint"
 local VERDICT_HEADER = "x-paddler-verdict"
 local LEASE_HEADER = "x-paddler-lease"
 local AGENT_CLUSTER = "paddler_agent"
+local AGENT_AUTHORITY = "paddler-agent"  -- a host name the agent serves (agentcheck/management.py)
+local PICKER_TOKEN_HEADER = "x-paddler-picker-token"
 local RELEASE_TIMEOUT_MS = 1000
-local REQUIRED_SETTINGS = { "picker_timeout_ms", "slots_forbidden_body", "admin_forbidden_body" }
+local REQUIRED_SETTINGS = { "picker_timeout_ms", "slots_forbidden_body", "admin_forbidden_body", "picker_token" }
 
 -- The path llama.cpp will see: query dropped, %XX decoded, repeated slashes merged.
 function paddler.canonical_path(path)
@@ -87,8 +92,10 @@ function paddler.forbidden_body(path, method, settings)
   return nil
 end
 
-function paddler.agent_headers(path)
-  return { [":method"] = "POST", [":path"] = path, [":authority"] = "paddler-agent", ["content-length"] = "0" }
+-- The headers of a call to the agent's picker; token is the route's picker_token.
+function paddler.agent_headers(path, token)
+  return { [":method"] = "POST", [":path"] = path, [":authority"] = AGENT_AUTHORITY, ["content-length"] = "0",
+           [PICKER_TOKEN_HEADER] = token }
 end
 
 function paddler.on_request(request_handle)
@@ -111,7 +118,7 @@ function paddler.on_request(request_handle)
     return
   end
 
-  local acquire = paddler.agent_headers("/api/v1/picker/acquire")
+  local acquire = paddler.agent_headers("/api/v1/picker/acquire", settings.picker_token)
   local reply_headers, reply_body = request_handle:httpCall(AGENT_CLUSTER, acquire, "", settings.picker_timeout_ms)
   local status = reply_headers[":status"]
   if status == "200" and reply_headers[ENDPOINT_HEADER] ~= nil then
@@ -123,6 +130,9 @@ function paddler.on_request(request_handle)
   elseif status == "503" and reply_headers[VERDICT_HEADER] ~= nil then
     request_handle:respond({ [":status"] = "503", ["content-type"] = "application/json",
                              ["retry-after"] = reply_headers["retry-after"] or "1" }, reply_body)
+  elseif status == "403" or status == "421" then
+    request_handle:logErr("paddler-agent refused the filter's call (status " .. status .. "): paddler-gen envoy " ..
+                          "and paddler-agent must read the same agent.picker_token_env; falling back to least_request")
   else
     request_handle:logWarn("paddler-agent picker unavailable (status " .. tostring(status) ..
                            "): falling back to least_request")
@@ -137,8 +147,10 @@ function paddler.on_response(response_handle)
   -- Iterating passes each chunk on unbuffered; the loop ends when the (streamed) response does.
   for _ in response_handle:bodyChunks() do
   end
-  response_handle:httpCall(AGENT_CLUSTER, paddler.agent_headers("/api/v1/picker/release/" .. state["lease"]), "",
-                           RELEASE_TIMEOUT_MS, true)
+  -- The token from the route's metadata, like on the request: the secret stays out of dynamic metadata.
+  local release = paddler.agent_headers("/api/v1/picker/release/" .. state["lease"],
+                                        response_handle:metadata():get("picker_token"))
+  response_handle:httpCall(AGENT_CLUSTER, release, "", RELEASE_TIMEOUT_MS, true)
 end
 
 -- Envoy finds its entry points as globals.

@@ -73,7 +73,8 @@ end
 local function http_call(handles, picker)
   return function(_, cluster, headers, body, timeout_ms, async)
     say("httpCall", cluster, headers[":method"], headers[":path"], "authority=" .. headers[":authority"],
-        "body=" .. body, "timeout=" .. timeout_ms, "async=" .. tostring(async == true))
+        "token=" .. tostring(headers["x-paddler-picker-token"]), "body=" .. body, "timeout=" .. timeout_ms,
+        "async=" .. tostring(async == true))
     kill(handles)
     if async then return end
     return picker.headers, picker.body
@@ -94,9 +95,10 @@ function request(request_headers, metadata, picker, store)
   say("upstream", sorted_pairs(request_headers))
 end
 
-function response(chunks, store, picker)
+function response(chunks, store, metadata, picker)
   local handles = {}
   local handle = {}
+  function handle:metadata() return { get = function(_, key) return metadata[key] end } end
   function handle:streamInfo() return { dynamicMetadata = function() return dynamic_metadata(store) end } end
   function handle:bodyChunks()
     local i = 0
@@ -128,8 +130,9 @@ def lua(value: object) -> str:
     return "{" + ", ".join(f"[{json.dumps(k)}] = {lua(v)}" for k, v in value.items()) + "}"
 
 
+TOKEN = "a-picker-token-from-the-env"  # the route's picker_token, sent to the agent on every call
 ROUTE = {"picker_timeout_ms": 11000, "expose_slots": False, "expose_admin": False,
-         "slots_forbidden_body": SLOTS_FORBIDDEN, "admin_forbidden_body": ADMIN_FORBIDDEN}
+         "slots_forbidden_body": SLOTS_FORBIDDEN, "admin_forbidden_body": ADMIN_FORBIDDEN, "picker_token": TOKEN}
 GRANTED = {"headers": {":status": "200", "x-paddler-endpoint": "10.0.0.11:8080", "x-paddler-lease": "42"}, "body": ""}
 
 
@@ -140,7 +143,10 @@ def on_request(path: str = "/v1/chat/completions", method: str = "POST", route: 
                    f"{lua(picker or GRANTED)}, {{}})")
 
 
-ACQUIRE = "httpCall paddler_agent POST /api/v1/picker/acquire authority=paddler-agent body= timeout=11000 async=false"
+ACQUIRE = ("httpCall paddler_agent POST /api/v1/picker/acquire authority=paddler-agent "
+           "token=a-picker-token-from-the-env body= timeout=11000 async=false")
+RELEASE_42 = ("httpCall paddler_agent POST /api/v1/picker/release/42 authority=paddler-agent "
+              "token=a-picker-token-from-the-env body= timeout=1000 async=true")
 
 
 def test_the_file_loads_on_luajit_with_its_globals_and_returns_its_helpers() -> None:
@@ -212,6 +218,20 @@ def test_any_other_picker_answer_means_no_header_and_a_warning(status: str, head
         "remove x-paddler-endpoint",
         ACQUIRE,
         f"warn paddler-agent picker unavailable (status {status}): falling back to least_request",
+        "upstream :method=POST :path=/v1/chat/completions",
+    ]
+
+
+@pytest.mark.parametrize("status", ["403", "421"])
+def test_an_agent_refusing_the_filter_is_logged_as_an_error_and_falls_back(status: str) -> None:
+    # The agent refuses a wrong picker_token (403) or an unknown :authority (421): a deployment slip,
+    # never the client's doing. Serving on least_request beats failing every request.
+    picker = {"headers": {":status": status}, "body": '{"error":{"code":403,"message":"wrong picker token"}}'}
+    assert on_request(picker=picker) == [
+        "remove x-paddler-endpoint",
+        ACQUIRE,
+        (f"err paddler-agent refused the filter's call (status {status}): paddler-gen envoy and paddler-agent "
+         "must read the same agent.picker_token_env; falling back to least_request"),
         "upstream :method=POST :path=/v1/chat/completions",
     ]
 
@@ -306,7 +326,7 @@ def test_canonical_path(path: str, canonical: str) -> None:
     assert run_lua(f"print(paddler.canonical_path({json.dumps(path)}))") == [canonical]
 
 
-@pytest.mark.parametrize("key", ["picker_timeout_ms", "slots_forbidden_body", "admin_forbidden_body"])
+@pytest.mark.parametrize("key", ["picker_timeout_ms", "slots_forbidden_body", "admin_forbidden_body", "picker_token"])
 def test_a_route_without_a_required_setting_is_a_loud_500_naming_it(key: str) -> None:
     route = {k: v for k, v in ROUTE.items() if k != key}
     message = f"paddler.lua: route metadata lacks {key}"
@@ -336,31 +356,32 @@ def test_a_picker_timeout_that_is_not_a_positive_number_is_a_500_too(value: obje
 
 def test_picker_timeout_comes_from_the_route() -> None:
     assert on_request(route={**ROUTE, "picker_timeout_ms": 2500})[1] == (
-        "httpCall paddler_agent POST /api/v1/picker/acquire authority=paddler-agent body= timeout=2500 async=false")
+        "httpCall paddler_agent POST /api/v1/picker/acquire authority=paddler-agent "
+        "token=a-picker-token-from-the-env body= timeout=2500 async=false")
 
 
 def test_the_lease_is_released_once_the_response_has_streamed_to_its_end() -> None:
-    assert run_lua('response({"data: a", "data: b"}, {paddler = {lease = "42"}})') == [
+    assert run_lua(f'response({{"data: a", "data: b"}}, {{paddler = {{lease = "42"}}}}, {lua(ROUTE)})') == [
         "chunk data: a",
         "chunk data: b",
-        "httpCall paddler_agent POST /api/v1/picker/release/42 authority=paddler-agent body= timeout=1000 async=true",
+        RELEASE_42,
         "response done",
     ]
 
 
 def test_a_response_without_a_lease_releases_nothing() -> None:
-    assert run_lua('response({"data: a"}, {})') == ["response done"]
-    assert run_lua('response({"data: a"}, {paddler = {}})') == ["response done"]
+    assert run_lua(f'response({{"data: a"}}, {{}}, {lua(ROUTE)})') == ["response done"]
+    assert run_lua(f'response({{"data: a"}}, {{paddler = {{}}}}, {lua(ROUTE)})') == ["response done"]
 
 
 def test_request_then_response_releases_the_lease_the_picker_gave() -> None:
     headers = {":method": "POST", ":path": "/v1/completions"}
     lines = run_lua(f"local store = {{}}\n"
                     f"request({lua(headers)}, {lua(ROUTE)}, {lua(GRANTED)}, store)\n"
-                    'response({"{}"}, store)')
+                    f'response({{"{{}}"}}, store, {lua(ROUTE)})')
     assert lines[-3:] == [
         "chunk {}",
-        "httpCall paddler_agent POST /api/v1/picker/release/42 authority=paddler-agent body= timeout=1000 async=true",
+        RELEASE_42,
         "response done",
     ]
 
@@ -394,7 +415,7 @@ def envoy_without(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Re
 
 
 @pytest.mark.real
-@pytest.mark.parametrize("envoy_without", ["picker_timeout_ms", "admin_forbidden_body"], indirect=True)
+@pytest.mark.parametrize("envoy_without", ["picker_timeout_ms", "admin_forbidden_body", "picker_token"], indirect=True)
 def test_real_envoy_answers_a_route_without_a_setting_500_and_logs_it(envoy_without: RealEnvoy,
                                                                        request: pytest.FixtureRequest) -> None:
     key = request.node.callspec.params["envoy_without"]

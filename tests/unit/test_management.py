@@ -13,7 +13,7 @@ import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from agentcheck.management import create_app, token_refusal
+from agentcheck.management import PICKER_TOKEN_UNSET, create_app, host_refusal, resolve_picker_token, token_refusal
 from agentcheck.metrics import FleetCollector, build_registry
 from agentcheck.model import FleetModel, PollWindow
 from agentcheck.monitor import PollCounters
@@ -22,9 +22,11 @@ from agentcheck.replies import AgentCheckReplies
 from agentcheck.reporting import BalancerProbe, StatsdReporter
 from agentcheck.snapshot import Snapshot, fleet_snapshot
 from agentcheck.status import BackendStatus, SlotSource, State
-from fleet import Address, Backend, StatsdConfig
+from fleet import Address, Backend, FleetError, StatsdConfig, parse_fleet
+from generator import envoy as envoy_generator
 
 TOKEN = "s3cret-operator-token"
+PICKER_TOKEN = "picker-secret-from-the-environment"
 BACKENDS = [Backend("gpu1", Address("127.0.0.1", 9001)), Backend("gpu2", Address("127.0.0.1", 9002))]
 STANDBY = [Backend("backup", Address("127.0.0.1", 9003))]
 BUFFER_FULL = ('{"error":{"code":503,"type":"buffer_full",'
@@ -76,13 +78,26 @@ class Api:
         async with self.session.post(self.base + path, headers=headers) as response:
             return response.status, await response.json()
 
+    async def picker(self, path: str, token: str | None = PICKER_TOKEN, **headers: str) -> tuple[int, str]:
+        """A POST to a picker endpoint as Envoy's filter sends it (with ``token``), plus ``headers``."""
+        sent = {**headers, "x-paddler-picker-token": token} if token is not None else headers
+        async with self.session.post(self.base + path, headers=sent) as response:
+            return response.status, await response.text()
 
-async def serve(state: Fleet, token: str | None, checks: Counter[str] | None = None) -> tuple[web.AppRunner, str]:
+    async def slots_idle(self) -> int:
+        """Free slots as the picker counts them: every lease it has handed out and not got back is busy."""
+        idle: int = json.loads((await self.get("/api/v1/picker/health"))[1])["slots_idle"]
+        return idle
+
+
+async def serve(state: Fleet, token: str | None, checks: Counter[str] | None = None,
+                picker_token: str = PICKER_TOKEN, host_names: tuple[str, ...] = ()) -> tuple[web.AppRunner, str]:
     snapshot: Snapshot = state.snapshot
     registry = build_registry(FleetCollector(snapshot, state.polls, checks or Counter()))
     picker = Picker(state.model, max_buffered_requests=2, buffered_request_timeout=0.2)
     state.model.subscribe(picker.on_member_change)
-    runner = web.AppRunner(create_app(state.model, state.replies, snapshot, registry, token, picker),
+    runner = web.AppRunner(create_app(state.model, state.replies, snapshot, registry, token, picker,
+                                      picker_token=picker_token, host_names=host_names),
                            handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -262,25 +277,173 @@ async def test_picker_hands_out_endpoints_then_buffers_then_refuses_with_the_sha
         api: tuple[Api, Fleet]) -> None:
     client, _ = api
     leases = []
+    envoy = {"x-paddler-picker-token": PICKER_TOKEN}
     for _ in range(3):  # gpu1 has 3 free slots
-        async with client.session.post(client.base + "/api/v1/picker/acquire") as response:
+        async with client.session.post(client.base + "/api/v1/picker/acquire", headers=envoy) as response:
             assert response.status == 200
             assert response.headers["x-paddler-endpoint"] == "127.0.0.1:9001"
             leases.append((await response.json())["lease"])
-    waiting = [asyncio.create_task(client.session.post(client.base + "/api/v1/picker/acquire")) for _ in range(2)]
+    waiting = [asyncio.create_task(client.session.post(client.base + "/api/v1/picker/acquire", headers=envoy))
+               for _ in range(2)]
     _status, text = await client.get("/api/v1/picker/health")
     assert json.loads(text)["slots_idle"] == 0
     wait = asyncio.get_running_loop().time()
     while json.loads((await client.get("/api/v1/picker/health"))[1])["requests_buffered"] < 2:
         assert asyncio.get_running_loop().time() - wait < 2, "the two requests never queued"
         await asyncio.sleep(0.01)
-    async with client.session.post(client.base + "/api/v1/picker/acquire") as response:
+    async with client.session.post(client.base + "/api/v1/picker/acquire", headers=envoy) as response:
         assert response.status == 503 and response.headers["Retry-After"] == "1"
         assert await response.text() == BUFFER_FULL
-    async with client.session.post(client.base + f"/api/v1/picker/release/{leases[0]}") as response:
+    async with client.session.post(client.base + f"/api/v1/picker/release/{leases[0]}", headers=envoy) as response:
         assert response.status == 204
     first, second = [await task for task in waiting]
     assert first.status == 200 and first.headers["x-paddler-endpoint"] == "127.0.0.1:9001"
     assert second.status == 503 and await second.text() == BUFFER_TIMEOUT
     first.release()
     second.release()
+
+
+# The picker serves Envoy's filter only: its secret header, random lease ids released only by their holder.
+
+MISSING_TOKEN = {"error": {"code": 403, "message": "missing x-paddler-picker-token: the picker serves Envoy's "
+                                                   "paddler.lua filter only"}}
+WRONG_TOKEN = {"error": {"code": 403, "message": "wrong picker token: paddler-gen envoy and paddler-agent must "
+                                                 "read the same agent.picker_token_env"}}
+
+
+async def test_a_cross_origin_text_plain_post_gets_no_lease(api: tuple[Api, Fleet]) -> None:
+    # What any web page can send to 127.0.0.1 without a CORS preflight: a "simple" POST, no custom header.
+    client, _ = api
+    assert await client.slots_idle() == 3
+    status, text = await client.picker("/api/v1/picker/acquire", token=None, Origin="http://evil.example",
+                                       **{"Content-Type": "text/plain"})
+    assert (status, json.loads(text)) == (403, MISSING_TOKEN)
+    assert await client.slots_idle() == 3
+
+
+async def test_the_preflight_a_page_needs_for_the_header_is_never_granted(api: tuple[Api, Fleet]) -> None:
+    client, _ = api
+    async with client.session.options(client.base + "/api/v1/picker/acquire", headers={
+            "Origin": "http://evil.example", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "x-paddler-picker-token"}) as response:
+        assert response.status == 405
+        assert not [name for name in response.headers if name.lower().startswith("access-control-")]
+    assert await client.slots_idle() == 3
+
+
+@pytest.mark.parametrize("token", ["picker-secret-from-the-environmenT", PICKER_TOKEN_UNSET, "", "\u00e9" * 20],
+                         ids=["one-letter-off", "the-unset-marker", "empty", "non-ascii"])
+async def test_a_wrong_picker_token_gets_no_lease_and_releases_nothing(api: tuple[Api, Fleet], token: str) -> None:
+    client, _ = api
+    status, text = await client.picker("/api/v1/picker/acquire")
+    lease = json.loads(text)["lease"]
+    assert status == 200 and await client.slots_idle() == 2
+    assert await client.picker("/api/v1/picker/acquire", token=token) == (403, json.dumps(WRONG_TOKEN))
+    assert await client.picker(f"/api/v1/picker/release/{lease}", token=token) == (403, json.dumps(WRONG_TOKEN))
+    assert await client.slots_idle() == 2
+
+
+async def test_without_a_configured_token_the_picker_still_needs_the_filters_header() -> None:
+    state = Fleet()
+    runner, base = await serve(state, None, picker_token=PICKER_TOKEN_UNSET)
+    try:
+        async with aiohttp.ClientSession() as session:
+            client = Api(base, session)
+            assert (await client.picker("/api/v1/picker/acquire", token=None))[0] == 403
+            assert (await client.picker("/api/v1/picker/acquire", token="anything-else-at-all"))[0] == 403
+            status, text = await client.picker("/api/v1/picker/acquire", token="paddler-picker-token-unset")
+            assert status == 200 and json.loads(text)["endpoint"] == "127.0.0.1:9001"
+    finally:
+        await runner.cleanup()
+
+
+async def test_lease_ids_are_random_tokens_and_only_the_exact_one_releases_its_slot(api: tuple[Api, Fleet]) -> None:
+    client, _ = api
+    first = json.loads((await client.picker("/api/v1/picker/acquire"))[1])["lease"]
+    second = json.loads((await client.picker("/api/v1/picker/acquire"))[1])["lease"]
+    assert len(first) == len(second) == 22 and first != second
+    assert await client.slots_idle() == 1
+    guesses = [("AAAAAAAAAAAAAAAAAAAAAA", 404), (first[:-1] + ("A" if first[-1] != "A" else "B"), 404),
+               ("1", 400), ("2", 400), (first + "x", 400), (first[:21], 400), ("%2E%2E%2Fagents%2Fx%2Fdrain", 400)]
+    for guess, expected in guesses:
+        status, text = await client.picker(f"/api/v1/picker/release/{guess}")
+        assert (status, json.loads(text)["error"]["code"]) == (expected, expected), guess
+    assert await client.slots_idle() == 1, "a guessed lease id freed a slot someone holds"
+    assert await client.picker(f"/api/v1/picker/release/{second}") == (204, "")
+    assert await client.slots_idle() == 2  # exactly the holder's one slot
+    status, _ = await client.picker(f"/api/v1/picker/release/{second}")
+    assert status == 404  # released once: a second release frees nothing more
+    assert await client.slots_idle() == 2
+
+
+def test_the_picker_token_is_read_by_the_same_rule_on_both_sides() -> None:
+    # paddler-gen envoy renders it into the Lua route; paddler-agent compares it: they must agree.
+    assert envoy_generator.PICKER_TOKEN_UNSET == PICKER_TOKEN_UNSET == "paddler-picker-token-unset"
+    unset = parse_fleet({"backends": [{"name": "a", "address": "127.0.0.1:1"}]}, source="fleet.yaml")
+    named = parse_fleet({"backends": [{"name": "a", "address": "127.0.0.1:1"}],
+                         "agent": {"picker_token_env": "PICKER"}}, source="fleet.yaml")
+    for read in (resolve_picker_token, envoy_generator.picker_token):
+        assert read(unset, {}) == "paddler-picker-token-unset"
+        assert read(named, {"PICKER": PICKER_TOKEN}) == PICKER_TOKEN
+        for bad in ({}, {"PICKER": ""}, {"PICKER": "short-token"}, {"PICKER": "has a space in the token"},
+                    {"PICKER": "line-break-in-the\ntoken"}, {"PICKER": "non-ascii-\u00e9-token-value"}):
+            with pytest.raises(FleetError) as refused:
+                read(named, bad)
+            assert str(refused.value) == ("fleet.yaml: agent.picker_token_env: environment variable PICKER must "
+                                          "hold 16 or more printable ASCII characters, no spaces")
+
+
+def test_the_rendered_envoy_route_carries_the_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PADDLER_TEST_PICKER_TOKEN", PICKER_TOKEN)
+    fleet = parse_fleet({"backends": [{"name": "a", "address": "127.0.0.1:1"}],
+                         "agent": {"picker_token_env": "PADDLER_TEST_PICKER_TOKEN"}})
+    assert '\n                      picker_token: "picker-secret-from-the-environment"\n' in \
+        envoy_generator.render_envoy(fleet)
+
+
+# Host names: a page whose DNS name was rebound to the agent's address sends its own name and is refused.
+
+HOST_REFUSED = {"error": {"code": 421, "message": "this agent does not serve that Host: reach it by IP address, "
+                                                  "localhost or its management address's host name"}}
+ENDPOINTS = [("GET", "/"), ("GET", "/api/v1/agents"), ("GET", "/health"), ("GET", "/metrics"),
+             ("GET", "/api/v1/picker/health"), ("POST", "/api/v1/picker/acquire"),
+             ("POST", "/api/v1/agents/gpu1/drain"), ("GET", "/no/such/page")]
+
+
+@pytest.mark.parametrize("host", ["evil.example:8085", "evil.example", "localhost.evil.example:8085",
+                                  "paddler-agent.evil.example", "127.0.0.1.evil.example", "dash.example.com", ""])
+@pytest.mark.parametrize(("method", "path"), ENDPOINTS)
+async def test_a_foreign_host_is_refused_on_every_endpoint_and_changes_nothing(
+        api: tuple[Api, Fleet], host: str, method: str, path: str) -> None:
+    client, state = api
+    headers = {"Host": host, "Authorization": f"Bearer {TOKEN}", "x-paddler-picker-token": PICKER_TOKEN}
+    async with client.session.request(method, client.base + path, headers=headers) as response:
+        assert response.status == 421
+        assert await response.json() == HOST_REFUSED
+    assert await client.slots_idle() == 3 and not state.is_drained("gpu1")
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:{port}", "localhost:{port}", "LocalHost:{port}", "localhost",
+                                  "[::1]:{port}", "paddler-agent", "paddler-agent:{port}", "10.0.0.7:8085",
+                                  "[fd00::7]:8085", "dash.example.com:{port}", "DASH.example.com"])
+async def test_ip_addresses_localhost_the_filters_name_and_listed_names_are_served(host: str) -> None:
+    state = Fleet()
+    runner, base = await serve(state, TOKEN, host_names=("dash.example.com",))
+    port = base.rsplit(":", 1)[1]
+    try:
+        async with aiohttp.ClientSession() as session:
+            for method, path in ENDPOINTS:
+                headers = {"Host": host.format(port=port), "Authorization": f"Bearer {TOKEN}",
+                           "x-paddler-picker-token": PICKER_TOKEN}
+                async with session.request(method, base + path, headers=headers) as response:
+                    assert response.status == (404 if path == "/no/such/page" else 200), (method, path)
+    finally:
+        await runner.cleanup()
+    assert state.is_drained("gpu1")
+
+
+@pytest.mark.parametrize(("host", "refused"), [
+    (None, False), ("127.0.0.1:8085", False), ("[::1]", False), ("2130706433", True), ("[evil.example]:80", True),
+    ("evil.example:80:80", True), (":8085", True), ("localhost.", True), ("Paddler-Agent", False)])
+def test_host_refusal(host: str | None, refused: bool) -> None:
+    assert (host_refusal(host, ["paddler-agent"]) is not None) == refused

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from agentcheck.model import FleetModel, PollWindow
-from agentcheck.picker import SETTLE_SECONDS, BufferFull, BufferTimeout, Picker
+from agentcheck.picker import LEASE_ID_PATTERN, SETTLE_SECONDS, BufferFull, BufferTimeout, Picker
 from agentcheck.status import BackendStatus, SlotSource, State
 from fleet import Address, Backend
 
@@ -178,3 +178,16 @@ async def test_a_lease_granted_to_an_abandoned_waiter_is_given_back() -> None:
     waiter.cancel()  # ...which is cancelled before it runs again
     await asyncio.gather(waiter, return_exceptions=True)
     assert picker.free_slots()[leases[0].backend] == 1
+
+
+async def test_lease_ids_are_unguessable_tokens_and_a_guess_frees_nothing() -> None:
+    _, picker, _ = make()
+    leases = [await picker.acquire() for _ in range(6)]
+    assert all(LEASE_ID_PATTERN.fullmatch(lease.id) for lease in leases)
+    assert len({lease.id for lease in leases}) == 6
+    assert picker.free_slots() == {"small": 0, "large": 0}
+    for guess in ("1", "6", "7", "AAAAAAAAAAAAAAAAAAAAAA", leases[0].id.upper() + "x"):
+        assert not picker.release(guess)
+    assert picker.free_slots() == {"small": 0, "large": 0}
+    assert picker.release(leases[1].id)
+    assert picker.free_slots() == {"small": 0, "large": 1}
