@@ -1,4 +1,7 @@
-"""Render an Envoy v3 bootstrap from a fleet: context built here, structure in configs/envoy/envoy.yaml.j2."""
+"""Render an Envoy v3 bootstrap from a fleet: context built here, structure in configs/envoy/envoy.yaml.j2.
+
+Values from outside the fleet (its path, the Lua directory) pass generator.templates first.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fleet import Address, Fleet, FleetError, contract
-from generator.templates import render, validate
+from generator.templates import comment_text, lua_file, render, validate
 
 LUA_FILE = "paddler.lua"
 DEFAULT_LUA_DIR = "/etc/envoy/paddler"
@@ -54,6 +57,11 @@ def picker_token(fleet: Fleet, environ: Mapping[str, str] = os.environ) -> str:
     return value
 
 
+def envoy_lua_path(lua_dir: str = DEFAULT_LUA_DIR) -> str:
+    """The Lua filter's ``filename`` for ``--lua-dir``; ValueError unless lua_dir is allow-listed."""
+    return lua_file(lua_dir, LUA_FILE)
+
+
 def envoy_context(fleet: Fleet, lua_dir: str = DEFAULT_LUA_DIR) -> dict[str, Any]:
     groups = []
     for priority, (group, backends) in enumerate((("backends", fleet.backends), ("standby", fleet.standby))):
@@ -64,7 +72,7 @@ def envoy_context(fleet: Fleet, lua_dir: str = DEFAULT_LUA_DIR) -> dict[str, Any
     balancer = fleet.balancer
     agent = contract.client_address(fleet.agent.management)
     return {
-        "source": fleet.source,
+        "source": comment_text(fleet.source),
         "agent_address": str(agent),
         "agent": {"host": agent.host, "port": agent.port},
         "admin": ({"host": balancer.metrics_listen.host, "port": balancer.metrics_listen.port}
@@ -83,7 +91,7 @@ def envoy_context(fleet: Fleet, lua_dir: str = DEFAULT_LUA_DIR) -> dict[str, Any
         "expose_admin": balancer.expose_admin,
         "slots_forbidden_body": contract.SLOTS_FORBIDDEN,
         "admin_forbidden_body": contract.ADMIN_FORBIDDEN,
-        "lua_path": f"{lua_dir.rstrip('/')}/{LUA_FILE}",
+        "lua_path": envoy_lua_path(lua_dir),
     }
 
 
@@ -97,11 +105,16 @@ def envoy_binary() -> str | None:
     return str(beside) if beside.exists() else shutil.which("envoy")
 
 
+def check_envoy_text(binary: str, text: str) -> None:
+    """``envoy --mode validate`` on exactly ``text``; CheckError with Envoy's own words if it refuses."""
+    validate(lambda path: [binary, "--mode", "validate", "-c", path, "--log-level", "error"], text, ".yaml")
+
+
 def check_envoy(fleet: Fleet) -> str | None:
-    """Validate with ``envoy --mode validate`` (Lua from this package); None when Envoy is absent."""
+    """Validate the fleet's config with ``envoy --mode validate``, Lua from this package (its own render,
+    not the one the CLI prints: ``paddler-gen --check`` uses check_envoy_text); None when Envoy is absent."""
     binary = envoy_binary()
     if binary is None:
         return None
-    validate(lambda path: [binary, "--mode", "validate", "-c", path, "--log-level", "error"],
-             render_envoy(fleet, lua_dir=str(packaged_lua_path().parent)), ".yaml")
+    check_envoy_text(binary, render_envoy(fleet, lua_dir=str(packaged_lua_path().parent)))
     return binary

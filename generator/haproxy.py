@@ -2,6 +2,7 @@
 
 The template holds structure; every decision (starting maxconn, addresses, units) is made
 here, in Python, where it is tested. Missing template variables are errors (StrictUndefined).
+Values from outside the fleet (its path, the Lua directory) pass generator.templates first.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fleet import Fleet, contract
-from generator.templates import render, validate
+from generator.templates import comment_text, lua_file, render, validate
 
 BACKEND_NAME = "llama"
 LUA_FILE = "paddler.lua"
@@ -31,6 +32,11 @@ def haproxy_duration(seconds: float) -> str:
     return f"{milliseconds // 1000}s" if milliseconds % 1000 == 0 else f"{milliseconds}ms"
 
 
+def haproxy_lua_path(lua_dir: str = DEFAULT_LUA_DIR) -> str:
+    """The ``lua-load`` path for ``--lua-dir``; ValueError unless lua_dir is allow-listed."""
+    return lua_file(lua_dir, LUA_FILE)
+
+
 def haproxy_context(fleet: Fleet, lua_dir: str = DEFAULT_LUA_DIR) -> dict[str, Any]:
     agent = contract.client_address(fleet.agent.listen)
     servers = [{"name": backend.name, "address": str(backend.address),
@@ -39,7 +45,7 @@ def haproxy_context(fleet: Fleet, lua_dir: str = DEFAULT_LUA_DIR) -> dict[str, A
                for backup, group in ((False, fleet.backends), (True, fleet.standby)) for backend in group]
     balancer = fleet.balancer
     return {
-        "source": fleet.source,
+        "source": comment_text(fleet.source),
         "agent_address": str(agent),
         "agent_host": agent.host,
         "agent_port": agent.port,
@@ -60,7 +66,7 @@ def haproxy_context(fleet: Fleet, lua_dir: str = DEFAULT_LUA_DIR) -> dict[str, A
         "stats_socket": balancer.stats_socket,
         "metrics_listen": str(balancer.metrics_listen) if balancer.metrics_listen else None,
         "global_maxconn": GLOBAL_MAXCONN,
-        "lua_path": f"{lua_dir.rstrip('/')}/{LUA_FILE}",
+        "lua_path": haproxy_lua_path(lua_dir),
         "retry_after": contract.RETRY_AFTER_SECONDS,
         "buffer_full_body": contract.BUFFER_FULL,
         "buffer_timeout_body": contract.BUFFER_TIMEOUT,
@@ -78,11 +84,16 @@ def haproxy_binary() -> str | None:
     return shutil.which("haproxy") or ("/usr/sbin/haproxy" if Path("/usr/sbin/haproxy").exists() else None)
 
 
+def check_haproxy_text(binary: str, text: str) -> None:
+    """``haproxy -c`` on exactly ``text``; CheckError with HAProxy's own words if it refuses."""
+    validate(lambda path: [binary, "-c", "-f", path], text, ".cfg")
+
+
 def check_haproxy(fleet: Fleet) -> str | None:
-    """Validate with the local ``haproxy -c`` (Lua from this package); None when HAProxy is absent."""
+    """Validate the fleet's config with the local ``haproxy -c``, Lua from this package (its own render,
+    not the one the CLI prints: ``paddler-gen --check`` uses check_haproxy_text); None when HAProxy is absent."""
     binary = haproxy_binary()
     if binary is None:
         return None
-    validate(lambda path: [binary, "-c", "-f", path],
-             render_haproxy(fleet, lua_dir=str(packaged_lua_path().parent)), ".cfg")
+    check_haproxy_text(binary, render_haproxy(fleet, lua_dir=str(packaged_lua_path().parent)))
     return binary
