@@ -131,11 +131,14 @@ def test_a_backend_named_by_host_name_is_refused_naming_the_key() -> None:
 
 
 def test_check_reports_the_envoy_that_validated(tmp_path: Path) -> None:
-    result = run_gen("--fleet", str(GOLDEN / "three-backends.yaml"), "--check")
+    # --check validates the printed text, which names <--lua-dir>/paddler.lua: it must exist here.
+    lua_dir = str(packaged_lua_path().parent)
+    result = run_gen("--fleet", str(GOLDEN / "three-backends.yaml"), "--lua-dir", lua_dir, "--check")
     assert result.returncode == 0, result.stderr
     assert result.stderr == f"paddler-gen: valid for {envoy_binary()}\n"
-    assert result.stdout == rendered("three-backends").replace("envoy/three-backends.yaml",
-                                                               str(GOLDEN / "three-backends.yaml"))
+    assert result.stdout == (rendered("three-backends")
+                             .replace("envoy/three-backends.yaml", str(GOLDEN / "three-backends.yaml"))
+                             .replace('"/etc/envoy/paddler/paddler.lua"', f'"{lua_dir}/paddler.lua"'))
 
 
 def test_install_lua_copies_the_filter_next_to_the_config_reference(tmp_path: Path,
