@@ -13,7 +13,6 @@ import math
 from dataclasses import dataclass
 from typing import Any, TypeGuard
 
-import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from agentcheck.http_client import HttpClient, HttpError, Response
@@ -201,13 +200,12 @@ class LlamaCppClient:
     asked when ``/slots`` answers but not with a usable list, to say why. A backend that
     cannot even be connected to costs one connection attempt per poll.
 
-    ``session`` is accepted for compatibility and not used: polling has its own client.
     ``close()`` closes the polling connections.
     """
 
     PROPS_REFRESH_POLLS = 30
 
-    def __init__(self, session: aiohttp.ClientSession | None = None, timeout: float = 10.0) -> None:
+    def __init__(self, timeout: float = 10.0) -> None:
         self._http = HttpClient(timeout=timeout, max_body=MAX_BODY_BYTES)
         self._props: dict[str, tuple[Outcome, int]] = {}
 

@@ -8,8 +8,9 @@ reads one ``\\n``-terminated line and closes.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
+from typing import cast
 
 from fleet import validate_name
 
@@ -56,7 +57,7 @@ class AgentCheckProtocol(asyncio.Protocol):
     """
 
     def __init__(self, answer: Callable[[Request], str], wait: float,
-                 on_close: Callable[["AgentCheckProtocol"], None] | None = None) -> None:
+                 on_close: Callable[[AgentCheckProtocol], None] | None = None) -> None:
         self._answer = answer
         self._wait = wait
         self._on_close = on_close
@@ -66,7 +67,7 @@ class AgentCheckProtocol(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport  # type: ignore[assignment]
+        self._transport = cast(asyncio.Transport, transport)  # a TCP server always hands us a Transport
         self._timer = asyncio.get_running_loop().call_later(self._wait, self._respond, False)
 
     def data_received(self, data: bytes) -> None:
