@@ -44,3 +44,106 @@ def client_address(listen: Address) -> Address:
     """
     host = _WILDCARDS.get(listen.host)
     return listen if host is None else Address(host, listen.port)
+
+
+# --- What the balancer forwards ------------------------------------------------------------
+#
+# An allow-list, decided on the path exactly as llama-server will see it: cpp-httplib cuts the
+# target at '#' and then at '?', and decodes %XX and %uXXXX (a UTF-8 encoding of the code
+# point; a surrogate decodes to nothing) once, with no dot-segment or slash clean-up, then
+# routes on exact string equality. Deciding on that same string means no encoding can name one
+# endpoint to the proxy and another to llama-server. Anything not listed is not forwarded.
+#
+# Both Lua bridges reduce a request to a route key, ``METHOD:path`` (HEAD counts as GET, as in
+# llama-server; a slot's path as /slots/{id}), and look it up in ``route_table``, which the
+# generator renders into each proxy's config. ``decide`` is the reference they are tested against.
+
+INFERENCE = "inference"  # forwarded
+READ = "read"  # forwarded: what llama.cpp's own clients read (models, props, liveness)
+SLOTS = "slots"  # forwarded only with balancer.expose_slots: it can show other users' prompts
+ADMIN = "admin"  # forwarded only with balancer.expose_admin: changes or reveals server state
+
+FORWARD = "forward"
+NOT_FOUND = "not_found"
+SLOT_ID_PATH = "/slots/{id}"  # POST /slots/:id_slot (save, restore, erase a slot's cache)
+
+ENDPOINTS: tuple[tuple[str, str, str], ...] = (
+    *(("POST", path, INFERENCE) for path in (
+        "/completion", "/completions", "/v1/completions",
+        "/chat/completions", "/v1/chat/completions",
+        "/chat/completions/input_tokens", "/v1/chat/completions/input_tokens",
+        "/responses", "/v1/responses", "/responses/input_tokens", "/v1/responses/input_tokens",
+        "/v1/messages", "/v1/messages/count_tokens",
+        "/infill", "/embedding", "/embeddings", "/v1/embeddings",
+        "/rerank", "/reranking", "/v1/rerank", "/v1/reranking",
+        "/tokenize", "/detokenize", "/apply-template",
+        "/audio/transcriptions", "/v1/audio/transcriptions",
+    )),
+    *(("GET", path, READ) for path in ("/health", "/v1/health", "/models", "/v1/models", "/props")),
+    ("GET", "/slots", SLOTS),
+    ("POST", SLOT_ID_PATH, SLOTS),
+    ("GET", "/metrics", ADMIN),
+    ("POST", "/props", ADMIN),
+    ("GET", "/lora-adapters", ADMIN),
+    ("POST", "/lora-adapters", ADMIN),
+    ("POST", "/models", ADMIN),
+    ("POST", "/models/load", ADMIN),
+    ("POST", "/models/unload", ADMIN),
+)
+
+NOT_EXPOSED = _error(404, "not_found", "this endpoint is not exposed through the balancer")
+
+
+def route_table(expose_slots: bool, expose_admin: bool) -> dict[str, str]:
+    """Route key → forward, or the refusal (slots, admin) for endpoints not exposed. OPTIONS (a CORS
+    preflight) follows the path: forwarded wherever some method on it is."""
+    table: dict[str, str] = {}
+    for method, path, category in ENDPOINTS:
+        verdict = FORWARD
+        if (category == SLOTS and not expose_slots) or (category == ADMIN and not expose_admin):
+            verdict = category
+        table[f"{method}:{path}"] = verdict
+        if table.get(f"OPTIONS:{path}") != FORWARD:
+            table[f"OPTIONS:{path}"] = verdict
+    return table
+
+
+def llama_server_path(target: str) -> str:
+    """The path llama-server routes on for a request target (its cpp-httplib's own steps), as bytes
+    shown one character per byte (latin-1), which is how the Lua bridges see it."""
+    path = target.split("#", 1)[0].split("?", 1)[0].encode("latin-1", "replace")
+    out = bytearray()
+    index = 0
+    while index < len(path):
+        byte = path[index]
+        if byte == ord("%") and index + 1 < len(path):
+            if path[index + 1] == ord("u") and _is_hex(path[index + 2:index + 6], 4):
+                code = int(path[index + 2:index + 6], 16)
+                if not 0xD800 <= code < 0xE000:  # a lone surrogate decodes to nothing
+                    out += chr(code).encode("utf-8")
+                index += 6
+                continue
+            if path[index + 1] != ord("u") and _is_hex(path[index + 1:index + 3], 2):
+                out.append(int(path[index + 1:index + 3], 16))
+                index += 3
+                continue
+        out.append(byte)
+        index += 1
+    return out.decode("latin-1")
+
+
+def route_key(method: str, target: str) -> str:
+    path = llama_server_path(target)
+    rest = path[len("/slots/"):]
+    if path.startswith("/slots/") and rest and "/" not in rest:
+        path = SLOT_ID_PATH
+    return f"{'GET' if method == 'HEAD' else method}:{path}"
+
+
+def decide(method: str, target: str, expose_slots: bool = False, expose_admin: bool = False) -> str:
+    """What the balancer does with a request: forward, slots or admin (403), or not_found (404)."""
+    return route_table(expose_slots, expose_admin).get(route_key(method, target), NOT_FOUND)
+
+
+def _is_hex(text: bytes, length: int) -> bool:
+    return len(text) == length and all(char in b"0123456789abcdefABCDEF" for char in text)

@@ -87,10 +87,11 @@ def envoy_context(fleet: Fleet, lua_dir: str = DEFAULT_LUA_DIR) -> dict[str, Any
         "idle_timeout": envoy_duration(max(balancer.idle_timeout,
                                            balancer.buffered_request_timeout + PICKER_GRACE_MS / 1000)),
         "health_interval": envoy_duration(fleet.agent.interval),
-        "expose_slots": balancer.expose_slots,
-        "expose_admin": balancer.expose_admin,
+        # The allow-list paddler.lua applies (fleet/contract.py): route key -> forward, slots or admin.
+        "routes": contract.route_table(balancer.expose_slots, balancer.expose_admin),
         "slots_forbidden_body": contract.SLOTS_FORBIDDEN,
         "admin_forbidden_body": contract.ADMIN_FORBIDDEN,
+        "not_exposed_body": contract.NOT_EXPOSED,
         "lua_path": envoy_lua_path(lua_dir),
     }
 

@@ -70,8 +70,22 @@ def haproxy_context(fleet: Fleet, lua_dir: str = DEFAULT_LUA_DIR) -> dict[str, A
         "retry_after": contract.RETRY_AFTER_SECONDS,
         "buffer_full_body": contract.BUFFER_FULL,
         "buffer_timeout_body": contract.BUFFER_TIMEOUT,
-        "slots_forbidden_body": contract.SLOTS_FORBIDDEN,
-        "admin_forbidden_body": contract.ADMIN_FORBIDDEN,
+        **route_context(balancer.expose_slots, balancer.expose_admin),
+    }
+
+
+def route_context(expose_slots: bool, expose_admin: bool) -> dict[str, Any]:
+    """The allow-list as ACL lines, one per path and verdict (forward, slots, admin), with the 403
+    rules for the refusals that occur and the 404 body for everything else."""
+    lines: dict[tuple[str, str], list[str]] = {}
+    for key, verdict in contract.route_table(expose_slots, expose_admin).items():
+        lines.setdefault((verdict, key.split(":", 1)[1]), []).append(key)
+    bodies = {contract.SLOTS: contract.SLOTS_FORBIDDEN, contract.ADMIN: contract.ADMIN_FORBIDDEN}
+    verdicts = {verdict for verdict, _ in lines}
+    return {
+        "route_acls": [{"verdict": verdict, "route_keys": keys} for (verdict, _), keys in lines.items()],
+        "refusals": [{"verdict": verdict, "body": body} for verdict, body in bodies.items() if verdict in verdicts],
+        "not_exposed_body": contract.NOT_EXPOSED,
     }
 
 

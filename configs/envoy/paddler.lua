@@ -1,8 +1,9 @@
 -- paddler.lua: the Envoy side of llama.cpp-aware balancing (Envoy 1.40, LuaJIT = Lua 5.1).
 --
 -- Slot-aware routing through paddler-agent's endpoint picker. Per request: drop any
--- client-supplied routing header, refuse /slots and admin endpoints (unless the route's
--- metadata allows them), then ask the agent's picker where to go:
+-- client-supplied routing header, forward only what the route's allow-list names (the request
+-- reduced to "METHOD:path" as llama-server will route it: 403 for /slots and admin endpoints
+-- not exposed, 404 for anything else), then ask the agent's picker where to go:
 --   200 -> set x-paddler-endpoint; the cluster's override_host policy routes there;
 --   503 with x-paddler-verdict -> answer the client with the agent's JSON (buffer full or timeout);
 --   403 or 421 (the agent refused the filter's picker_token or name) -> no header, an error:
@@ -12,10 +13,10 @@
 --
 -- Settings come from the route's metadata (filter_metadata "envoy.filters.http.lua");
 -- paddler-gen envoy writes them:
---   picker_token (sent to the agent in x-paddler-picker-token),
---   picker_timeout_ms, slots_forbidden_body, admin_forbidden_body   required: a route without
---       one is answered 500 "misconfigured" and logged, never guessed;
---   expose_slots, expose_admin   optional, default false (refuse);
+--   picker_token (sent to the agent in x-paddler-picker-token), picker_timeout_ms,
+--       routes (route key -> forward, slots or admin), slots_forbidden_body,
+--       admin_forbidden_body, not_exposed_body   required: a route without one is answered
+--       500 "misconfigured" and logged, never guessed;
 --   skip_picker                  optional: true on routes that are not llama.cpp (/health).
 --
 -- Envoy config lines (paddler-gen envoy writes them):
@@ -39,14 +40,60 @@ local AGENT_CLUSTER = "paddler_agent"
 local AGENT_AUTHORITY = "paddler-agent"  -- a host name the agent serves (agentcheck/management.py)
 local PICKER_TOKEN_HEADER = "x-paddler-picker-token"
 local RELEASE_TIMEOUT_MS = 1000
-local REQUIRED_SETTINGS = { "picker_timeout_ms", "slots_forbidden_body", "admin_forbidden_body", "picker_token" }
+local REQUIRED_SETTINGS = { "picker_timeout_ms", "routes", "slots_forbidden_body", "admin_forbidden_body",
+                            "not_exposed_body", "picker_token" }
 
--- The path llama.cpp will see: query dropped, %XX decoded, repeated slashes merged.
-function paddler.canonical_path(path)
-  local bare = string.match(path or "/", "^[^?]*")
-  bare = string.gsub(bare, "%%(%x%x)", function(hex) return string.char(tonumber(hex, 16)) end)
-  bare = string.gsub(bare, "/+", "/")
-  return bare
+-- UTF-8 bytes of a code point below 0x10000; like cpp-httplib, nothing for a lone surrogate.
+local function utf8_bytes(code)
+  if code < 0x80 then
+    return string.char(code)
+  elseif code < 0x800 then
+    return string.char(0xC0 + math.floor(code / 64), 0x80 + code % 64)
+  elseif code >= 0xD800 and code < 0xE000 then
+    return ""
+  end
+  return string.char(0xE0 + math.floor(code / 4096), 0x80 + math.floor(code / 64) % 64, 0x80 + code % 64)
+end
+
+-- The path llama-server routes on (cpp-httplib): the target cut at '#', then at '?', then %XX
+-- and %uXXXX decoded once, left to right; a '%' not followed by a valid escape stays as it is.
+-- The same function as in the HAProxy bridge; both are tested against fleet/contract.py.
+function paddler.llama_server_path(target)
+  local path = string.match(string.match(target or "", "^[^#]*"), "^[^?]*")
+  if not string.find(path, "%", 1, true) then
+    return path
+  end
+  local out, i, n = {}, 1, #path
+  while i <= n do
+    local char = string.sub(path, i, i)
+    local unicode = char == "%" and string.match(path, "^u(%x%x%x%x)", i + 1)
+    local byte = char == "%" and not unicode and string.sub(path, i + 1, i + 1) ~= "u"
+                 and string.match(path, "^(%x%x)", i + 1)
+    if unicode then
+      out[#out + 1] = utf8_bytes(tonumber(unicode, 16))
+      i = i + 6
+    elseif byte then
+      out[#out + 1] = string.char(tonumber(byte, 16))
+      i = i + 3
+    else
+      out[#out + 1] = char
+      i = i + 1
+    end
+  end
+  return table.concat(out)
+end
+
+-- "METHOD:path" as llama-server will route the request: HEAD is GET there, and any one
+-- segment after /slots/ is a slot id.
+function paddler.route_key(method, target)
+  local path = paddler.llama_server_path(target)
+  if string.match(path, "^/slots/[^/]+$") then
+    path = "/slots/{id}"
+  end
+  if method == "HEAD" then
+    method = "GET"
+  end
+  return tostring(method) .. ":" .. path
 end
 
 -- The route's settings as a table, or nil and the reason (naming the key) when one is missing.
@@ -64,8 +111,9 @@ function paddler.read_settings(metadata)
   if settings.picker_timeout_ms == nil or settings.picker_timeout_ms <= 0 then
     return nil, "route metadata's picker_timeout_ms is not a positive number"
   end
-  settings.expose_slots = metadata:get("expose_slots") == true
-  settings.expose_admin = metadata:get("expose_admin") == true
+  if type(settings.routes) ~= "table" then
+    return nil, "route metadata's routes is not a table"
+  end
   return settings
 end
 
@@ -75,21 +123,17 @@ function paddler.misconfigured_body(reason)
   return '{"error":{"code":500,"type":"misconfigured","message":"paddler.lua: ' .. reason .. '"}}'
 end
 
--- The 403 body when this request must not reach llama.cpp, else nil.
-function paddler.forbidden_body(path, method, settings)
-  local canonical = paddler.canonical_path(path)
-  if not settings.expose_slots and (canonical == "/slots" or string.sub(canonical, 1, 7) == "/slots/") then
-    return settings.slots_forbidden_body
+-- The status and body of the refusal when this request must not reach llama.cpp, else nil.
+function paddler.refusal(path, method, settings)
+  local verdict = settings.routes[paddler.route_key(method, path)]
+  if verdict == "forward" then
+    return nil
+  elseif verdict == "slots" then
+    return "403", settings.slots_forbidden_body
+  elseif verdict == "admin" then
+    return "403", settings.admin_forbidden_body
   end
-  if not settings.expose_admin then
-    if canonical == "/metrics" then
-      return settings.admin_forbidden_body
-    end
-    if method == "POST" and (canonical == "/props" or canonical == "/lora-adapters") then
-      return settings.admin_forbidden_body
-    end
-  end
-  return nil
+  return "404", settings.not_exposed_body
 end
 
 -- The headers of a call to the agent's picker; token is the route's picker_token.
@@ -112,9 +156,9 @@ function paddler.on_request(request_handle)
                            paddler.misconfigured_body(problem))
     return
   end
-  local body = paddler.forbidden_body(headers:get(":path"), headers:get(":method"), settings)
-  if body ~= nil then
-    request_handle:respond({ [":status"] = "403", ["content-type"] = "application/json" }, body)
+  local refused, body = paddler.refusal(headers:get(":path"), headers:get(":method"), settings)
+  if refused ~= nil then
+    request_handle:respond({ [":status"] = refused, ["content-type"] = "application/json" }, body)
     return
   end
 

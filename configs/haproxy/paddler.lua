@@ -12,6 +12,9 @@
 --                       what to answer.
 --   lua.paddler_health  http service: Paddler-compatible aggregated /health,
 --                       {"status":"ok","slots_idle":N,"slots_processing":M,"requests_buffered":K}.
+--   lua.paddler_route   sample fetch: the request as llama-server will route it, "METHOD:path",
+--                       the path decoded the way llama-server's HTTP library does it (see
+--                       route_key below). haproxy.cfg's allow-list ACLs match it exactly.
 --
 -- haproxy.cfg lines (paddler-gen haproxy writes them; the names are the fleet file's, and each
 -- is required: HAProxy refuses to start when one is missing or not a number):
@@ -21,7 +24,10 @@
 --       setenv PADDLER_BUFFERED_REQUEST_TIMEOUT_MS 10000
 --       lua-load /etc/haproxy/paddler/paddler.lua
 --   frontend llm
---       http-request use-service lua.paddler_health if { path /health }
+--       http-request set-var(txn.paddler_route) lua.paddler_route
+--       http-request use-service lua.paddler_health if { var(txn.paddler_route) -m str GET:/health }
+--       acl route_forward var(txn.paddler_route) -m str POST:/v1/chat/completions OPTIONS:/v1/chat/completions
+--       http-request return status 404 ... if !route_forward
 --   backend llama
 --       http-request lua.paddler_admit
 --       http-request return status 503 ... if { var(txn.paddler_verdict) -m str overflow }
@@ -125,6 +131,62 @@ function paddler.admit(txn)
   held[id] = nil
 end
 
+-- UTF-8 bytes of a code point below 0x10000; like cpp-httplib, nothing for a lone surrogate.
+local function utf8_bytes(code)
+  if code < 0x80 then
+    return string.char(code)
+  elseif code < 0x800 then
+    return string.char(0xC0 + code // 64, 0x80 + code % 64)
+  elseif code >= 0xD800 and code < 0xE000 then
+    return ""
+  end
+  return string.char(0xE0 + code // 4096, 0x80 + (code // 64) % 64, 0x80 + code % 64)
+end
+
+-- The path llama-server routes on (cpp-httplib): the target cut at '#', then at '?', then %XX
+-- and %uXXXX decoded once, left to right; a '%' not followed by a valid escape stays as it is.
+function paddler.llama_server_path(target)
+  local path = string.match(string.match(target or "", "^[^#]*"), "^[^?]*")
+  if not string.find(path, "%", 1, true) then
+    return path
+  end
+  local out, i, n = {}, 1, #path
+  while i <= n do
+    local char = string.sub(path, i, i)
+    local unicode = char == "%" and string.match(path, "^u(%x%x%x%x)", i + 1)
+    local byte = char == "%" and not unicode and string.sub(path, i + 1, i + 1) ~= "u"
+                 and string.match(path, "^(%x%x)", i + 1)
+    if unicode then
+      out[#out + 1] = utf8_bytes(tonumber(unicode, 16))
+      i = i + 6
+    elseif byte then
+      out[#out + 1] = string.char(tonumber(byte, 16))
+      i = i + 3
+    else
+      out[#out + 1] = char
+      i = i + 1
+    end
+  end
+  return table.concat(out)
+end
+
+-- "METHOD:path" as llama-server will route the request: HEAD is GET there, and any one
+-- segment after /slots/ is a slot id.
+function paddler.route_key(method, target)
+  local path = paddler.llama_server_path(target)
+  if string.match(path, "^/slots/[^/]+$") then
+    path = "/slots/{id}"
+  end
+  if method == "HEAD" then
+    method = "GET"
+  end
+  return method .. ":" .. path
+end
+
+function paddler.route(txn)
+  return paddler.route_key(txn.sf:method(), txn.sf:pathq())
+end
+
 function paddler.health(applet)
   local queued = tonumber(core.backends[settings.backend]:get_stats().qcur) or 0
   local body, status = paddler.health_body(paddler.aggregate(server_stats()), queued + paddler.held_count(now_ms()))
@@ -166,6 +228,7 @@ if core ~= nil and core.register_action ~= nil then
   core.register_init(read_settings)
   core.register_action("paddler_admit", { "http-req" }, paddler.admit, 0)
   core.register_service("paddler_health", "http", paddler.health)
+  core.register_fetches("paddler_route", paddler.route)
 end
 
 return paddler

@@ -21,6 +21,7 @@ import pytest
 
 from devstack.processes import LOOPBACK, EnvoyProcess, free_port, http_get, wait_until
 from fleet import load_fleet
+from fleet.contract import route_table
 from generator.envoy import packaged_lua_path, render_envoy
 
 LUAJIT = shutil.which("luajit")
@@ -28,6 +29,8 @@ LUAJIT = shutil.which("luajit")
 SLOTS_FORBIDDEN = '{"error":{"code":403,"type":"forbidden","message":"/slots is not exposed through the balancer"}}'
 ADMIN_FORBIDDEN = ('{"error":{"code":403,"type":"forbidden",'
                    '"message":"admin endpoints are not exposed through the balancer"}}')
+NOT_EXPOSED = ('{"error":{"code":404,"type":"not_found",'
+               '"message":"this endpoint is not exposed through the balancer"}}')
 
 # Envoy handles, stubbed. metadata, picker and dynamic state are plain Lua tables given by each test.
 HARNESS = r"""
@@ -131,8 +134,11 @@ def lua(value: object) -> str:
 
 
 TOKEN = "a-picker-token-from-the-env"  # the route's picker_token, sent to the agent on every call
-ROUTE = {"picker_timeout_ms": 11000, "expose_slots": False, "expose_admin": False,
-         "slots_forbidden_body": SLOTS_FORBIDDEN, "admin_forbidden_body": ADMIN_FORBIDDEN, "picker_token": TOKEN}
+# The route's settings as paddler-gen writes them; the allow-list itself is input data here (its
+# contents are checked against fleet/contract.py in test_route_allowlist.py).
+ROUTE = {"picker_timeout_ms": 11000, "routes": route_table(expose_slots=False, expose_admin=False),
+         "slots_forbidden_body": SLOTS_FORBIDDEN, "admin_forbidden_body": ADMIN_FORBIDDEN,
+         "not_exposed_body": NOT_EXPOSED, "picker_token": TOKEN}
 GRANTED = {"headers": {":status": "200", "x-paddler-endpoint": "10.0.0.11:8080", "x-paddler-lease": "42"}, "body": ""}
 
 
@@ -150,7 +156,7 @@ RELEASE_42 = ("httpCall paddler_agent POST /api/v1/picker/release/42 authority=p
 
 
 def test_the_file_loads_on_luajit_with_its_globals_and_returns_its_helpers() -> None:
-    assert run_lua("print(type(envoy_on_request), type(envoy_on_response), type(paddler.forbidden_body))\n"
+    assert run_lua("print(type(envoy_on_request), type(envoy_on_response), type(paddler.refusal))\n"
                    "print(envoy_on_request == paddler.on_request, envoy_on_response == paddler.on_response)") == [
         "function\tfunction\tfunction", "true\ttrue"]
 
@@ -256,29 +262,45 @@ def test_skip_picker_routes_never_call_the_agent_and_are_not_refused() -> None:
 
 SLOTS_REFUSED = f"respond :status=403 content-type=application/json {SLOTS_FORBIDDEN}"
 ADMIN_REFUSED = f"respond :status=403 content-type=application/json {ADMIN_FORBIDDEN}"
+NOT_FOUND = f"respond :status=404 content-type=application/json {NOT_EXPOSED}"
 
 
 @pytest.mark.parametrize(("method", "path", "refusal"), [
     ("GET", "/slots", SLOTS_REFUSED),
-    ("GET", "/slots/0", SLOTS_REFUSED),
     ("POST", "/slots/0?action=erase", SLOTS_REFUSED),
     ("GET", "/slots?fail_on_no_slot=1", SLOTS_REFUSED),
     ("GET", "/%73lots", SLOTS_REFUSED),
     ("GET", "/%73%6C%6F%74%73", SLOTS_REFUSED),
-    ("GET", "/slots%2F0", SLOTS_REFUSED),
-    ("GET", "//slots", SLOTS_REFUSED),
-    ("GET", "///slots//0", SLOTS_REFUSED),
-    ("GET", "/%2Fslots", SLOTS_REFUSED),
+    ("GET", "/%u0073lots", SLOTS_REFUSED),
+    ("GET", "/slot%u0073", SLOTS_REFUSED),
+    ("GET", "/%uD800slots", SLOTS_REFUSED),  # a lone surrogate decodes to nothing in llama-server
+    ("POST", "/%u0073lots/0?action=erase", SLOTS_REFUSED),
+    ("POST", "/slots%2F0", SLOTS_REFUSED),  # one segment after /slots/ once decoded: a slot id
+    ("OPTIONS", "/slots", SLOTS_REFUSED),
     ("GET", "/metrics", ADMIN_REFUSED),
-    ("GET", "//metrics", ADMIN_REFUSED),
     ("GET", "/%6detrics", ADMIN_REFUSED),
+    ("HEAD", "/%u006detrics", ADMIN_REFUSED),
     ("POST", "/props", ADMIN_REFUSED),
     ("POST", "/%70rops", ADMIN_REFUSED),
-    ("POST", "/lora-adapters", ADMIN_REFUSED),
-    ("POST", "//lora-adapters?x=1", ADMIN_REFUSED),
+    ("POST", "/%u0070rops", ADMIN_REFUSED),
+    ("GET", "/lora-adapters", ADMIN_REFUSED),
+    ("POST", "/%u006cora-adapters", ADMIN_REFUSED),
+    ("POST", "/models/load", ADMIN_REFUSED),
+    # Not llama-server routes as it decodes them, or not on the allow-list: never forwarded.
+    ("GET", "//slots", NOT_FOUND),
+    ("GET", "/slots/0", NOT_FOUND),
+    ("GET", "/%2Fslots", NOT_FOUND),
+    ("GET", "/%2573lots", NOT_FOUND),
+    ("GET", "/slotsx", NOT_FOUND),
+    ("GET", "/x/../slots", NOT_FOUND),
+    ("GET", "/tools", NOT_FOUND),
+    ("POST", "/cors-proxy", NOT_FOUND),
+    ("GET", "/", NOT_FOUND),
+    ("GET", "/v1/chat/completions", NOT_FOUND),
+    ("DELETE", "/v1/models", NOT_FOUND),
 ])
-def test_slots_and_admin_endpoints_are_refused_without_calling_the_agent(method: str, path: str,
-                                                                         refusal: str) -> None:
+def test_what_is_not_on_the_allow_list_is_refused_without_calling_the_agent(method: str, path: str,
+                                                                            refusal: str) -> None:
     assert on_request(path=path, method=method) == [
         "remove x-paddler-endpoint",
         refusal,
@@ -287,20 +309,24 @@ def test_slots_and_admin_endpoints_are_refused_without_calling_the_agent(method:
 
 
 @pytest.mark.parametrize(("method", "path"), [
-    ("GET", "/props"),
-    ("GET", "/lora-adapters"),
-    ("GET", "/slotsx"),
-    ("GET", "/v1/models"),
+    ("POST", "/v1/chat/completions"),
+    ("POST", "/v1/%63hat/completions"),
+    ("POST", "/v1/%u0063hat/completions"),
     ("POST", "/v1/completions?next=/slots"),
-    ("GET", "/metricsx"),
+    ("POST", "/completion#/slots"),
+    ("GET", "/props"),
+    ("GET", "/v1/models"),
+    ("HEAD", "/v1/models"),
+    ("OPTIONS", "/props"),
+    ("OPTIONS", "/v1/embeddings"),
 ])
-def test_ordinary_requests_go_to_the_picker(method: str, path: str) -> None:
+def test_allowed_requests_go_to_the_picker(method: str, path: str) -> None:
     assert on_request(path=path, method=method)[1] == ACQUIRE
 
 
 @pytest.mark.parametrize(("method", "path", "expose_slots", "expose_admin", "refused"), [
     ("GET", "/slots", True, False, False),
-    ("GET", "/slots/0", True, False, False),
+    ("POST", "/slots/0", True, False, False),
     ("GET", "/metrics", True, False, True),
     ("GET", "/metrics", False, True, False),
     ("POST", "/props", False, True, False),
@@ -309,24 +335,38 @@ def test_ordinary_requests_go_to_the_picker(method: str, path: str) -> None:
 ])
 def test_expose_settings_let_their_endpoints_through(method: str, path: str, expose_slots: bool,
                                                      expose_admin: bool, refused: bool) -> None:
-    route = {**ROUTE, "expose_slots": expose_slots, "expose_admin": expose_admin}
+    route = {**ROUTE, "routes": route_table(expose_slots, expose_admin)}
     second = on_request(path=path, method=method, route=route)[1]
     assert second.startswith("respond :status=403") if refused else second == ACQUIRE
 
 
-@pytest.mark.parametrize(("path", "canonical"), [
+# Prints a decoded path with each byte >= 0x80 as \xNN, so the expectations below stay plain text.
+SHOW_HIGH_BYTES = r"""print((string.gsub(decoded, "[\128-\255]",
+                                          function(c) return string.format("\\x%02x", c:byte()) end)))"""
+
+
+@pytest.mark.parametrize(("path", "decoded"), [
     ("/slots?x=1", "/slots"),
-    ("//a///b", "/a/b"),
-    ("/%2F%2fslots", "/slots"),
+    ("/slots#x?y", "/slots"),
+    ("//a///b", "//a///b"),  # llama-server merges nothing
+    ("/%2F%2fslots", "///slots"),
     ("/a%20b", "/a b"),
     ("/%zzslots", "/%zzslots"),
-    ("/%252Fslots", "/%2Fslots"),  # decoded once, as llama.cpp does
+    ("/%252Fslots", "/%2Fslots"),  # decoded once, as llama-server does
+    ("/%u0073lots", "/slots"),
+    ("/%U0073lots", "/%U0073lots"),  # only a lower-case u starts a %u escape
+    ("/%u00e9", r"/\xc3\xa9"),
+    ("/%u20AC", r"/\xe2\x82\xac"),
+    ("/%u007", "/%u007"),
+    ("/x%", "/x%"),
 ])
-def test_canonical_path(path: str, canonical: str) -> None:
-    assert run_lua(f"print(paddler.canonical_path({json.dumps(path)}))") == [canonical]
+def test_paths_are_decoded_as_llama_server_decodes_them(path: str, decoded: str) -> None:
+    shown = run_lua(f"local decoded = paddler.llama_server_path({json.dumps(path)})\n" + SHOW_HIGH_BYTES)
+    assert shown == [decoded]
 
 
-@pytest.mark.parametrize("key", ["picker_timeout_ms", "slots_forbidden_body", "admin_forbidden_body", "picker_token"])
+@pytest.mark.parametrize("key", ["picker_timeout_ms", "routes", "slots_forbidden_body", "admin_forbidden_body",
+                                 "not_exposed_body", "picker_token"])
 def test_a_route_without_a_required_setting_is_a_loud_500_naming_it(key: str) -> None:
     route = {k: v for k, v in ROUTE.items() if k != key}
     message = f"paddler.lua: route metadata lacks {key}"
@@ -429,7 +469,9 @@ def test_real_envoy_answers_a_route_without_a_setting_500_and_logs_it(envoy_with
 
 @pytest.mark.real
 @pytest.mark.parametrize("envoy_without", [None], indirect=True, ids=["complete-config"])
-@pytest.mark.parametrize(("path", "body"), [("/slots", SLOTS_FORBIDDEN), ("//%73lots/0", SLOTS_FORBIDDEN),
-                                            ("/metrics", ADMIN_FORBIDDEN)])
-def test_real_envoy_refuses_slots_and_admin_endpoints(envoy_without: RealEnvoy, path: str, body: str) -> None:
-    assert http_get(envoy_without.url + path) == (403, body.encode())
+@pytest.mark.parametrize(("path", "status", "body"), [
+    ("/slots", 403, SLOTS_FORBIDDEN), ("/%u0073lots", 403, SLOTS_FORBIDDEN), ("/metrics", 403, ADMIN_FORBIDDEN),
+    ("/tools", 404, NOT_EXPOSED)])
+def test_real_envoy_refuses_what_is_not_on_the_allow_list(envoy_without: RealEnvoy, path: str, status: int,
+                                                          body: str) -> None:
+    assert http_get(envoy_without.url + path) == (status, body.encode())

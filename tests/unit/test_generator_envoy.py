@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from fleet import default_fleet, load_fleet
 from generator.envoy import check_envoy, envoy_binary, envoy_duration, packaged_lua_path, render_envoy
@@ -65,8 +66,10 @@ def test_standby_endpoints_are_priority_1_after_the_primaries() -> None:
             '          metadata: {filter_metadata: {paddler: {name: "us-backup-1"}}}\n'
             '        - endpoint: {address: {socket_address: {address: "10.1.0.12", port_value: 8080}}}\n'
             '          metadata: {filter_metadata: {paddler: {name: "us-backup-2"}}}\n') in text
-    assert "expose_slots: true\n" in text
-    assert "expose_admin: false\n" in text
+    # expose_slots: true puts /slots on the allow-list; admin endpoints stay refused.
+    assert '"GET:/slots": "forward"' in text
+    assert '"POST:/slots/{id}": "forward"' in text
+    assert '"GET:/metrics": "admin"' in text
 
 
 def test_fleet_without_standby_has_one_priority() -> None:
@@ -81,16 +84,24 @@ def test_agent_listening_everywhere_is_reached_on_loopback() -> None:
 
 
 def test_the_lua_filter_gets_every_setting_it_requires_from_the_route() -> None:
-    text = rendered("three-backends")
-    assert ("                    envoy.filters.http.lua:\n"
-            "                      picker_timeout_ms: 61000\n"
-            "                      expose_slots: false\n"
-            "                      expose_admin: false\n"
-            '                      slots_forbidden_body: "{\\"error\\":{\\"code\\":403,\\"type\\":\\"forbidden\\",'
-            '\\"message\\":\\"/slots is not exposed through the balancer\\"}}"\n'
-            '                      admin_forbidden_body: "{\\"error\\":{\\"code\\":403,\\"type\\":\\"forbidden\\",'
-            '\\"message\\":\\"admin endpoints are not exposed through the balancer\\"}}"\n') in text
-    assert "metadata: {filter_metadata: {envoy.filters.http.lua: {skip_picker: true}}}\n" in text
+    config = yaml.safe_load(rendered("three-backends"))
+    routes = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"][
+        "route_config"]["virtual_hosts"][0]["routes"]
+    assert routes[0]["metadata"] == {"filter_metadata": {"envoy.filters.http.lua": {"skip_picker": True}}}
+    settings = routes[1]["metadata"]["filter_metadata"]["envoy.filters.http.lua"]
+    allow_list = settings.pop("routes")  # compared with fleet/contract.py in test_route_allowlist.py
+    assert settings == {
+        "picker_timeout_ms": 61000,
+        "slots_forbidden_body": '{"error":{"code":403,"type":"forbidden",'
+                                '"message":"/slots is not exposed through the balancer"}}',
+        "admin_forbidden_body": '{"error":{"code":403,"type":"forbidden",'
+                                '"message":"admin endpoints are not exposed through the balancer"}}',
+        "not_exposed_body": '{"error":{"code":404,"type":"not_found",'
+                            '"message":"this endpoint is not exposed through the balancer"}}',
+        "picker_token": "paddler-picker-token-unset",
+    }
+    assert {key: allow_list[key] for key in ("POST:/v1/chat/completions", "GET:/slots", "POST:/props")} == {
+        "POST:/v1/chat/completions": "forward", "GET:/slots": "slots", "POST:/props": "admin"}
 
 
 def test_metrics_listen_becomes_envoys_admin_address_and_is_absent_by_default() -> None:
