@@ -28,9 +28,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, cast
+from typing import Any, cast
 
 import yaml
 
@@ -161,7 +162,8 @@ def one_run(args: argparse.Namespace, source: str | None) -> Result:
             ports = wait_until(lambda: ports_file.exists() and json.loads(ports_file.read_text()), timeout=60,
                                what="the simulator")
             names = [f"b{i:05d}" for i in range(len(ports))]
-            entries: list[dict[str, Any]] = [{"name": n, "address": f"127.0.0.1:{p}"} for n, p in zip(names, ports)]
+            entries: list[dict[str, Any]] = [{"name": n, "address": f"127.0.0.1:{p}"}
+                                             for n, p in zip(names, ports, strict=True)]
             entries += [{"name": f"gone{i:05d}", "address": f"127.0.0.1:{p}"}
                         for i, p in enumerate(refused_ports(args.refused))]
             fleet = {"backends": entries, "agent": {"interval": "1s"}}
@@ -174,7 +176,8 @@ def one_run(args: argparse.Namespace, source: str | None) -> Result:
                 encoded = [f"{n}\n".encode() for n in names]
                 run_checks(agent.port, encoded, args.rate, args.warmup)
                 log_before = agent.log_path.read_bytes().count(b"\n")
-                cpu_before, own_before, sim_before = cpu_seconds(agent.proc.pid), own_cpu_seconds(), cpu_seconds(sim.pid)
+                cpu_before, own_before = cpu_seconds(agent.proc.pid), own_cpu_seconds()
+                sim_before = cpu_seconds(sim.pid)
                 wall_before = time.monotonic()
                 latencies, failures = run_checks(agent.port, encoded, args.rate, args.seconds)
                 wall = time.monotonic() - wall_before
@@ -221,7 +224,8 @@ def main() -> int:
         print("medians:")
         for source in sources:
             mine = [r for r in results if r.source == (source or "(this checkout)")]
-            med: Callable[[Callable[[Result], float]], float] = lambda f: statistics.median(f(r) for r in mine)
+            def med(f: Callable[[Result], float], mine: list[Result] = mine) -> float:
+                return statistics.median(f(r) for r in mine)
             print(f"{mine[0].source:<28} {med(lambda r: r.p50_ms):7.2f} {med(lambda r: r.p99_ms):8.2f} "
                   f"{med(lambda r: r.agent_cpu):8.1f}% {med(lambda r: r.log_lines_per_s):6.1f} "
                   f"{med(lambda r: r.bench_cpu):8.1f}% {med(lambda r: r.sim_cpu):6.1f}%")

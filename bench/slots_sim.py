@@ -95,7 +95,7 @@ def main() -> None:
     parser.add_argument("--ports-file", required=True)
     parser.add_argument("--idle", action="store_true", help="always report every slot idle (default: random)")
     args = parser.parse_args()
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     asyncio.run(serve(args.count, args.slots, args.ports_file, random_busy=not args.idle))
 

@@ -51,8 +51,8 @@ def run_once(servers: dict[str, LlamaServer], workdir: Path, formula: str, bypas
                                         "127.0.0.1", agent.port, run_dir / "haproxy.sock")
         with HAProxy(config, run_dir) as haproxy:
             for name, server in servers.items():
-                wait_until(lambda: haproxy.server("llama", name)["slim"] == str(server.slots), timeout=10,
-                           what="agent maxconn")
+                wait_until(lambda name=name, slots=server.slots: haproxy.server("llama", name)["slim"] == str(slots),
+                           timeout=10, what="agent maxconn")
             rng = random.Random(seed)
             lengths = [rng.choice([100, 200, 400, 800, 1600]) for _ in range(requests)]
             stop_bypass = threading.Event()

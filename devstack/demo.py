@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"paddler-agent  {fleet.agent.listen} (agent-check, embedded default fleet)")
             print(f"dashboard      http://{fleet.agent.management}/  (also /api/v1/agents, /metrics)")
             print(f"HAProxy        {balancer}  <- send requests here (config: `paddler-gen haproxy`)")
-            print(f"  curl {balancer}/v1/chat/completions -d '{{\"messages\":[{{\"role\":\"user\",\"content\":\"Hi\"}}]}}'")
+            chat = '{"messages":[{"role":"user","content":"Hi"}]}'
+            print(f"  curl {balancer}/v1/chat/completions -d '{chat}'")
             print(f"  curl {balancer}/health")
             print("Ctrl-C stops everything.", flush=True)
             while not stop.wait(args.status_every):

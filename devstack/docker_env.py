@@ -27,11 +27,12 @@ import sys
 import tarfile
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 LOG_DIR = Path(os.environ.get("PADDLER_DOCKER_LOGS", ROOT / "artifacts" / "docker"))
@@ -251,7 +252,7 @@ def ensure_base(suite: str) -> str:
 def ensure_bases(suites: Iterable[str] = tuple(BASES)) -> dict[str, str]:
     suites = list(suites)
     with ThreadPoolExecutor(max_workers=len(suites) or 1) as pool:
-        return dict(zip(suites, pool.map(ensure_base, suites)))
+        return dict(zip(suites, pool.map(ensure_base, suites), strict=False))
 
 
 def _context_files(spec: ImageSpec) -> list[tuple[str, Path]]:
@@ -387,7 +388,7 @@ def ensure_images(keys: Iterable[str] = tuple(IMAGES)) -> dict[str, str]:
     keys = list(keys)
     ensure_bases({IMAGES[key].base for key in keys})
     with ThreadPoolExecutor(max_workers=len(keys) or 1) as pool:
-        return dict(zip(keys, pool.map(ensure_image, keys)))
+        return dict(zip(keys, pool.map(ensure_image, keys), strict=False))
 
 
 def ensure_compose() -> str:

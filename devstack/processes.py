@@ -17,8 +17,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 from generator.envoy import envoy_binary
 from generator.haproxy import haproxy_binary
@@ -103,7 +104,7 @@ class _Process:
     def ready(self) -> bool:
         raise NotImplementedError
 
-    def start(self, timeout: float = 60.0) -> "_Process":
+    def start(self, timeout: float = 60.0) -> _Process:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True, env=self.environment())
@@ -144,7 +145,7 @@ class _Process:
         except OSError:
             return "(no log)"
 
-    def __enter__(self) -> "_Process":
+    def __enter__(self) -> _Process:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -239,7 +240,7 @@ class HAProxy(_Process):
         text = self.runtime("show stat")
         lines = [line for line in text.splitlines() if line]
         header = lines[0].lstrip("# ").split(",")
-        return [dict(zip(header, line.split(","))) for line in lines[1:]]
+        return [dict(zip(header, line.split(","), strict=False)) for line in lines[1:]]
 
     def server(self, backend: str, server: str) -> dict[str, str]:
         for row in self.stats():

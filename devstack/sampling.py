@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Callable, Mapping, Protocol, Self
+from collections.abc import Callable, Mapping
+from typing import Protocol, Self
 
 
 class LlamaProbe(Protocol):

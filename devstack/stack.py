@@ -8,6 +8,7 @@ have backends that are down or not started yet.
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -62,7 +63,7 @@ class BalancerStack:
     def url(self) -> str:
         return f"http://{LOOPBACK}:{self.port}"
 
-    def start(self) -> "BalancerStack":
+    def start(self) -> BalancerStack:
         self.agent.start()
         try:
             self.proxy.start()
@@ -75,7 +76,7 @@ class BalancerStack:
         self.proxy.stop()
         self.agent.stop()
 
-    def __enter__(self) -> "BalancerStack":
+    def __enter__(self) -> BalancerStack:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -105,14 +106,19 @@ class BalancerStack:
         """Wait until the proxy routes to each server knowing its real slot count."""
         for name, count in slots.items():
             if self.kind == "haproxy":
-                wait_until(lambda: self.is_up(name) and self.server(name)["slim"] == str(count), timeout=timeout,
+                wait_until(functools.partial(self._haproxy_sees, name, count), timeout=timeout,
                            what=f"HAProxy to see {name} up with {count} slots")
             else:
-                address = next(e["address"] for e in self.fleet["backends"] + self.fleet["standby"]
-                               if e["name"] == name)
-                wait_until(lambda: self.is_up(name) and self.agents()[name]["slots_total"] == count
-                           and self.envoy.host_health().get(address) == "healthy", timeout=timeout,
+                wait_until(functools.partial(self._envoy_sees, name, count), timeout=timeout,
                            what=f"the picker and Envoy to see {name} ready with {count} slots")
+
+    def _haproxy_sees(self, name: str, slots: int) -> bool:
+        return self.is_up(name) and self.server(name)["slim"] == str(slots)
+
+    def _envoy_sees(self, name: str, slots: int) -> bool:
+        address = next(e["address"] for e in self.fleet["backends"] + self.fleet["standby"] if e["name"] == name)
+        return (self.is_up(name) and self.agents()[name]["slots_total"] == slots
+                and self.envoy.host_health().get(address) == "healthy")
 
 
 def generate_config(kind: str, fleet_path: Path) -> str:

@@ -34,7 +34,14 @@ else
     echo "test: no Docker engine; the container tests will skip (fail under CI)" >&2
 fi
 
-# Not exec: the EXIT trap must run after pytest; pytest's status is the script's.
+# Lint and types first (strict on fleet/, agentcheck/, generator/; settings in pyproject.toml).
+# A finding fails the run, but pytest still runs so one pass shows everything that is wrong.
 status=0
+echo "test: ruff check" >&2
+"$PY" -m ruff check . || status=$?
+echo "test: mypy (strict: fleet agentcheck generator)" >&2
+"$PY" -m mypy || status=$?
+
+# Not exec: the EXIT trap must run after pytest.
 "$PY" -m pytest -ra --junitxml=artifacts/junit.xml "$@" || status=$?
 exit "$status"

@@ -110,7 +110,7 @@ async def replay(trace: list[RequestSpec], balancer_url: str, bypass_url: str | 
         loop = asyncio.get_running_loop()
         start = loop.time()
         tasks = []
-        for request, bypass in zip(trace, routes):
+        for request, bypass in zip(trace, routes, strict=False):
             delay = start + request.arrival - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)

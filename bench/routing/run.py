@@ -164,7 +164,7 @@ def plot(ttfts: Distributions, path: Path) -> None:
 
     scenarios = list(dict.fromkeys((scenario, load) for scenario, load, _ in ttfts))
     figure, axes = plt.subplots(1, len(scenarios), figsize=(4 * len(scenarios), 3.6), sharey=True, squeeze=False)
-    for axis, (scenario, load) in zip(axes[0], scenarios):
+    for axis, (scenario, load) in zip(axes[0], scenarios, strict=False):
         for (name, at, strategy), values in ttfts.items():
             if (name, at) == (scenario, load) and values:
                 fractions = [(i + 1) / len(values) for i in range(len(values))]

@@ -32,8 +32,9 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -154,7 +155,8 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
     try:
         body = await request.json()
     except ValueError:
-        raise web.HTTPBadRequest(text=json.dumps({"error": "body is not JSON"}), content_type="application/json")
+        raise web.HTTPBadRequest(text=json.dumps({"error": "body is not JSON"}),
+                                 content_type="application/json") from None
     if not isinstance(body, dict):
         raise web.HTTPBadRequest(text=json.dumps({"error": "body is not a JSON object"}),
                                  content_type="application/json")
@@ -175,8 +177,8 @@ def _sse(data: Any) -> bytes:
     return b"data: " + (data if isinstance(data, bytes) else json.dumps(data).encode()) + b"\n\n"
 
 
-async def _stream(request: web.Request, live: _Live,
-                  token_event: Callable[[int], Any], final_events: Callable[[float, int], list[Any]]) -> web.StreamResponse:
+async def _stream(request: web.Request, live: _Live, token_event: Callable[[int], Any],
+                  final_events: Callable[[float, int], list[Any]]) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await response.prepare(request)
     n = 0
@@ -336,7 +338,7 @@ def parse_fleet(text: str) -> list[ServerSpec]:
         if not 3 <= len(fields) <= 5:
             raise ValueError(f"{item!r}: expected name:slots:token_ms[:batch_slowdown[:prompt_ms_per_token]]")
         name, slots, token_ms, *rest = fields
-        extra = dict(zip(("batch_slowdown", "prompt_ms_per_token"), map(float, rest)))
+        extra = dict(zip(("batch_slowdown", "prompt_ms_per_token"), map(float, rest), strict=False))
         specs.append(ServerSpec(name, int(slots), float(token_ms), **extra))
     if not specs:
         raise ValueError("empty fleet")

@@ -8,8 +8,8 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from devstack.processes import HAProxy, free_port
 from devstack.stack import BalancerStack

@@ -14,12 +14,13 @@ import os
 # every container is removed by the fixtures that start it.
 os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
 
-from typing import Iterator, NoReturn  # noqa: E402
+from collections.abc import Iterator
+from typing import NoReturn
 
-import pytest  # noqa: E402
+import pytest
 
-from devstack import docker_env  # noqa: E402
-from tests.containers.services import Containers  # noqa: E402
+from devstack import docker_env
+from tests.containers.services import Containers
 
 
 def docker_required() -> bool:

@@ -17,7 +17,6 @@ import uuid
 from typing import Any
 
 import yaml
-
 from testcontainers.core.container import DockerContainer
 
 from devstack.processes import LOOPBACK, StartError, free_port, http_get, llama_busy_slots, llama_metric
@@ -52,7 +51,7 @@ class Service:
     def ready(self) -> bool:
         raise NotImplementedError
 
-    def start(self, timeout: float = 60.0) -> "Service":
+    def start(self, timeout: float = 60.0) -> Service:
         self.container.start()
         self.started = True
         try:

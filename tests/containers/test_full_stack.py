@@ -141,7 +141,7 @@ class HeldStreams:
             self.statuses.append(getattr(exc, "code", 0))
             self.first_event.release()
 
-    def __enter__(self) -> "HeldStreams":
+    def __enter__(self) -> HeldStreams:
         for thread in self._threads:
             thread.start()
         for _ in range(self.count):
@@ -195,7 +195,7 @@ class Load:
         with self._lock:
             return sum(1 for r in self.results if r.started >= since and r.model == model)
 
-    def __enter__(self) -> "Load":
+    def __enter__(self) -> Load:
         for thread in self._threads:
             thread.start()
         return self

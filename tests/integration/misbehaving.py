@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -33,7 +34,8 @@ def llama_like(health: Callable[[], Awaitable[web.StreamResponse]] | None = None
     async def ok_slots() -> web.StreamResponse:
         return json_response(TWO_IDLE_SLOTS)
 
-    def route(handler: Callable[[], Awaitable[web.StreamResponse]]) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    def route(handler: Callable[[], Awaitable[web.StreamResponse]]
+              ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         async def handle(_: web.Request) -> web.StreamResponse:
             return await handler()
         return handle
@@ -78,7 +80,7 @@ class BackgroundServers:
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._cleanups: list[Callable[[], Awaitable[None]]] = []
 
-    def __enter__(self) -> "BackgroundServers":
+    def __enter__(self) -> BackgroundServers:
         self._thread.start()
         return self
 

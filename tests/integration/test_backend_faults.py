@@ -6,8 +6,8 @@ and correctly, for every other backend in the same fleet.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import yaml

@@ -8,9 +8,9 @@ server answered), so the same assertions hold the two paths to the same behaviou
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 

@@ -3,8 +3,8 @@ retry of connect failures when the agent is away."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 

@@ -6,9 +6,9 @@ import socket
 import threading
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -51,7 +51,7 @@ class StatsdListener:
     def shows(self, **expected: float) -> bool:
         return all(self.latest.get(f"paddler.{name}") == value for name, value in expected.items())
 
-    def __enter__(self) -> "StatsdListener":
+    def __enter__(self) -> StatsdListener:
         self._thread.start()
         return self
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 import time
 import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -70,7 +70,7 @@ def stack(llama_binary: Path, tiny_model: Path, haproxy_available: None,
         stack = Stack(servers, agent, haproxy, port)
         # Only the agent can set these limits: the config has no maxconn.
         for name, slots in SLOTS.items():
-            wait_until(lambda: stack.server_status(name)["slim"] == str(slots), timeout=10,
+            wait_until(lambda name=name, slots=slots: stack.server_status(name)["slim"] == str(slots), timeout=10,
                        what=f"agent to set maxconn {slots} on {name}")
         yield stack
     finally:

@@ -16,9 +16,10 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import aiohttp
 import pytest
@@ -57,7 +58,7 @@ class Sim:
                 for family in text_string_to_metric_families(reply.body.decode())
                 for sample in family.samples}
 
-    async def agent_view(self, name: str, with_slots: bool = True):  # noqa: ANN201
+    async def agent_view(self, name: str, with_slots: bool = True):
         health, props, metrics = (await self.get(name, "/health"), await self.get(name, "/props"),
                                   await self.get(name, "/metrics"))
         slots = await self.get(name, "/slots") if with_slots else Reply(501, b'{"error":"slots disabled"}')
@@ -94,7 +95,7 @@ async def stream_completion(sim: Sim, name: str, n_predict: int, prompt_tokens: 
         return [event async for event in sse_events(response)]
 
 
-async def until(predicate, timeout: float = 2.0) -> bool:  # noqa: ANN001
+async def until(predicate, timeout: float = 2.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if await predicate():

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import inspect
 import socket
-from typing import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 
 import pytest
 import uvloop
@@ -277,7 +277,7 @@ async def test_garbage_is_an_invalid_response() -> None:
         b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n",
     ]
     for reply in cases:
-        async with raw_server(lambda n, head: reply) as (port, _), http_client() as client:
+        async with raw_server(lambda n, head, reply=reply: reply) as (port, _), http_client() as client:
             answer = await client.get("127.0.0.1", port, "/x")
         assert isinstance(answer, HttpError) and answer.reason.startswith("invalid HTTP response ("), (reply, answer)
 
@@ -285,7 +285,8 @@ async def test_garbage_is_an_invalid_response() -> None:
 async def test_endless_header_section_is_refused() -> None:
     reply = b"HTTP/1.1 200 OK\r\n" + b"X-Pad: " + b"p" * 70_000
     async with raw_server(lambda n, head: reply) as (port, _), http_client() as client:
-        assert await client.get("127.0.0.1", port, "/x") == HttpError("invalid HTTP response (header section too large)")
+        too_large = HttpError("invalid HTTP response (header section too large)")
+        assert await client.get("127.0.0.1", port, "/x") == too_large
 
 
 async def test_header_values_cannot_inject_lines() -> None:

@@ -24,7 +24,8 @@ def slots(*busy: bool) -> Reply:
 
 HEALTH_OK = ok({"status": "ok"})
 NOT_FOUND = Reply(404, b'{"error":{"code":404,"message":"File Not Found"}}')
-SLOTS_DISABLED = Reply(501, b'{"error":{"code":501,"message":"This server does not support slots endpoint.","type":"not_supported_error"}}')
+SLOTS_DISABLED = Reply(501, b'{"error":{"code":501,"message":"This server does not support slots endpoint.",'
+                            b'"type":"not_supported_error"}}')
 METRICS_DISABLED = Reply(501, b'{"error":{"code":501,"message":"This server does not support metrics endpoint."}}')
 PROPS_4_SLOTS = ok({"total_slots": 4, "model_path": "/models/tiny.gguf"})
 
@@ -179,7 +180,8 @@ def test_health_503_means_the_model_is_loading() -> None:
 
 
 def test_health_failure_is_unreachable_with_the_failure_reason() -> None:
-    status = interpret(Failure("connection failed (Connection refused)"), Failure("connection failed (Connection refused)"))
+    refused = Failure("connection failed (Connection refused)")
+    status = interpret(refused, refused)
 
     assert status == BackendStatus(State.UNREACHABLE, "connection failed (Connection refused)")
 

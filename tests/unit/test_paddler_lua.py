@@ -35,7 +35,7 @@ def test_which_haproxy_states_count_as_usable(status: str, usable: bool) -> None
 
 
 def health(servers: list[dict], buffered: int = 0) -> tuple[dict, int]:
-    rows = ", ".join("{status=%s, slim=%d, scur=%d, bck=%d}" % (json.dumps(s["status"]), s["slim"], s["scur"], s["bck"])
+    rows = ", ".join(f"{{status={json.dumps(s['status'])}, slim={s['slim']}, scur={s['scur']}, bck={s['bck']}}}"
                      for s in servers)
     out = run_lua(f"local body, code = paddler.health_body(paddler.aggregate({{{rows}}}), {buffered})\n"
                   "print(code) print(body)")
@@ -88,7 +88,8 @@ def test_a_required_setting_is_read_by_its_fleet_name() -> None:
 
 
 @pytest.mark.parametrize(("env", "problem"), [
-    ({}, "PADDLER_MAX_BUFFERED_REQUESTS is not set (setenv PADDLER_MAX_BUFFERED_REQUESTS in haproxy.cfg's global section)"),
+    ({}, "PADDLER_MAX_BUFFERED_REQUESTS is not set "
+         "(setenv PADDLER_MAX_BUFFERED_REQUESTS in haproxy.cfg's global section)"),
     ({"PADDLER_MAX_BUFFERED_REQUESTS": ""}, "PADDLER_MAX_BUFFERED_REQUESTS is not set"),
     ({"PADDLER_MAX_BUFFERED_REQUESTS": "lots"}, "must be a whole number of at least 1, got lots"),
     ({"PADDLER_MAX_BUFFERED_REQUESTS": "0"}, "must be a whole number of at least 1, got 0"),

@@ -9,10 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agentcheck.policy import (
+    WeightFormula,
     agent_reply,
     invalid_request_reply,
     unknown_backend_reply,
-    WeightFormula,
     weight_percent,
 )
 from agentcheck.status import PENDING, BackendStatus, SlotSource, State
@@ -42,7 +42,8 @@ def haproxy_parse(reply: str) -> tuple[list[str], str]:
     return words, ""
 
 
-def ready(total: int, processing: int = 0, source: SlotSource = SlotSource.SLOTS, sleeping: bool = False) -> BackendStatus:
+def ready(total: int, processing: int = 0, source: SlotSource = SlotSource.SLOTS,
+          sleeping: bool = False) -> BackendStatus:
     return BackendStatus(State.READY, slots_total=total, slots_processing=processing, slot_source=source,
                          sleeping=sleeping)
 
@@ -243,4 +244,5 @@ def test_unknown_backend_reply_names_the_backend() -> None:
 
 
 def test_invalid_request_reply_states_the_problem() -> None:
-    assert invalid_request_reply("agent-send is not ASCII text") == "down #paddler-agent: agent-send is not ASCII text\n"
+    assert invalid_request_reply("agent-send is not ASCII text") == \
+        "down #paddler-agent: agent-send is not ASCII text\n"
