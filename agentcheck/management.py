@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
-import os
-import re
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable
 from importlib import resources
 
 from aiohttp import hdrs, web
@@ -36,7 +34,7 @@ from agentcheck.picker import LEASE_ID_PATTERN, BufferFull, BufferTimeout, Picke
 from agentcheck.replies import AgentCheckReplies
 from agentcheck.reporting import PICKER_SOURCE_HEADER
 from agentcheck.snapshot import Snapshot, health
-from fleet import Fleet, FleetError, contract
+from fleet import contract
 
 MODEL_KEY = web.AppKey("model", FleetModel)
 REPLIES_KEY = web.AppKey("replies", AgentCheckReplies)
@@ -49,26 +47,8 @@ Handler = Callable[[web.Request], Awaitable[web.Response]]
 ENDPOINT_HEADER = "x-paddler-endpoint"  # the header Envoy's override_host policy reads
 LEASE_HEADER = "x-paddler-lease"
 VERDICT_HEADER = "x-paddler-verdict"
-PICKER_TOKEN_HEADER = "x-paddler-picker-token"  # sent by configs/envoy/paddler.lua on every picker call
-# What the filter sends, and the picker requires, when agent.picker_token_env is not configured. It must
-# equal generator.envoy.PICKER_TOKEN_UNSET (tests/unit/test_management.py checks that).
-PICKER_TOKEN_UNSET = "paddler-picker-token-unset"
-PICKER_TOKEN_PATTERN = re.compile(r"[!-~]{16,}")  # one word of printable ASCII: safe in a header and YAML
 AGENT_AUTHORITY = "paddler-agent"  # the :authority paddler.lua and Envoy's /health route send here
 LOCAL_HOST_NAMES = ("localhost", AGENT_AUTHORITY)
-
-
-def resolve_picker_token(fleet: Fleet, environ: Mapping[str, str] = os.environ) -> str:
-    """The secret Envoy's filter must send to the picker: the variable agent.picker_token_env names (set,
-    or the agent does not start), else the fixed marker. generator.envoy reads it by the same rule."""
-    name = fleet.agent.picker_token_env
-    if name is None:
-        return PICKER_TOKEN_UNSET
-    value = environ.get(name, "")
-    if not PICKER_TOKEN_PATTERN.fullmatch(value):
-        raise FleetError(fleet.source, "agent.picker_token_env",
-                         f"environment variable {name} must hold 16 or more printable ASCII characters, no spaces")
-    return value
 
 
 def _same_secret(given: str, expected: str) -> bool:
@@ -152,9 +132,9 @@ def _operator(drain: bool) -> Handler:
 
 
 def _picker_refusal(request: web.Request) -> web.Response | None:
-    given = request.headers.get(PICKER_TOKEN_HEADER)
+    given = request.headers.get(contract.PICKER_TOKEN_HEADER)
     if given is None:
-        return _error(403, f"missing {PICKER_TOKEN_HEADER}: the picker serves Envoy's paddler.lua filter only")
+        return _error(403, f"missing {contract.PICKER_TOKEN_HEADER}: the picker serves Envoy's paddler.lua filter only")
     if not _same_secret(given, request.app[PICKER_TOKEN_KEY]):
         return _error(403, "wrong picker token: paddler-gen envoy and paddler-agent must read the same "
                            "agent.picker_token_env")
@@ -217,7 +197,7 @@ def _host_guard(names: Iterable[str]) -> Middleware:
 
 
 def create_app(model: FleetModel, replies: AgentCheckReplies, snapshot: Snapshot, registry: CollectorRegistry,
-               operator_token: str | None, picker: Picker, *, picker_token: str = PICKER_TOKEN_UNSET,
+               operator_token: str | None, picker: Picker, *, picker_token: str = contract.PICKER_TOKEN_UNSET,
                host_names: Iterable[str] = ()) -> web.Application:
     """``host_names``: DNS names this server answers to besides localhost and the filter's name (IP
     addresses are always served)."""

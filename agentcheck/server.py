@@ -18,7 +18,7 @@ from aiohttp import web
 
 from agentcheck.config import AgentSettings
 from agentcheck.llamacpp import LlamaCppClient
-from agentcheck.management import PICKER_TOKEN_UNSET, create_app, resolve_picker_token
+from agentcheck.management import create_app
 from agentcheck.metrics import FleetCollector, build_registry
 from agentcheck.model import FleetModel
 from agentcheck.monitor import Monitor
@@ -27,6 +27,7 @@ from agentcheck.protocol import AgentCheckProtocol
 from agentcheck.replies import AgentCheckReplies
 from agentcheck.reporting import BalancerProbe, StatsdReporter
 from agentcheck.snapshot import fleet_snapshot
+from fleet import contract
 
 log = logging.getLogger("paddler.agent")
 
@@ -45,7 +46,8 @@ class Agent:
         self.replies = AgentCheckReplies(self.model, settings.weight)
         self.picker = Picker(self.model, settings.fleet.balancer.max_buffered_requests,
                              settings.fleet.balancer.buffered_request_timeout)
-        self.picker_token = resolve_picker_token(settings.fleet)  # before anything starts: a missing one stops us
+        # Read before anything starts: a configured but missing token stops the agent.
+        self.picker_token = contract.resolve_picker_token(settings.fleet)
         self.monitor: Monitor | None = None
         self._probe: BalancerProbe | None = None
         self._session: aiohttp.ClientSession | None = None  # the balancer probe's; polls have their own client
@@ -118,7 +120,7 @@ class Agent:
         await web.TCPSite(self._management, settings.management.host, settings.management.port).start()
         log.info("management API and dashboard on http://%s/ (operator endpoints %s; picker token %s)",
                  settings.management, "enabled" if settings.operator_token else "disabled: no token configured",
-                 "not configured" if self.picker_token == PICKER_TOKEN_UNSET else "configured")
+                 "not configured" if self.picker_token == contract.PICKER_TOKEN_UNSET else "configured")
     def _background(self, coroutine: Coroutine[Any, Any, None], name: str) -> None:
         self._tasks.append(asyncio.create_task(coroutine, name=name))
 

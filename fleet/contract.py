@@ -11,8 +11,11 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+from collections.abc import Mapping
 
-from fleet.schema import Address
+from fleet.schema import Address, Fleet, FleetError
 
 RETRY_AFTER_SECONDS = 1
 
@@ -32,6 +35,28 @@ HAPROXY_LUA_ENV = {
     "max_buffered_requests": "PADDLER_MAX_BUFFERED_REQUESTS",
     "buffered_request_timeout_ms": "PADDLER_BUFFERED_REQUEST_TIMEOUT_MS",
 }
+
+# Envoy's filter proves to the picker that it is the filter: it sends this header with the secret
+# named by agent.picker_token_env, which paddler-gen envoy and paddler-agent read by one rule.
+# Without one configured both use a fixed public marker: a browser still cannot send a custom
+# header cross-origin without a CORS preflight, which the agent never grants.
+PICKER_TOKEN_HEADER = "x-paddler-picker-token"
+PICKER_TOKEN_UNSET = "paddler-picker-token-unset"
+_PICKER_TOKEN_PATTERN = re.compile(r"[!-~]{16,}")  # one word of printable ASCII: safe in a header and YAML
+
+
+def resolve_picker_token(fleet: Fleet, environ: Mapping[str, str] = os.environ) -> str:
+    """The picker's secret: the variable agent.picker_token_env names (which must then be set), else
+    the fixed marker."""
+    name = fleet.agent.picker_token_env
+    if name is None:
+        return PICKER_TOKEN_UNSET
+    value = environ.get(name, "")
+    if not _PICKER_TOKEN_PATTERN.fullmatch(value):
+        raise FleetError(fleet.source, "agent.picker_token_env",
+                         f"environment variable {name} must hold 16 or more printable ASCII characters, no spaces")
+    return value
+
 
 _WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1"}
 

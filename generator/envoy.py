@@ -6,11 +6,8 @@ Values from outside the fleet (its path, the Lua directory) pass generator.templ
 from __future__ import annotations
 
 import ipaddress
-import os
-import re
 import shutil
 import sys
-from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -22,8 +19,6 @@ LUA_FILE = "paddler.lua"
 DEFAULT_LUA_DIR = "/etc/envoy/paddler"
 PICKER_GRACE_MS = 1000  # the Lua filter waits this much longer than the picker's own timeout
 # Sent to the picker when agent.picker_token_env is not configured; equals agentcheck.management's.
-PICKER_TOKEN_UNSET = "paddler-picker-token-unset"
-_PICKER_TOKEN_PATTERN = re.compile(r"[!-~]{16,}")  # one word of printable ASCII: safe in a header and YAML
 
 
 def packaged_lua_path() -> Path:
@@ -42,19 +37,6 @@ def _endpoint(fleet: Fleet, group: str, index: int, name: str, address: Address)
                          f"Envoy needs an IP address here, not {address.host!r}: override_host matches "
                          "endpoints by IP:port") from None
     return {"name": name, "host": address.host, "port": address.port}
-
-
-def picker_token(fleet: Fleet, environ: Mapping[str, str] = os.environ) -> str:
-    """The secret the Lua filter sends to the agent's picker, read from the variable agent.picker_token_env
-    names (by the same rule as paddler-agent), or the fixed marker when the fleet names none."""
-    name = fleet.agent.picker_token_env
-    if name is None:
-        return PICKER_TOKEN_UNSET
-    value = environ.get(name, "")
-    if not _PICKER_TOKEN_PATTERN.fullmatch(value):
-        raise FleetError(fleet.source, "agent.picker_token_env",
-                         f"environment variable {name} must hold 16 or more printable ASCII characters, no spaces")
-    return value
 
 
 def envoy_lua_path(lua_dir: str = DEFAULT_LUA_DIR) -> str:
@@ -82,7 +64,7 @@ def envoy_context(fleet: Fleet, lua_dir: str = DEFAULT_LUA_DIR) -> dict[str, Any
         "max_buffered_requests": balancer.max_buffered_requests,
         "buffered_request_timeout": envoy_duration(balancer.buffered_request_timeout),
         "picker_timeout_ms": round(balancer.buffered_request_timeout * 1000) + PICKER_GRACE_MS,
-        "picker_token": picker_token(fleet),
+        "picker_token": contract.resolve_picker_token(fleet),
         # Waiting in the picker's queue is inactivity to Envoy: the idle limit must outlast it.
         "idle_timeout": envoy_duration(max(balancer.idle_timeout,
                                            balancer.buffered_request_timeout + PICKER_GRACE_MS / 1000)),

@@ -13,7 +13,7 @@ import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from agentcheck.management import PICKER_TOKEN_UNSET, create_app, host_refusal, resolve_picker_token, token_refusal
+from agentcheck.management import create_app, host_refusal, token_refusal
 from agentcheck.metrics import FleetCollector, build_registry
 from agentcheck.model import FleetModel, PollWindow
 from agentcheck.monitor import PollCounters
@@ -23,7 +23,8 @@ from agentcheck.reporting import BalancerProbe, StatsdReporter
 from agentcheck.snapshot import Snapshot, fleet_snapshot
 from agentcheck.status import BackendStatus, SlotSource, State
 from fleet import Address, Backend, FleetError, StatsdConfig, parse_fleet
-from generator import envoy as envoy_generator
+from fleet.contract import PICKER_TOKEN_UNSET, resolve_picker_token
+from generator.envoy import render_envoy
 
 TOKEN = "s3cret-operator-token"
 PICKER_TOKEN = "picker-secret-from-the-environment"
@@ -376,21 +377,20 @@ async def test_lease_ids_are_random_tokens_and_only_the_exact_one_releases_its_s
     assert await client.slots_idle() == 2
 
 
-def test_the_picker_token_is_read_by_the_same_rule_on_both_sides() -> None:
-    # paddler-gen envoy renders it into the Lua route; paddler-agent compares it: they must agree.
-    assert envoy_generator.PICKER_TOKEN_UNSET == PICKER_TOKEN_UNSET == "paddler-picker-token-unset"
+def test_the_picker_token_rule() -> None:
+    # One rule (fleet/contract.py) for paddler-gen envoy, which renders the token into the Lua route,
+    # and paddler-agent, which compares it.
     unset = parse_fleet({"backends": [{"name": "a", "address": "127.0.0.1:1"}]}, source="fleet.yaml")
     named = parse_fleet({"backends": [{"name": "a", "address": "127.0.0.1:1"}],
                          "agent": {"picker_token_env": "PICKER"}}, source="fleet.yaml")
-    for read in (resolve_picker_token, envoy_generator.picker_token):
-        assert read(unset, {}) == "paddler-picker-token-unset"
-        assert read(named, {"PICKER": PICKER_TOKEN}) == PICKER_TOKEN
-        for bad in ({}, {"PICKER": ""}, {"PICKER": "short-token"}, {"PICKER": "has a space in the token"},
-                    {"PICKER": "line-break-in-the\ntoken"}, {"PICKER": "non-ascii-\u00e9-token-value"}):
-            with pytest.raises(FleetError) as refused:
-                read(named, bad)
-            assert str(refused.value) == ("fleet.yaml: agent.picker_token_env: environment variable PICKER must "
-                                          "hold 16 or more printable ASCII characters, no spaces")
+    assert resolve_picker_token(unset, {}) == "paddler-picker-token-unset"
+    assert resolve_picker_token(named, {"PICKER": PICKER_TOKEN}) == PICKER_TOKEN
+    for bad in ({}, {"PICKER": ""}, {"PICKER": "short-token"}, {"PICKER": "has a space in the token"},
+                {"PICKER": "line-break-in-the\ntoken"}, {"PICKER": "non-ascii-\u00e9-token-value"}):
+        with pytest.raises(FleetError) as refused:
+            resolve_picker_token(named, bad)
+        assert str(refused.value) == ("fleet.yaml: agent.picker_token_env: environment variable PICKER must "
+                                      "hold 16 or more printable ASCII characters, no spaces")
 
 
 def test_the_rendered_envoy_route_carries_the_token(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -398,7 +398,7 @@ def test_the_rendered_envoy_route_carries_the_token(monkeypatch: pytest.MonkeyPa
     fleet = parse_fleet({"backends": [{"name": "a", "address": "127.0.0.1:1"}],
                          "agent": {"picker_token_env": "PADDLER_TEST_PICKER_TOKEN"}})
     assert '\n                      picker_token: "picker-secret-from-the-environment"\n' in \
-        envoy_generator.render_envoy(fleet)
+        render_envoy(fleet)
 
 
 # Host names: a page whose DNS name was rebound to the agent's address sends its own name and is refused.
