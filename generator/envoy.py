@@ -44,6 +44,21 @@ def envoy_lua_path(lua_dir: str = DEFAULT_LUA_DIR) -> str:
     return lua_file(lua_dir, LUA_FILE)
 
 
+def fallback_per_host(fleet: Fleet) -> tuple[int, str]:
+    """How many requests the least_request fallback may send one llama-server at a time, and why.
+
+    Envoy's per-host limit is one number for every endpoint, so it is the smallest slot count in the
+    fleet; a backend without ``slots`` counts as 1, since nothing is known about it (never overfill).
+    """
+    backends = fleet.all_backends()
+    unknown = [comment_text(backend.name) for backend in backends if backend.slots is None]
+    if unknown:
+        named = ", ".join(unknown[:3]) + (", ..." if len(unknown) > 3 else "")
+        return 1, f"no slots in the fleet for {named}"
+    smallest = min(backends, key=lambda backend: backend.slots or 1)
+    return smallest.slots or 1, f"the fewest slots in the fleet, {comment_text(smallest.name)}"
+
+
 def envoy_context(fleet: Fleet, lua_dir: str = DEFAULT_LUA_DIR) -> dict[str, Any]:
     groups = []
     for priority, (group, backends) in enumerate((("backends", fleet.backends), ("standby", fleet.standby))):
@@ -53,6 +68,7 @@ def envoy_context(fleet: Fleet, lua_dir: str = DEFAULT_LUA_DIR) -> dict[str, Any
             groups.append({"priority": priority, "endpoints": endpoints})
     balancer = fleet.balancer
     agent = contract.client_address(fleet.agent.management)
+    limit, reason = fallback_per_host(fleet)
     return {
         "source": comment_text(fleet.source),
         "agent_address": str(agent),
@@ -62,6 +78,10 @@ def envoy_context(fleet: Fleet, lua_dir: str = DEFAULT_LUA_DIR) -> dict[str, Any
         "listen": {"host": balancer.listen.host, "port": balancer.listen.port},
         "endpoint_groups": groups,
         "max_buffered_requests": balancer.max_buffered_requests,
+        "fallback_per_host": limit,
+        "fallback_per_host_reason": reason,
+        "buffer_full_body": contract.BUFFER_FULL,
+        "retry_after": contract.RETRY_AFTER_SECONDS,
         "buffered_request_timeout": envoy_duration(balancer.buffered_request_timeout),
         "picker_timeout_ms": round(balancer.buffered_request_timeout * 1000) + PICKER_GRACE_MS,
         "picker_token": contract.resolve_picker_token(fleet),

@@ -157,3 +157,57 @@ def test_install_lua_copies_the_filter_next_to_the_config_reference(tmp_path: Pa
     assert main(["envoy", "--lua-dir", str(tmp_path / "lua"), "--install-lua"]) == 0
     assert (tmp_path / "lua" / "paddler.lua").read_bytes() == packaged_lua_path().read_bytes()
     assert f'default_source_code: {{filename: "{tmp_path}/lua/paddler.lua"}}' in capsys.readouterr().out
+
+
+def test_the_fallback_gets_a_per_host_limit_of_the_fewest_slots(tmp_path: Path) -> None:
+    path = tmp_path / "fleet.yaml"
+    path.write_text("backends:\n  - {name: small, address: '10.0.0.1:8080', slots: 3}\n"
+                    "  - {name: large, address: '10.0.0.2:8080', slots: 8}\n"
+                    "standby:\n  - {name: spare, address: '10.0.0.3:8080', slots: 4}\n"
+                    "balancer: {max_buffered_requests: 7}\n")
+    text = render_envoy(load_fleet(path))
+    assert ("    circuit_breakers:\n"
+            "      thresholds:\n"
+            "      - {priority: DEFAULT, max_pending_requests: 7}\n"
+            "      per_host_thresholds:\n"
+            "      - {priority: DEFAULT, max_connections: 3}\n") in text
+    assert "at most 3 per llama-server at a time (the fewest slots in the fleet, small;\n" in text
+
+
+def test_a_backend_without_slots_makes_the_fallback_limit_1() -> None:
+    text = rendered("standby")  # only us-backup-1 has slots (2)
+    assert "      - {priority: DEFAULT, max_connections: 1}\n" in text
+    assert "at most 1 per llama-server at a time (no slots in the fleet for eu-1, eu-2, us-backup-2;\n" in text
+    assert text.count("max_connections") == 1
+
+
+def test_only_the_fallback_route_runs_at_the_limited_priority() -> None:
+    config = yaml.safe_load(rendered("three-backends"))
+    manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    routes = manager["route_config"]["virtual_hosts"][0]["routes"]
+    assert [(route["match"], route["route"].get("priority")) for route in routes] == [
+        ({"path": "/health"}, None),
+        ({"prefix": "/", "headers": [{"name": "x-paddler-endpoint", "present_match": True}]}, "HIGH"),
+        ({"prefix": "/"}, "DEFAULT"),
+    ]
+    assert routes[1]["metadata"] == routes[2]["metadata"]  # the filter reads the same settings on both
+    assert {key: value for key, value in routes[1]["route"].items() if key != "priority"} == {
+        key: value for key, value in routes[2]["route"].items() if key != "priority"}
+    assert config["static_resources"]["clusters"][0]["circuit_breakers"] == {
+        "thresholds": [{"priority": "DEFAULT", "max_pending_requests": 100}],
+        "per_host_thresholds": [{"priority": "DEFAULT", "max_connections": 1}],
+    }
+
+
+def test_the_fallbacks_overflow_answers_like_a_full_buffer() -> None:
+    config = yaml.safe_load(rendered("default"))
+    manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    assert manager["local_reply_config"] == {"mappers": [{
+        "filter": {"response_flag_filter": {"flags": ["UO"]}},
+        "status_code": 503,
+        "headers_to_add": [{"header": {"key": "retry-after", "value": "1"},
+                            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}],
+        "body": {"inline_string": '{"error":{"code":503,"type":"buffer_full",'
+                                  '"message":"all llama.cpp slots are busy and the request buffer is full"}}'},
+        "body_format_override": {"text_format": "%LOCAL_REPLY_BODY%", "content_type": "application/json"},
+    }]}
