@@ -20,6 +20,10 @@ from agentcheck.status import BackendStatus, SlotSource, State
 from fleet import Backend
 
 MAX_BODY_BYTES = 4 * 1024 * 1024  # /slots of a big server is tens of KB; anything this size is broken
+# More slots than any llama-server runs: a larger count is a broken answer (or fleet file), and
+# passing it on would send HAProxy an absurd maxconn (or, past 4,300 digits, fail to format at all).
+MAX_SLOTS = 1024
+MAX_QUOTED_CHARS = 60  # of a backend's own words quoted in a reason
 
 
 @dataclass(frozen=True)
@@ -62,7 +66,7 @@ def interpret(
         downstream = _json(health.body)
         if isinstance(downstream, dict) and isinstance(downstream.get("status"), str):
             # A downstream balancer (tree cascade) saying it has nothing usable, not a model loading.
-            return BackendStatus.down(State.ERROR, f"downstream balancer reports {downstream['status']!r}")
+            return BackendStatus.down(State.ERROR, f"downstream balancer reports {_clip(downstream['status'])!r}")
         return BackendStatus.down(State.LOADING, "")
     if health.status != 200:
         return BackendStatus.down(State.ERROR, f"GET /health answered HTTP {health.status}")
@@ -108,10 +112,13 @@ def interpret(
 def _ready(total: int, processing: int, source: SlotSource, model: str | None, sleeping: bool) -> BackendStatus:
     if total < 1:
         return BackendStatus.down(State.ERROR, "server reports no slots")
+    if total > MAX_SLOTS:
+        count = str(total) if total <= 10**6 else "over 1000000"
+        return BackendStatus.down(State.ERROR, f"{count} slots: at most {MAX_SLOTS} are supported")
     return BackendStatus(
         state=State.READY,
         slots_total=total,
-        slots_processing=processing,
+        slots_processing=min(processing, total),  # /metrics may count more requests than slots
         slot_source=source,
         model=model,
         sleeping=sleeping,
@@ -126,6 +133,10 @@ def _json(body: bytes) -> Any:
 
 
 _INVALID = object()
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= MAX_QUOTED_CHARS else text[:MAX_QUOTED_CHARS] + "..."
 
 
 def _count_slots(data: Any) -> tuple[int, int] | str:
