@@ -5,7 +5,10 @@ same words. Every error names the file, the key path and the problem, because th
 operator reading it is usually looking at a 200-line YAML file during an incident.
 
 Names end up inside generated HAProxy/Envoy configs and in agent-check replies, so they
-are restricted to a charset that cannot break a config line or a protocol line.
+are restricted to a charset that cannot break a config line or a protocol line. Every number
+has a range (in the table below, next to its key), and the file itself is bounded: at most
+``MAX_FILE_BYTES``, nested at most ``MAX_DEPTH`` levels, and no anchors or aliases, so no
+file, however crafted, makes the loader spin or overflow its stack.
 """
 
 from __future__ import annotations
@@ -29,18 +32,49 @@ _PORT_PATTERN = re.compile(r"[0-9]{1,5}")
 _METRIC_PREFIX_PATTERN = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
 _SOCKET_PATH_PATTERN = re.compile(r"/[A-Za-z0-9_./-]{1,200}")
 _ENV_NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_DURATION_PATTERN = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m)")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0}
+_DURATION_PATTERN = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_IPV4_TEXT_PATTERN = re.compile(r"[0-9.]+")
+MAX_HOSTNAME_LENGTH = 253  # RFC 1035's limit on a name's text form
+# A fleet file of 1,000 backends is about 50 KB. The pure-Python YAML parser (the one whose
+# composer can be bounded, below) takes ~15 us per character of dense YAML such as "[1,1,1,...":
+# 20 s for 1 MiB on a busy machine, 2 s for this limit, which still holds 2,500 backends.
+MAX_FILE_BYTES = 128 * 1024
+# A valid fleet is 3 levels deep (top, backends list, backend); 64 leaves room for any mistake
+# worth a precise error while keeping the recursive composer far from Python's recursion limit.
+MAX_DEPTH = 64
+_WILDCARD_HOSTS = frozenset({"0.0.0.0", "::"})
 
 
 class FleetError(ValueError):
-    """A fleet file (or equivalent command-line input) is invalid."""
+    """A fleet file (or equivalent command-line input) is invalid.
+
+    Printed as one line, ``file: key.path: problem``: any character that is not printable (a
+    line break inside a YAML key, say) is shown escaped, so nothing can split or forge a line.
+    """
 
     def __init__(self, source: str, key: str, problem: str) -> None:
-        self.source = source
-        self.key = key
-        self.problem = problem
-        super().__init__(f"{source}: {key}: {problem}")
+        self.source = _one_line(source)
+        self.key = _one_line(key)
+        self.problem = _one_line(problem)
+        super().__init__(f"{self.source}: {self.key}: {self.problem}")
+
+
+def _one_line(text: str) -> str:
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
+
+
+def _show(value: Any, limit: int = 200) -> str:
+    """``repr`` for an error message, cut short: a value may be a megabyte of text or digits."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**limit:
+        try:
+            return f"a number of {len(str(abs(value)))} digits"
+        except ValueError:  # past Python's int-to-str limit (sys.get_int_max_str_digits)
+            return "a number of thousands of digits"
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit - 5]}...{text[-1]}"
 
 
 @dataclass(frozen=True)
@@ -52,43 +86,100 @@ class Address:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
+def _seconds(value: Any) -> float | None:
+    """Seconds from ``500ms``, ``10s``, ``2m``, ``1h`` or a bare number; None if it is none of those."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        try:
+            return float(value)
+        except OverflowError:  # an int past 1e308
+            return math.inf
+    if isinstance(value, str) and (match := _DURATION_PATTERN.fullmatch(value.strip())):
+        return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    return None
+
+
 def parse_duration(value: Any) -> float:
     """Seconds from ``500ms``, ``10s``, ``2m`` (or a bare number of seconds)."""
-    if isinstance(value, bool):
-        raise ValueError("expected a duration like 500ms, 10s or 2m")
-    if isinstance(value, (int, float)):
-        seconds = float(value)
-    elif isinstance(value, str) and (match := _DURATION_PATTERN.fullmatch(value.strip())):
-        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
-    else:
-        raise ValueError(f"expected a duration like 500ms, 10s or 2m, got {value!r}")
+    seconds = _seconds(value)
+    if seconds is None:
+        raise ValueError(f"expected a duration like 500ms, 10s or 2m, got {_show(value)}")
     if not math.isfinite(seconds) or seconds <= 0:
-        raise ValueError(f"duration must be positive and finite, got {value!r}")
+        raise ValueError(f"duration must be positive and finite, got {_show(value)}")
     return seconds
+
+
+def _duration_text(seconds: float) -> str:
+    for unit, size in (("h", 3600.0), ("m", 60.0), ("s", 1.0)):
+        if seconds >= size and (seconds / size).is_integer():
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds * 1000:g}ms"
+
+
+def duration(low: float, high: float) -> Callable[[Any], float]:
+    """A duration key's parse: the syntax of ``parse_duration``, and ``low <= seconds <= high``."""
+    if not 0 < low <= high:
+        raise ValueError(f"bad range {low}-{high}")
+    bounds = f"{_duration_text(low)}-{_duration_text(high)}"
+
+    def parse(value: Any) -> float:
+        seconds = _seconds(value)
+        if seconds is None:
+            raise ValueError(f"expected a duration of {bounds} like 500ms, 10s or 2m, got {_show(value)}")
+        if not low <= seconds <= high:  # also refuses nan
+            raise ValueError(f"must be {bounds}, got {value.strip() if isinstance(value, str) else _show(value)}")
+        return seconds
+
+    return parse
+
+
+def whole_number(low: int, high: int) -> Callable[[Any], int]:
+    """A count key's parse: an integer (not a float, not a boolean) with ``low <= value <= high``."""
+    if not low <= high:
+        raise ValueError(f"bad range {low}-{high}")
+
+    def parse(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"expected a whole number {low}-{high}, got {_show(value)}")
+        if not low <= value <= high:
+            raise ValueError(f"must be {low}-{high}, got {_show(value)}")
+        return value
+
+    return parse
 
 
 def parse_address(value: Any) -> Address:
     """``host:port`` or ``[v6]:port``; hosts are IPs or DNS names, nothing that could break a config line."""
     if not isinstance(value, str):
-        raise ValueError(f"expected host:port, got {value!r}")
+        raise ValueError(f"expected host:port, got {_show(value)}")
     if value.startswith("["):
         host, sep, port_text = value[1:].partition("]:")
         if not sep:
-            raise ValueError(f"expected [ipv6]:port, got {value!r}")
+            raise ValueError(f"expected [ipv6]:port, got {_show(value)}")
         if not _IPV6_TEXT_PATTERN.fullmatch(host):  # also refuses %zone suffixes, which may hold anything
-            raise ValueError(f"{host!r} is not an IPv6 address")
+            raise ValueError(f"{_show(host)} is not an IPv6 address")
         try:
             ipaddress.IPv6Address(host)
         except ValueError:
-            raise ValueError(f"{host!r} is not an IPv6 address") from None
+            raise ValueError(f"{_show(host)} is not an IPv6 address") from None
     else:
         host, sep, port_text = value.rpartition(":")
         if not sep or not host:
-            raise ValueError(f"expected host:port, got {value!r}")
-        if not _HOSTNAME_PATTERN.fullmatch(host):
-            raise ValueError(f"{host!r} is not a valid host name or IPv4 address")
+            raise ValueError(f"expected host:port, got {_show(value)}")
+        if _IPV4_TEXT_PATTERN.fullmatch(host):
+            # All digits and dots is never a DNS name to a proxy: it must be a dotted quad.
+            try:
+                ipaddress.IPv4Address(host)
+            except ValueError:
+                raise ValueError(f"{_show(host)} is not an IPv4 address (four numbers 0-255, "
+                                 "no leading zeros)") from None
+        elif len(host) > MAX_HOSTNAME_LENGTH:
+            raise ValueError(f"host name is {len(host)} characters long, at most {MAX_HOSTNAME_LENGTH} are allowed")
+        elif not _HOSTNAME_PATTERN.fullmatch(host):
+            raise ValueError(f"{_show(host)} is not a valid host name or IPv4 address")
     if not _PORT_PATTERN.fullmatch(port_text) or not 1 <= int(port_text) <= 65535:
-        raise ValueError(f"port must be 1-65535, got {port_text!r}")
+        raise ValueError(f"port must be 1-65535, got {_show(port_text)}")
     return Address(host, int(port_text))
 
 
@@ -97,16 +188,9 @@ def validate_name(value: Any) -> str:
         raise ValueError(f"expected a string, got {type(value).__name__}")
     if not NAME_PATTERN.fullmatch(value):
         raise ValueError(
-            f"{value!r} is not allowed: use 1-63 characters from A-Z a-z 0-9 _ . - , starting with a letter or digit"
+            f"{_show(value)} is not allowed: "
+            "use 1-63 characters from A-Z a-z 0-9 _ . - , starting with a letter or digit"
         )
-    return value
-
-
-def _positive_int(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"expected a whole number, got {value!r}")
-    if value < 1:
-        raise ValueError(f"must be at least 1, got {value}")
     return value
 
 
@@ -124,26 +208,26 @@ def _api_key(value: Any) -> str:
 
 def _env_name(value: Any) -> str:
     if not isinstance(value, str) or not _ENV_NAME_PATTERN.fullmatch(value):
-        raise ValueError(f"expected an environment variable name, got {value!r}")
+        raise ValueError(f"expected an environment variable name, got {_show(value)}")
     return value
 
 
 def _metric_prefix(value: Any) -> str:
     if not isinstance(value, str) or not _METRIC_PREFIX_PATTERN.fullmatch(value):
-        raise ValueError(f"expected a StatsD prefix like paddler or prod.llm, got {value!r}")
+        raise ValueError(f"expected a StatsD prefix like paddler or prod.llm, got {_show(value)}")
     return value
 
 
 def _boolean(value: Any) -> bool:
     if not isinstance(value, bool):
-        raise ValueError(f"expected true or false, got {value!r}")
+        raise ValueError(f"expected true or false, got {_show(value)}")
     return value
 
 
 def _socket_path(value: Any) -> str:
     """An absolute path that can sit unquoted on a haproxy.cfg line."""
     if not isinstance(value, str) or not _SOCKET_PATH_PATTERN.fullmatch(value):
-        raise ValueError(f"expected an absolute path of A-Z a-z 0-9 _ . - / characters, got {value!r}")
+        raise ValueError(f"expected an absolute path of A-Z a-z 0-9 _ . - / characters, got {_show(value)}")
     return value
 
 
@@ -164,7 +248,9 @@ class Backend:
     address: Address = key(parse_address)
     api_key: str | None = key(_api_key, None)
     api_key_env: str | None = key(_env_name, None)
-    slots: int | None = key(_positive_int, None)
+    # llama-server's --parallel; HAProxy uses it as the server's maxconn, which it takes modulo
+    # 2^32 (0 meaning unlimited), so it is bounded well below that. 1024 is far above any GPU's.
+    slots: int | None = key(whole_number(1, 1024), None)
 
     exclusive: ClassVar[tuple[tuple[str, str], ...]] = (("api_key", "api_key_env"),)
 
@@ -179,7 +265,9 @@ class Backend:
 class AgentConfig:
     listen: Address = key(parse_address, Address("127.0.0.1", 5555))
     management: Address = key(parse_address, Address("127.0.0.1", 8085))
-    interval: float = key(parse_duration, 1.0)
+    # Each interval the agent polls every backend's /slots and HAProxy sends an agent-check:
+    # under 50ms that load is felt by llama-server; over 60s a dead server goes unnoticed too long.
+    interval: float = key(duration(0.05, 60), 1.0)
     # Operator endpoints (drain/ready) need this bearer token; with neither set they are disabled.
     operator_token: str | None = key(_secret, None)
     operator_token_env: str | None = key(_env_name, None)
@@ -197,7 +285,8 @@ class AgentConfig:
 class StatsdConfig:
     address: Address = key(parse_address)
     prefix: str = key(_metric_prefix, "paddler")
-    interval: float = key(parse_duration, 1.0)
+    # Gauges are sent every interval: under 100ms is a UDP flood, over 10m no graph shows anything.
+    interval: float = key(duration(0.1, 600), 1.0)
 
     exclusive: ClassVar[tuple[tuple[str, str], ...]] = ()
 
@@ -205,10 +294,16 @@ class StatsdConfig:
 @dataclass(frozen=True)
 class BalancerConfig:
     listen: Address = key(parse_address, Address("127.0.0.1", 8000))
-    max_buffered_requests: int = key(_positive_int, 30)
-    buffered_request_timeout: float = key(parse_duration, 10.0)
+    # Requests held while every slot is busy (HAProxy's queue, paddler.lua's counter in Envoy);
+    # each one is an open client connection, and 100,000 is already past a proxy's fd budget.
+    max_buffered_requests: int = key(whole_number(1, 100_000), 30)
+    # HAProxy timers are milliseconds up to 2^31-1 (24.8 days) and Envoy's are protobuf durations;
+    # both are bounded at 24h, which no client waits. A wait shorter than 100ms is shorter than
+    # a poll, so it could never see a slot free; an idle limit under 1s cuts off a prompt still
+    # being processed.
+    buffered_request_timeout: float = key(duration(0.1, 86400), 10.0)
     # Inactivity limit on both sides of a request; bounds the worst time to first token.
-    idle_timeout: float = key(parse_duration, 300.0)
+    idle_timeout: float = key(duration(1, 86400), 300.0)
     # /slots shows prompts; admin endpoints (/metrics, POST /props, POST /lora-adapters) change or
     # reveal server state. Neither is reachable through the balancer unless turned on.
     expose_slots: bool = key(_boolean, False)
@@ -244,30 +339,93 @@ _TOP_LEVEL = ("backends", "standby", "agent", "balancer", "statsd")
 
 
 def default_fleet() -> Fleet:
-    return parse_fleet(yaml.safe_load(DEFAULT_FLEET_YAML), source="<embedded default>")
+    return parse_fleet(_load_yaml("<embedded default>", DEFAULT_FLEET_YAML), source="<embedded default>")
 
 
 def load_fleet(path: str | Path) -> Fleet:
     source = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with Path(path).open("rb") as file:  # one bounded read: the path may be /dev/zero or a FIFO
+            raw = file.read(MAX_FILE_BYTES + 1)
     except OSError as exc:
         raise FleetError(source, "(file)", f"cannot read: {exc.strerror or exc}") from exc
+    if len(raw) > MAX_FILE_BYTES:
+        raise FleetError(source, "(file)", f"larger than {MAX_FILE_BYTES // 1024} KiB; "
+                                           "a fleet file is a few kilobytes")
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise FleetError(source, "(file)", "not UTF-8 text") from exc
+    return parse_fleet(_load_yaml(source, text), source=source)
+
+
+class _Refused(Exception):
+    def __init__(self, event: yaml.Event, problem: str) -> None:
+        super().__init__(problem)
+        self.line = event.start_mark.line + 1 if event.start_mark is not None else None
+        self.problem = problem
+
+
+class _FleetLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, minus what a fleet file never needs and an attacker would: anchors
+    and aliases (a 500-byte "billion laughs" file expands to a billion nodes, a recursive one to
+    a cycle), explicit tags, and unbounded nesting (the composer recurses once per level)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self._depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        self.check_event()  # parses the next event into current_event, as compose_node will read it
+        event: yaml.Event = self.current_event
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise _Refused(event, "anchors and aliases are not allowed in a fleet file")
+        if (tag := getattr(event, "tag", None)) is not None:
+            # !!int '' or !!timestamp x would reach constructors that fail with any exception at all.
+            tag = str(tag).replace("tag:yaml.org,2002:", "!!", 1)
+            tag = tag if len(tag) <= 40 else f"{tag[:37]}..."
+            raise _Refused(event, f"tags such as {tag} are not allowed in a fleet file (quote the value)")
+        if not isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+            return super().compose_node(parent, index)
+        if self._depth >= MAX_DEPTH:
+            raise _Refused(event, f"nested deeper than {MAX_DEPTH} levels")
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _load_yaml(source: str, text: str) -> Any:
+    """The YAML document in ``text``, or a one-line FleetError: never another exception."""
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        if node is not None:
-            _refuse_duplicate_keys(source, node, "")
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        where = ""
-        mark = getattr(exc, "problem_mark", None)
-        if mark is not None:
-            where = f" at line {mark.line + 1}, column {mark.column + 1}"
-        problem = getattr(exc, "problem", None) or str(exc)
+        loader = _FleetLoader(text)  # checks every character at once: a ReaderError
+        try:
+            node = loader.get_single_node()
+            if node is None:
+                return None
+            _refuse_duplicate_keys(source, node, "")  # a FleetError, which the handlers below let through
+            return loader.construct_document(node)
+        finally:
+            loader.dispose()
+    except FleetError:
+        raise
+    except _Refused as exc:
+        where = f"line {exc.line}: " if exc.line is not None else ""
+        raise FleetError(source, "(yaml)", f"{where}{exc.problem}") from None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = exc.problem or exc.context or "cannot be parsed"
         raise FleetError(source, "(yaml)", f"not valid YAML{where}: {problem}") from None
-    return parse_fleet(data, source=source)
+    except yaml.reader.ReaderError as exc:
+        raise FleetError(source, "(yaml)", f"not valid YAML at character {exc.position + 1}: {exc.reason}") from None
+    except yaml.YAMLError as exc:
+        raise FleetError(source, "(yaml)", f"not valid YAML: {exc}") from None
+    except ValueError as exc:
+        # A scalar YAML resolved but Python would not build: an integer of more than 4,300 digits,
+        # a timestamp on the 13th month.
+        raise FleetError(source, "(yaml)", f"a value cannot be read: {str(exc).partition(';')[0]}") from None
 
 
 def parse_fleet(data: Any, source: str = "<fleet>") -> Fleet:
@@ -283,7 +441,7 @@ def parse_fleet(data: Any, source: str = "<fleet>") -> Fleet:
                 raise FleetError(source, name_key,
                                  f"duplicate name {backend.name!r} (first used at {seen[backend.name]})")
             seen[backend.name] = name_key
-    return Fleet(
+    fleet = Fleet(
         backends=tuple(backends),
         standby=tuple(standby),
         agent=_read_section(source, AgentConfig, top.get("agent", {}), "agent"),
@@ -291,6 +449,45 @@ def parse_fleet(data: Any, source: str = "<fleet>") -> Fleet:
         statsd=_read_section(source, StatsdConfig, top["statsd"], "statsd") if "statsd" in top else None,
         source=source,
     )
+    _refuse_shared_addresses(fleet)
+    return fleet
+
+
+def _same_host(address: Address) -> tuple[str, int]:
+    """What two addresses must share to be one socket: the host as the resolver sees it (DNS names
+    are case-blind, IPv6 has many spellings) and the port."""
+    try:
+        return ipaddress.ip_address(address.host).compressed, address.port
+    except ValueError:
+        return address.host.lower(), address.port
+
+
+def _refuse_shared_addresses(fleet: Fleet) -> None:
+    """One server listed twice would get twice its slots' worth of requests; two of our own
+    listeners on one socket cannot both start, and a backend on one of them would loop."""
+    listeners = [(f"{section}.{name}", address) for section, name, address in (
+        ("agent", "listen", fleet.agent.listen),
+        ("agent", "management", fleet.agent.management),
+        ("balancer", "listen", fleet.balancer.listen),
+        ("balancer", "metrics_listen", fleet.balancer.metrics_listen),
+    ) if address is not None]
+    taken: dict[tuple[str, int], str] = {}
+    for index, (path, address) in enumerate(listeners):
+        for earlier_path, earlier in listeners[:index]:
+            if _same_host(address) == _same_host(earlier):
+                raise FleetError(fleet.source, path, f"{address} is already {earlier_path}")
+            wildcard = next((host for host in (address.host, earlier.host) if host in _WILDCARD_HOSTS), None)
+            if address.port == earlier.port and wildcard is not None:
+                raise FleetError(fleet.source, path,
+                                 f"{address} collides with {earlier_path} {earlier}: {wildcard} listens on "
+                                 f"every address, so port {address.port} can be bound only once")
+        taken[_same_host(address)] = path
+    for group, items in (("backends", fleet.backends), ("standby", fleet.standby)):
+        for index, backend in enumerate(items):
+            path = f"{group}[{index}].address"
+            if (first := taken.get(_same_host(backend.address))) is not None:
+                raise FleetError(fleet.source, path, f"{backend.address} is already {first}")
+            taken[_same_host(backend.address)] = path
 
 
 _Section = TypeVar("_Section", Backend, AgentConfig, StatsdConfig, BalancerConfig)
@@ -348,8 +545,8 @@ def _kind(value: Any) -> str:
     if isinstance(value, list):
         return "a list"
     if isinstance(value, str):
-        return f"the string {value!r}"
-    return repr(value)
+        return f"the string {_show(value)}"
+    return _show(value)
 
 
 def _refuse_duplicate_keys(source: str, node: yaml.Node, path: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +16,13 @@ from fleet import (
     Backend,
     BalancerConfig,
     FleetError,
+    StatsdConfig,
     default_fleet,
     load_fleet,
     parse_fleet,
     validate_name,
 )
-from fleet.schema import NAME_PATTERN
+from fleet.schema import MAX_DEPTH, MAX_FILE_BYTES, NAME_PATTERN
 
 SOURCE = "fleet.yaml"
 
@@ -106,7 +108,7 @@ def test_api_key_env_is_resolved_from_the_given_environment() -> None:
 
 @pytest.mark.parametrize(
     ("text", "seconds"),
-    [("500ms", 0.5), ("10s", 10.0), ("2m", 120.0), ("1.5s", 1.5), (3, 3.0)],
+    [("500ms", 0.5), ("10s", 10.0), ("1m", 60.0), ("1.5s", 1.5), (3, 3.0)],
 )
 def test_durations_are_converted_to_seconds(text: Any, seconds: float) -> None:
     data = one_backend()
@@ -117,6 +119,13 @@ def test_durations_are_converted_to_seconds(text: Any, seconds: float) -> None:
 
     assert fleet.agent.interval == pytest.approx(seconds)
     assert fleet.balancer.buffered_request_timeout == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("2m", 120.0), ("1h", 3600.0), ("24h", 86400.0)])
+def test_long_durations_are_converted_to_seconds(text: str, seconds: float) -> None:
+    fleet = parse_fleet({**one_backend(), "balancer": {"buffered_request_timeout": text}}, source=SOURCE)
+
+    assert fleet.balancer.buffered_request_timeout == seconds
 
 
 def test_omitted_sections_take_documented_defaults() -> None:
@@ -182,9 +191,9 @@ BAD_FLEETS = [
                  id="address-host-with-newline"),
     pytest.param(one_backend(address="[not-v6]:80"), "backends[0].address", "is not an IPv6 address",
                  id="address-bad-ipv6"),
-    pytest.param(one_backend(slots=-1), "backends[0].slots", "must be at least 1, got -1", id="negative-slots"),
-    pytest.param(one_backend(slots=0), "backends[0].slots", "must be at least 1, got 0", id="zero-slots"),
-    pytest.param(one_backend(slots=True), "backends[0].slots", "expected a whole number, got True",
+    pytest.param(one_backend(slots=-1), "backends[0].slots", "must be 1-1024, got -1", id="negative-slots"),
+    pytest.param(one_backend(slots=0), "backends[0].slots", "must be 1-1024, got 0", id="zero-slots"),
+    pytest.param(one_backend(slots=True), "backends[0].slots", "expected a whole number 1-1024, got True",
                  id="bool-slots"),
     pytest.param({**one_backend(), "bogus": 1}, "bogus", "unknown key", id="unknown-top-level-key"),
     pytest.param(one_backend(bogus=1), "backends[0].bogus", "unknown key", id="unknown-backend-key"),
@@ -204,11 +213,188 @@ BAD_FLEETS = [
     pytest.param(None, "(top level)", "expected a mapping, got nothing", id="empty-document"),
     pytest.param({**one_backend(), "agent": {"interval": "soon"}}, "agent.interval", "expected a duration",
                  id="bad-duration"),
-    pytest.param({**one_backend(), "agent": {"interval": "0s"}}, "agent.interval", "must be positive",
+    pytest.param({**one_backend(), "agent": {"interval": "0s"}}, "agent.interval", "must be 50ms-1m, got 0s",
                  id="zero-duration"),
     pytest.param({**one_backend(), "balancer": {"max_buffered_requests": 0}}, "balancer.max_buffered_requests",
-                 "must be at least 1", id="zero-max-buffered-requests"),
+                 "must be 1-100000, got 0", id="zero-max-buffered-requests"),
 ]
+
+
+def with_section(section: str, **values: Any) -> dict[str, Any]:
+    return {**one_backend(), section: values}
+
+
+# Every number has a range, and the error says it (the hardening issue's examples first).
+OUT_OF_RANGE = [
+    pytest.param(one_backend(slots=4294967296), "backends[0].slots", "must be 1-1024, got 4294967296",
+                 id="slots-2^32-haproxy-would-read-as-unlimited"),
+    pytest.param(one_backend(slots=1025), "backends[0].slots", "must be 1-1024, got 1025", id="slots-1025"),
+    pytest.param(one_backend(slots=1e30), "backends[0].slots", "expected a whole number 1-1024, got 1e+30",
+                 id="slots-float-1e30"),
+    pytest.param(one_backend(slots="1e30"), "backends[0].slots", "expected a whole number 1-1024, got '1e30'",
+                 id="slots-string-1e30"),
+    pytest.param(one_backend(slots=4.0), "backends[0].slots", "expected a whole number 1-1024, got 4.0",
+                 id="slots-whole-float"),
+    pytest.param(one_backend(slots=10**400), "backends[0].slots", "must be 1-1024, got a number of 401 digits",
+                 id="slots-401-digits"),
+    pytest.param(one_backend(slots=10**5000), "backends[0].slots",
+                 "must be 1-1024, got a number of thousands of digits", id="slots-past-the-int-to-str-limit"),
+    pytest.param(with_section("agent", interval="0.1ms"), "agent.interval", "must be 50ms-1m, got 0.1ms",
+                 id="interval-0.1ms"),
+    pytest.param(with_section("agent", interval=1e300), "agent.interval", "must be 50ms-1m, got 1e+300",
+                 id="interval-1e300"),
+    pytest.param(with_section("agent", interval="61s"), "agent.interval", "must be 50ms-1m, got 61s",
+                 id="interval-61s"),
+    pytest.param(with_section("agent", interval=-1), "agent.interval", "must be 50ms-1m, got -1",
+                 id="interval-negative"),
+    pytest.param(with_section("agent", interval="1e300"), "agent.interval",
+                 "expected a duration of 50ms-1m like 500ms, 10s or 2m, got '1e300'", id="interval-string-1e300"),
+    pytest.param(with_section("statsd", address="127.0.0.1:8125", interval="50ms"), "statsd.interval",
+                 "must be 100ms-10m, got 50ms", id="statsd-interval-50ms"),
+    pytest.param(with_section("statsd", address="127.0.0.1:8125", interval="11m"), "statsd.interval",
+                 "must be 100ms-10m, got 11m", id="statsd-interval-11m"),
+    pytest.param(with_section("balancer", max_buffered_requests=1e30), "balancer.max_buffered_requests",
+                 "expected a whole number 1-100000, got 1e+30", id="max-buffered-1e30"),
+    pytest.param(with_section("balancer", max_buffered_requests=100_001), "balancer.max_buffered_requests",
+                 "must be 1-100000, got 100001", id="max-buffered-100001"),
+    pytest.param(with_section("balancer", buffered_request_timeout="99ms"), "balancer.buffered_request_timeout",
+                 "must be 100ms-24h, got 99ms", id="buffered-timeout-99ms"),
+    pytest.param(with_section("balancer", buffered_request_timeout="25h"), "balancer.buffered_request_timeout",
+                 "must be 100ms-24h, got 25h", id="buffered-timeout-25h"),
+    pytest.param(with_section("balancer", buffered_request_timeout=float("inf")),
+                 "balancer.buffered_request_timeout", "must be 100ms-24h, got inf", id="buffered-timeout-inf"),
+    pytest.param(with_section("balancer", idle_timeout="999ms"), "balancer.idle_timeout",
+                 "must be 1s-24h, got 999ms", id="idle-timeout-999ms"),
+    pytest.param(with_section("balancer", idle_timeout="100000m"), "balancer.idle_timeout",
+                 "must be 1s-24h, got 100000m", id="idle-timeout-huge"),
+]
+
+
+@pytest.mark.parametrize(("data", "key", "message"), OUT_OF_RANGE)
+def test_out_of_range_number_is_refused_with_its_range(data: Any, key: str, message: str) -> None:
+    assert str(fleet_error(data)) == f"{SOURCE}: {key}: {message}"
+
+
+def test_numbers_at_the_ends_of_their_ranges_are_accepted() -> None:
+    low = parse_fleet({
+        "backends": [{"name": "a", "address": "127.0.0.1:8080", "slots": 1}],
+        "agent": {"interval": "50ms"},
+        "statsd": {"address": "127.0.0.1:8125", "interval": "100ms"},
+        "balancer": {"max_buffered_requests": 1, "buffered_request_timeout": "100ms", "idle_timeout": "1s"},
+    }, source=SOURCE)
+    high = parse_fleet({
+        "backends": [{"name": "a", "address": "127.0.0.1:8080", "slots": 1024}],
+        "agent": {"interval": "60s"},
+        "statsd": {"address": "127.0.0.1:8125", "interval": "10m"},
+        "balancer": {"max_buffered_requests": 100_000, "buffered_request_timeout": "24h", "idle_timeout": "24h"},
+    }, source=SOURCE)
+
+    assert (low.backends[0].slots, low.agent.interval, low.balancer.max_buffered_requests) == (1, 0.05, 1)
+    assert low.statsd == StatsdConfig(Address("127.0.0.1", 8125), interval=0.1)
+    assert (low.balancer.buffered_request_timeout, low.balancer.idle_timeout) == (0.1, 1.0)
+    assert (high.backends[0].slots, high.agent.interval, high.balancer.max_buffered_requests) == (1024, 60.0, 100_000)
+    assert high.statsd == StatsdConfig(Address("127.0.0.1", 8125), interval=600.0)
+    assert (high.balancer.buffered_request_timeout, high.balancer.idle_timeout) == (86400.0, 86400.0)
+
+
+@pytest.mark.parametrize("section", [Backend, AgentConfig, StatsdConfig, BalancerConfig])
+def test_every_default_is_inside_its_own_range(section: type) -> None:
+    # A default is what its key's parse returns; parsing it again (addresses as text) must give it back.
+    checked = 0
+    for spec in fields(section):
+        if "parse" not in spec.metadata or spec.default is MISSING or spec.default is None:
+            continue
+        raw = str(spec.default) if isinstance(spec.default, Address) else spec.default
+        assert spec.metadata["parse"](raw) == spec.default, spec.name
+        checked += 1
+    assert checked == {Backend: 0, AgentConfig: 3, StatsdConfig: 2, BalancerConfig: 6}[section]
+
+
+BAD_ADDRESSES = [
+    pytest.param("999.1.1.1:80", "'999.1.1.1' is not an IPv4 address (four numbers 0-255, no leading zeros)",
+                 id="ipv4-octet-999"),
+    pytest.param("1.2.3:80", "'1.2.3' is not an IPv4 address (four numbers 0-255, no leading zeros)",
+                 id="ipv4-three-octets"),
+    pytest.param("010.0.0.1:80", "'010.0.0.1' is not an IPv4 address (four numbers 0-255, no leading zeros)",
+                 id="ipv4-leading-zero"),
+    pytest.param("8080:80", "'8080' is not an IPv4 address (four numbers 0-255, no leading zeros)",
+                 id="host-all-digits"),
+    pytest.param(f"{'a' * 300}:80", "host name is 300 characters long, at most 253 are allowed",
+                 id="host-300-characters"),
+    pytest.param(f"{'a' * 64}.example:80", f"'{'a' * 64}.example' is not a valid host name or IPv4 address",
+                 id="label-64-characters"),
+]
+
+
+@pytest.mark.parametrize(("address", "problem"), BAD_ADDRESSES)
+def test_bad_host_is_refused(address: str, problem: str) -> None:
+    assert str(fleet_error(one_backend(address=address))) == f"{SOURCE}: backends[0].address: {problem}"
+
+
+def test_host_name_of_253_characters_is_accepted_and_254_refused() -> None:
+    label = "a" * 63
+    longest = f"{label}.{label}.{label}.{'b' * 61}"
+    assert len(longest) == 253
+
+    fleet = parse_fleet(one_backend(address=f"{longest}:80"), source=SOURCE)
+
+    assert fleet.backends[0].address == Address(longest, 80)
+    assert fleet_error(one_backend(address=f"x{longest}:80")).problem == (
+        "host name is 254 characters long, at most 253 are allowed")
+
+
+def two_backends(first: str, second: str, group: str = "backends") -> dict[str, Any]:
+    data: dict[str, Any] = {"backends": [{"name": "a", "address": first}]}
+    if group == "backends":
+        data["backends"].append({"name": "b", "address": second})
+    else:
+        data[group] = [{"name": "b", "address": second}]
+    return data
+
+
+SHARED_ADDRESSES = [
+    pytest.param(two_backends("127.0.0.1:8080", "127.0.0.1:8080"),
+                 "backends[1].address: 127.0.0.1:8080 is already backends[0].address", id="twice-in-backends"),
+    pytest.param(two_backends("127.0.0.1:8080", "127.0.0.1:8080", "standby"),
+                 "standby[0].address: 127.0.0.1:8080 is already backends[0].address", id="backend-and-standby"),
+    pytest.param(two_backends("GPU.example:8080", "gpu.example:8080"),
+                 "backends[1].address: gpu.example:8080 is already backends[0].address", id="host-name-case"),
+    pytest.param(two_backends("[::1]:8080", "[0:0::1]:8080"),
+                 "backends[1].address: [0:0::1]:8080 is already backends[0].address", id="ipv6-spellings"),
+    pytest.param(with_section("agent", management="127.0.0.1:5555"),
+                 "agent.management: 127.0.0.1:5555 is already agent.listen", id="agent-listen-and-management"),
+    pytest.param(with_section("balancer", listen="127.0.0.1:8085"),
+                 "balancer.listen: 127.0.0.1:8085 is already agent.management", id="balancer-on-management"),
+    pytest.param(with_section("balancer", metrics_listen="127.0.0.1:8000"),
+                 "balancer.metrics_listen: 127.0.0.1:8000 is already balancer.listen", id="metrics-on-balancer"),
+    pytest.param(with_section("balancer", listen="0.0.0.0:5555"),
+                 "balancer.listen: 0.0.0.0:5555 collides with agent.listen 127.0.0.1:5555: 0.0.0.0 listens on "
+                 "every address, so port 5555 can be bound only once", id="wildcard-v4-after-loopback"),
+    pytest.param({**one_backend(), "agent": {"listen": "0.0.0.0:9000"}, "balancer": {"listen": "10.0.0.1:9000"}},
+                 "balancer.listen: 10.0.0.1:9000 collides with agent.listen 0.0.0.0:9000: 0.0.0.0 listens on "
+                 "every address, so port 9000 can be bound only once", id="address-after-wildcard-v4"),
+    pytest.param(with_section("agent", listen="[::]:8085"),
+                 "agent.management: 127.0.0.1:8085 collides with agent.listen [::]:8085: :: listens on "
+                 "every address, so port 8085 can be bound only once", id="wildcard-v6"),
+    pytest.param(one_backend(address="127.0.0.1:8000"),
+                 "backends[0].address: 127.0.0.1:8000 is already balancer.listen", id="backend-on-the-balancer"),
+]
+
+
+@pytest.mark.parametrize(("data", "message"), SHARED_ADDRESSES)
+def test_an_address_used_twice_is_refused(data: Any, message: str) -> None:
+    assert str(fleet_error(data)) == f"{SOURCE}: {message}"
+
+
+def test_same_port_on_different_hosts_is_not_a_collision() -> None:
+    fleet = parse_fleet({
+        "backends": [{"name": "a", "address": "127.0.0.1:8080"}, {"name": "b", "address": "127.0.0.2:8080"}],
+        "agent": {"listen": "127.0.0.1:7000", "management": "127.0.0.2:7000"},
+        "balancer": {"listen": "127.0.0.3:7000", "metrics_listen": "[::1]:7000"},
+    }, source=SOURCE)
+
+    assert [backend.address.port for backend in fleet.backends] == [8080, 8080]
+    assert fleet.balancer.metrics_listen == Address("::1", 7000)
 
 
 @pytest.mark.parametrize(("data", "key", "problem"), BAD_FLEETS)
@@ -374,3 +560,132 @@ def test_accepted_names_never_contain_whitespace_hash_or_comma(name: str) -> Non
     assert "," not in name
     assert "\n" not in name and "\r" not in name
     assert 1 <= len(name) <= 63
+
+
+# --- YAML that could make the loader spin, recurse or print more than one line -------------
+
+
+def billion_laughs() -> str:
+    """The hardening issue's file: 9 levels of 9 aliases, a billion strings from a few hundred bytes."""
+    lines = [f'a0: &a0 ["{"lol" * 4}"]']
+    lines += [f"a{level}: &a{level} [{', '.join([f'*a{level - 1}'] * 9)}]" for level in range(1, 10)]
+    return "\n".join([*lines, "backends: *a9", ""])
+
+
+def nested_lists(depth: int) -> str:
+    return "backends: " + "[" * depth + "]" * depth + "\n"
+
+
+def written(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "fleet.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_billion_laughs_is_refused_at_its_first_anchor(tmp_path: Path) -> None:
+    text = billion_laughs()
+    assert len(text.encode()) == 525
+
+    error = load_error(written(tmp_path, text))
+
+    assert (error.key, error.problem) == ("(yaml)", "line 1: anchors and aliases are not allowed in a fleet file")
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        pytest.param("backends: &a [*a]\n", 1, id="recursive-anchor"),
+        pytest.param("x: &gpu\n  name: a\nbackends:\n  - *gpu\n", 1, id="anchor-on-a-mapping"),
+        pytest.param("backends:\n  - name: &n a\n    address: h:1\n", 2, id="anchor-on-a-scalar"),
+        pytest.param("backends:\n  - name: a\n    address: h:1\n  - <<: *base\n", 4, id="merge-key-alias"),
+    ],
+)
+def test_anchors_and_aliases_are_refused_with_their_line(tmp_path: Path, text: str, line: int) -> None:
+    error = load_error(written(tmp_path, text))
+
+    assert str(error) == (f"{tmp_path / 'fleet.yaml'}: (yaml): line {line}: "
+                          "anchors and aliases are not allowed in a fleet file")
+
+
+@pytest.mark.parametrize("text", [
+    pytest.param(nested_lists(5000), id="5000-nested-flow-lists"),
+    # Block nesting costs indentation, so 128 KiB holds fewer levels, still past the recursion limit.
+    pytest.param("backends:\n" + "".join(f"{'  ' * level}- \n" for level in range(1, 350)), id="350-block-lists"),
+    pytest.param("backends:\n" + "".join(f"{' ' * level}k:\n" for level in range(1, 500)), id="500-block-maps"),
+])
+def test_deep_nesting_is_refused_before_the_composer_recurses(tmp_path: Path, text: str) -> None:
+    error = load_error(written(tmp_path, text))
+
+    assert error.key == "(yaml)"
+    assert error.problem.endswith(f": nested deeper than {MAX_DEPTH} levels")
+
+
+def test_nesting_up_to_the_limit_reaches_the_schema(tmp_path: Path) -> None:
+    # The top-level mapping is the first level: 63 lists below it make 64.
+    deepest = load_error(written(tmp_path, nested_lists(MAX_DEPTH - 1)))
+    too_deep = load_error(written(tmp_path, nested_lists(MAX_DEPTH)))
+
+    assert (deepest.key, deepest.problem) == ("backends[0]", "expected a mapping, got a list")
+    assert (too_deep.key, too_deep.problem) == ("(yaml)", "line 1: nested deeper than 64 levels")
+
+
+def test_file_larger_than_the_limit_is_refused_unread(tmp_path: Path) -> None:
+    fleet = "backends:\n  - name: a\n    address: h:1\n"
+    exact = fleet + "#" * (MAX_FILE_BYTES - len(fleet) - 1) + "\n"
+    assert len(exact) == MAX_FILE_BYTES
+
+    assert load_fleet(written(tmp_path, exact)).backends == (Backend("a", Address("h", 1)),)
+    error = load_error(written(tmp_path, exact + "\n"))
+    assert (error.key, error.problem) == ("(file)", "larger than 128 KiB; a fleet file is a few kilobytes")
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "problem"),
+    [
+        pytest.param("backends:\n  - name: a\n    address: h:1\n    slots: " + "1" * 5000 + "\n", "(yaml)",
+                     "a value cannot be read: Exceeds the limit (4300 digits) for integer string conversion: "
+                     "value has 5000 digits", id="integer-of-5000-digits"),
+        pytest.param("backends:\n  - name: 2024-13-45\n", "(yaml)",
+                     "a value cannot be read: month must be in 1..12", id="timestamp-in-month-13"),
+        pytest.param('"gpu\\nx": 1\n', "gpu\\nx", "unknown key (allowed: agent, backends, balancer, standby, statsd)",
+                     id="key-with-a-line-break-is-shown-escaped"),
+        pytest.param('backends:\n  - "name\\u2028": a\n', "backends[0].name\\u2028",
+                     "unknown key (allowed: address, api_key, api_key_env, name, slots)",
+                     id="key-with-a-unicode-line-separator"),
+        pytest.param("backends: \x00\n", "(yaml)",
+                     "not valid YAML at character 11: special characters are not allowed", id="nul-character"),
+        pytest.param("backends: []\n---\nbackends: []\n", "(yaml)",
+                     "not valid YAML at line 2, column 1: but found another document", id="two-documents"),
+    ],
+)
+def test_unreadable_values_and_odd_keys_give_one_line(tmp_path: Path, text: str, key: str, problem: str) -> None:
+    error = load_error(written(tmp_path, text))
+
+    assert str(error) == f"{tmp_path / 'fleet.yaml'}: {key}: {problem}"
+    assert len(str(error).splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "tag"),
+    [
+        pytest.param("backends:\n  - name: a\n    address: h:1\n    slots: !!int ''\n", "!!int",
+                     id="int-tag-on-an-empty-string"),
+        pytest.param("backends:\n  - name: !!timestamp a\n", "!!timestamp", id="timestamp-tag-on-a-name"),
+        pytest.param("backends:\n  - name: !!bool a\n", "!!bool", id="bool-tag-on-a-name"),
+        pytest.param("backends: !!seq\n  - name: a\n", "!!seq", id="seq-tag"),
+        pytest.param("backends:\n  - name: !local a\n", "!local", id="local-tag"),
+    ],
+)
+def test_explicit_tags_are_refused(tmp_path: Path, text: str, tag: str) -> None:
+    # Constructors given a tag they cannot honour fail with KeyError, IndexError, AttributeError...
+    error = load_error(written(tmp_path, text))
+
+    assert error.key == "(yaml)"
+    assert error.problem.endswith(f": tags such as {tag} are not allowed in a fleet file (quote the value)")
+
+
+def test_fleet_error_escapes_whatever_would_break_its_line() -> None:
+    error = FleetError("fleet\n.yaml", "a\rb", "bad\u2028value\x85end\ttab")
+
+    assert str(error) == "fleet\\n.yaml: a\\rb: bad\\u2028value\\x85end\\ttab"
+    assert error.key == "a\\rb"
