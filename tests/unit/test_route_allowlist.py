@@ -124,8 +124,9 @@ def test_both_rendered_configs_carry_exactly_the_contracts_table(expose: tuple[b
     envoy = yaml.safe_load(render_envoy(fleet))
     routes = envoy["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"][
         "route_config"]["virtual_hosts"][0]["routes"]
+    # /health, then llama.cpp's two routes (placed by the picker, and the fallback) with one table.
     assert [r["metadata"]["filter_metadata"]["envoy.filters.http.lua"].get("routes") for r in routes] == [
-        None, expected]
+        None, expected, expected]
 
 
 def test_the_default_table_forwards_inference_and_reads_only() -> None:
