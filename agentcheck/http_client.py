@@ -232,9 +232,10 @@ class _Connection(asyncio.Protocol):
                 raise _ProtocolError("bad header line")
             name, value = name.strip().lower(), value.strip()
             if name == b"content-length":
-                if not value.isdigit() or (length is not None and int(value) != length):
+                declared = _content_length(value)
+                if length is not None and declared != length:
                     raise _ProtocolError("bad Content-Length")
-                length = int(value)
+                length = declared
             elif name == b"transfer-encoding":
                 chunked = value.lower().split(b",")[-1].strip() == b"chunked"
                 if not chunked:
@@ -264,6 +265,16 @@ class _Connection(asyncio.Protocol):
         else:
             self._mode, self._keep_alive = "close", False
         return False
+
+
+def _content_length(value: bytes) -> int:
+    """A Content-Length as a number; past 18 digits it is too large (and past 4,300, int() refuses it)."""
+    if not value.isdigit():
+        raise _ProtocolError("bad Content-Length")
+    digits = value.lstrip(b"0")
+    if len(digits) > 18:
+        raise _TooLarge
+    return int(digits or b"0")
 
 
 class _StaleConnection(Exception):
