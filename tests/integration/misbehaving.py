@@ -72,6 +72,17 @@ async def _cut_mid_response(reader: asyncio.StreamReader, writer: asyncio.Stream
     writer.close()
 
 
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
+
+
 class BackgroundServers:
     """Runs any number of stub servers on one loop in a daemon thread; stops them all on exit."""
 
@@ -114,6 +125,26 @@ class BackgroundServers:
 
         async def start() -> None:
             server = await asyncio.start_server(_cut_mid_response, "127.0.0.1", port)
+
+            async def close() -> None:
+                server.close()
+
+            self._cleanups.append(close)
+
+        self._run(start())
+        return f"127.0.0.1:{port}"
+
+    def relay(self, target: str) -> str:
+        """A second address for one server: each connection is forwarded to target as is."""
+        port = free_port()
+        host, target_port = target.rsplit(":", 1)
+
+        async def forward(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            upstream_reader, upstream_writer = await asyncio.open_connection(host, int(target_port))
+            await asyncio.gather(_pipe(reader, upstream_writer), _pipe(upstream_reader, writer))
+
+        async def start() -> None:
+            server = await asyncio.start_server(forward, "127.0.0.1", port)
 
             async def close() -> None:
                 server.close()

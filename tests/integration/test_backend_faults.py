@@ -42,7 +42,8 @@ def fleet_agent(api_llama: LlamaServer, tmp_path_factory: pytest.TempPathFactory
             "hanging": stubs.http(misbehaving.llama_like(health=misbehaving.hanging, slots=misbehaving.hanging)),
             "hangs-up": stubs.cut_mid_response(),
             "nobody-home": f"127.0.0.1:{free_port()}",
-            "keyed-without-key": api_llama.address,
+            # The fleet refuses one address twice, so this entry reaches the same server through a relay.
+            "keyed-without-key": stubs.relay(api_llama.address),
         }
         entries = [{"name": name, "address": address} for name, address in backends.items()]
         entries.append({"name": "keyed-with-key", "address": api_llama.address, "api_key_env": "KEYED_API_KEY"})
