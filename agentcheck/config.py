@@ -46,20 +46,20 @@ class AgentSettings:
         return f"http://{contract.client_address(self.fleet.balancer.listen)}/health"
 
     @classmethod
-    def from_fleet(cls, fleet: Fleet, listen: Address | None = None, interval: float | None = None,
-                   weight: WeightFormula | None = None, management: Address | None = None,
+    def from_fleet(cls, fleet: Fleet, weight: WeightFormula | None = None,
                    environ: Mapping[str, str] = os.environ) -> AgentSettings:
-        """The fleet's settings with command-line overrides; secrets named by ``*_env`` keys are read
-        here, so a missing one stops the agent at start-up rather than failing every poll."""
+        """The fleet's settings (command-line overrides are already in it: ``fleet.override_agent``);
+        secrets named by ``*_env`` keys are read here, so a missing one stops the agent at start-up
+        rather than failing every poll."""
         token = fleet.agent.resolve_operator_token(environ)
         if fleet.agent.operator_token_env and not token:
             raise FleetError(fleet.source, "agent.operator_token_env",
                              f"environment variable {fleet.agent.operator_token_env} is not set or empty")
         return cls(
             fleet=fleet,
-            listen=listen or fleet.agent.listen,
-            interval=interval or fleet.agent.interval,
-            management=management or fleet.agent.management,
+            listen=fleet.agent.listen,
+            interval=fleet.agent.interval,
+            management=fleet.agent.management,
             weight=weight or DEFAULT_WEIGHT_FORMULA,
             operator_token=token,
             api_keys=resolve_api_keys(fleet, environ),

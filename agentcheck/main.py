@@ -9,14 +9,11 @@ import resource
 import signal
 import sys
 from collections.abc import Callable
-from typing import TypeVar
 
 from agentcheck.config import AgentSettings
 from agentcheck.policy import WeightFormula
 from agentcheck.server import Agent
-from fleet import FleetError, default_fleet, load_fleet, parse_address, parse_duration, parse_fleet
-
-T = TypeVar("T")
+from fleet import FleetError, default_fleet, load_fleet, override_agent, parse_fleet
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,20 +51,13 @@ def settings_from_args(args: argparse.Namespace) -> AgentSettings:
         fleet = parse_fleet({"backends": entries}, source="command line")
     else:
         fleet = default_fleet()
-    listen = _option("--listen", parse_address, args.listen)
-    interval = _option("--interval", parse_duration, args.interval)
-    management = _option("--management", parse_address, args.management)
+    overrides = {key: (flag, value) for key, flag, value in (
+        ("listen", "--listen", args.listen),
+        ("interval", "--interval", args.interval),
+        ("management", "--management", args.management),
+    ) if value is not None}
     weight = WeightFormula(args.weight) if args.weight else None
-    return AgentSettings.from_fleet(fleet, listen=listen, interval=interval, weight=weight, management=management)
-
-
-def _option(flag: str, parse: Callable[[str], T], value: str | None) -> T | None:
-    if value is None:
-        return None
-    try:
-        return parse(value)
-    except ValueError as exc:
-        raise FleetError("command line", flag, str(exc)) from None
+    return AgentSettings.from_fleet(override_agent(fleet, overrides), weight=weight)
 
 
 def raise_open_file_limit() -> None:

@@ -18,7 +18,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -451,6 +451,24 @@ def parse_fleet(data: Any, source: str = "<fleet>") -> Fleet:
     )
     _refuse_shared_addresses(fleet)
     return fleet
+
+
+def override_agent(fleet: Fleet, overrides: Mapping[str, tuple[str, str]]) -> Fleet:
+    """The fleet with ``agent`` keys replaced from the command line (key -> (flag, text)), each
+    checked by its key's own parse and the fleet's address rules, so a flag is no way around them."""
+    if not overrides:
+        return fleet
+    parses = {item.name: item.metadata["parse"] for item in fields(AgentConfig) if "parse" in item.metadata}
+    values = {}
+    for name, (flag, text) in overrides.items():
+        try:
+            values[name] = parses[name](text)
+        except ValueError as exc:
+            raise FleetError("command line", flag, str(exc)) from None
+    flags = ", ".join(flag for flag, _ in overrides.values())
+    overridden = replace(fleet, agent=replace(fleet.agent, **values), source=f"{fleet.source} with {flags}")
+    _refuse_shared_addresses(overridden)
+    return overridden
 
 
 def _same_host(address: Address) -> tuple[str, int]:

@@ -124,6 +124,9 @@ def test_duplicate_backend_names_on_the_command_line_are_refused() -> None:
         (["--listen", "nowhere"], "--listen"),
         (["--interval", "soon"], "--interval"),
         (["--interval", "0s"], "--interval"),
+        (["--interval", "1ms"], "--interval"),
+        (["--interval", "1e300"], "--interval"),
+        (["--management", "999.1.1.1:8085"], "--management"),
     ],
 )
 def test_bad_listen_or_interval_option_is_named(argv: list[str], key: str) -> None:
@@ -131,6 +134,28 @@ def test_bad_listen_or_interval_option_is_named(argv: list[str], key: str) -> No
 
     assert error.source == "command line"
     assert error.key == key
+
+
+def test_an_interval_flag_has_the_fleet_files_range() -> None:
+    error = cli_error("--interval", "10ms")
+
+    assert error.problem == "must be 50ms-1m, got 10ms"
+
+
+@pytest.mark.parametrize(
+    ("argv", "key", "problem"),
+    [
+        (["--listen", "127.0.0.1:8085"], "agent.management", "127.0.0.1:8085 is already agent.listen"),
+        (["--management", "127.0.0.1:8080"], "backends[0].address", "127.0.0.1:8080 is already agent.management"),
+        (["--listen", "0.0.0.0:8085"], "agent.management",
+         "127.0.0.1:8085 collides with agent.listen 0.0.0.0:8085: 0.0.0.0 listens on every address, "
+         "so port 8085 can be bound only once"),
+    ],
+)
+def test_a_listener_flag_may_not_take_an_address_already_in_use(argv: list[str], key: str, problem: str) -> None:
+    error = cli_error(*argv)
+
+    assert (error.source, error.key, error.problem) == ("<embedded default> with " + argv[0], key, problem)
 
 
 # --- exit codes -----------------------------------------------------------------------------
