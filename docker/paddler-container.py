@@ -153,7 +153,8 @@ def main(argv: list[str]) -> int:
         os.execvp("haproxy", ["haproxy", "-W", "-db", "-f", config, *rest])
     if command == "envoy":
         config = write_config("envoy", "envoy.yaml")
-        os.execvp("envoy", ["envoy", "-c", config, "--disable-hot-restart", "--log-level", "warn", *rest])
+        os.execvp("envoy", ["envoy", "-c", config, "--disable-hot-restart", "--log-level", "warn",
+                              "--concurrency", "1", *rest])
     if command == "render" and rest and rest[0] in LUA_DIRS:
         sys.stdout.write(render(rest[0]))
         return 0

@@ -1,9 +1,10 @@
 """Envoy without the agent: the least_request fallback keeps every llama-server within its slots.
 
 Real llama-servers (1 and 2 slots), the generated config, the agent killed while streams run.
-Envoy runs with ``--concurrency 1``, as docs/envoy.md says to run it: the per-host limit is exact
-for one worker (with W workers Envoy lets each worker's empty connection pool open one connection
-past it). ``llamacpp:requests_deferred`` is sampled on every server every 50 ms and must stay 0.
+Envoy runs with ``--concurrency 1`` (devstack's EnvoyProcess), as docs/envoy.md says to run it:
+the per-host limit is exact for one worker (with W workers Envoy lets each worker's empty
+connection pool open one connection past it). ``llamacpp:requests_deferred`` is sampled on every
+server every 50 ms and must stay 0.
 """
 
 from __future__ import annotations
@@ -31,11 +32,6 @@ CONCURRENCY = 8
 MAX_TOKENS = 128
 
 
-class OneWorkerEnvoy(EnvoyProcess):
-    def command(self) -> list[str]:
-        return [*super().command(), "--concurrency", "1"]
-
-
 def fallback_stack(workdir: Path, servers: dict[str, LlamaServer], slots_in_fleet: bool,
                    balancer: dict[str, Any] | None = None) -> BalancerStack:
     """A BalancerStack whose fleet file gives each backend its ``slots:`` when asked, Envoy on one worker."""
@@ -46,7 +42,7 @@ def fallback_stack(workdir: Path, servers: dict[str, LlamaServer], slots_in_flee
             backend["slots"] = servers[backend["name"]].slots
     stack.fleet_path.write_text(yaml.safe_dump(stack.fleet, sort_keys=False))
     stack.config = generate_config("envoy", stack.fleet_path)
-    stack.envoy = stack.proxy = OneWorkerEnvoy(stack.config, stack.workdir, f"http://{LOOPBACK}:{stack.admin_port}")
+    stack.envoy = stack.proxy = EnvoyProcess(stack.config, stack.workdir, f"http://{LOOPBACK}:{stack.admin_port}")
     return stack
 
 
