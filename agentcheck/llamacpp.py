@@ -8,6 +8,7 @@ llama.cpp versions in the wild is handled, and it is tested without sockets.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from dataclasses import dataclass
@@ -206,54 +207,92 @@ class LlamaCppClient:
     """Fetches a backend's endpoints; never raises for anything the backend does.
 
     A healthy server costs one request per poll: ``/slots``, on a kept-alive connection
-    (``agentcheck.http_client``). ``/props`` (model, slot count) rarely changes and is
-    refreshed every ``PROPS_REFRESH_POLLS`` polls; ``/health`` and ``/metrics`` are only
-    asked when ``/slots`` answers but not with a usable list, to say why. A backend that
-    cannot even be connected to costs one connection attempt per poll.
+    (``agentcheck.http_client``). ``/health`` and ``/metrics`` are only asked when ``/slots``
+    answers but not with a usable list, to say why. A backend that cannot even be connected
+    to costs one connection attempt per poll.
 
-    ``close()`` closes the polling connections.
+    ``/props`` (model, slot count, sleeping) is optional information that rarely changes: it is
+    refreshed in a task of its own, bounded by the same timeout, with the first poll, every
+    ``PROPS_REFRESH_POLLS`` polls, and after a poll that did not find the server ready (it may
+    come back with another model). A poll waits for a refresh only until half its timeout has
+    passed, then goes on with the last usable answer, so a slow, hanging or broken ``/props``
+    can never change the verdict ``/slots`` gives.
+
+    ``close()`` cancels the refreshes under way and closes the polling connections.
     """
 
     PROPS_REFRESH_POLLS = 30
 
     def __init__(self, timeout: float = 10.0) -> None:
+        self._timeout = timeout
         self._http = HttpClient(timeout=timeout, max_body=MAX_BODY_BYTES)
-        self._props: dict[str, tuple[Outcome, int]] = {}
+        self._props: dict[str, _Props] = {}
 
     async def close(self) -> None:
+        refreshes = [props.refresh for props in self._props.values() if props.refresh is not None]
+        for refresh in refreshes:
+            refresh.cancel()
+        await asyncio.gather(*refreshes, return_exceptions=True)
         await self._http.close()
 
     async def poll(self, backend: Backend, api_key: str | None) -> BackendStatus:
+        loop = asyncio.get_running_loop()
+        props_deadline = loop.time() + self._timeout / 2
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        props = self._props.setdefault(backend.name, _Props(polls=self.PROPS_REFRESH_POLLS))
         answer = await self._get(backend, "/slots", headers)
         if isinstance(answer, HttpError) and answer.connect:  # nothing listening: /health would fail alike
+            props.polls = self.PROPS_REFRESH_POLLS
             failure = Failure(answer.reason)
             return interpret(failure, failure, None, None, backend.slots)
         slots = _outcome(answer)
-        cached = self._props.get(backend.name)
-        if cached is None or cached[1] >= self.PROPS_REFRESH_POLLS:
-            props, age = _outcome(await self._get(backend, "/props", headers)), 0
-        else:
-            props, age = cached
-        self._props[backend.name] = (props, age + 1)
+        self._refresh_props(backend, headers, props)
+        if props.refresh is not None:
+            await asyncio.wait({props.refresh}, timeout=max(0.0, props_deadline - loop.time()))
         if isinstance(slots, Reply) and slots.status == 200:
-            status = interpret(None, slots, props, None, backend.slots)
+            status = interpret(None, slots, props.answer, None, backend.slots)
             if status.state is State.READY:
                 return status
         health = _outcome(await self._get(backend, "/health", headers))
-        if age != 0:
-            props = _outcome(await self._get(backend, "/props", headers))
-            self._props[backend.name] = (props, 1)
         metrics = None
         if isinstance(slots, Reply) and slots.status in (404, 501):
             metrics = _outcome(await self._get(backend, "/metrics", headers))
-        return interpret(health, slots, props, metrics, backend.slots)
+        status = interpret(health, slots, props.answer, metrics, backend.slots)
+        if status.state is not State.READY:
+            props.polls = self.PROPS_REFRESH_POLLS
+        return status
+
+    def _refresh_props(self, backend: Backend, headers: dict[str, str], props: _Props) -> None:
+        """Start a /props refresh when one is due and none is under way; count the poll."""
+        if props.refresh is None and props.polls >= self.PROPS_REFRESH_POLLS:
+            props.polls = 0
+            props.refresh = asyncio.create_task(self._get(backend, "/props", headers), name=f"props-{backend.name}")
+            props.refresh.add_done_callback(props.store)
+        props.polls += 1
 
     async def _get(self, backend: Backend, path: str, headers: dict[str, str]) -> Reply | HttpError:
         answer = await self._http.get(backend.address.host, backend.address.port, path, headers)
         if isinstance(answer, Response):
             return Reply(answer.status, answer.body)
         return answer
+
+
+@dataclass
+class _Props:
+    """One backend's last usable /props answer, and the refresh under way if any."""
+
+    polls: int  # since the last refresh started
+    answer: Reply | None = None
+    refresh: asyncio.Task[Reply | HttpError] | None = None
+
+    def store(self, refresh: asyncio.Task[Reply | HttpError]) -> None:
+        """Keep a 200 JSON object; anything else leaves the previous answer in place."""
+        self.refresh = None
+        if refresh.cancelled():
+            return
+        answer = refresh.result()
+        if isinstance(answer, Reply) and answer.status == 200 and isinstance(_json(answer.body), dict):
+            self.answer = answer
 
 
 def _outcome(answer: Reply | HttpError) -> Outcome:
