@@ -28,7 +28,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -140,6 +141,73 @@ def refused_ports(count: int) -> list[int]:
             sock.close()
 
 
+@contextmanager
+def simulator(backends: int) -> Iterator[tuple[int, list[int]]]:
+    """The SIMULATOR listening on ``backends`` loopback ports: yields its pid and the ports."""
+    with tempfile.TemporaryDirectory(prefix="agent-bench-sim-") as tmp:
+        ports_file = Path(tmp) / "ports.json"
+        sim = subprocess.Popen([sys.executable, "-m", "bench.slots_sim", "--count", str(backends),
+                                "--ports-file", str(ports_file)])
+
+        def ports() -> list[int]:
+            return list(json.loads(ports_file.read_text())) if ports_file.exists() else []
+
+        try:
+            yield sim.pid, wait_until(ports, timeout=60, what="the simulator")
+        finally:
+            sim.terminate()
+            sim.wait()
+
+
+def check_names(ports: list[int]) -> list[str]:
+    return [f"b{i:05d}" for i in range(len(ports))]
+
+
+@contextmanager
+def agent_watching(workdir: Path, ports: list[int], refused: int, log_level: str,
+                   source: str | None) -> Iterator[AgentProcess]:
+    """The real agent polling ``ports`` (named by ``check_names``) plus ``refused`` dead addresses every 1 s."""
+    entries: list[dict[str, Any]] = [{"name": n, "address": f"127.0.0.1:{p}"}
+                                     for n, p in zip(check_names(ports), ports, strict=True)]
+    entries += [{"name": f"gone{i:05d}", "address": f"127.0.0.1:{p}"}
+                for i, p in enumerate(refused_ports(refused))]
+    fleet = {"backends": entries, "agent": {"interval": "1s"}}
+    (workdir / "fleet.yaml").write_text(yaml.safe_dump(fleet))
+    # PYTHONSAFEPATH: the current directory must not shadow the source under test.
+    env = {"PYTHONPATH": source, "PYTHONSAFEPATH": "1"} if source else None
+    agent = AgentProcess(workdir, ["--fleet", str(workdir / "fleet.yaml"), "--log-level", log_level], extra_env=env)
+    with agent:
+        yield agent
+
+
+@dataclass
+class Window:
+    """One measured stretch of checks: round trips, and CPU as a percentage of one core."""
+
+    latencies: list[float]
+    failures: int
+    wall: float
+    cpu: float
+    bench_cpu: float
+    sim_cpu: float
+
+    def p50_ms(self) -> float:
+        return percentile(self.latencies, 50) * 1000 if self.latencies else float("nan")
+
+    def p99_ms(self) -> float:
+        return percentile(self.latencies, 99) * 1000 if self.latencies else float("nan")
+
+
+def measure(pid: int, port: int, names: list[bytes], sim_pid: int, rate: float, seconds: float) -> Window:
+    """Checks against ``port`` for ``seconds``, with the CPU that ``pid``, this process and the simulator used."""
+    cpu_before, own_before, sim_before = cpu_seconds(pid), own_cpu_seconds(), cpu_seconds(sim_pid)
+    wall_before = time.monotonic()
+    latencies, failures = run_checks(port, names, rate, seconds)
+    wall = time.monotonic() - wall_before
+    return Window(latencies, failures, wall, (cpu_seconds(pid) - cpu_before) / wall * 100,
+                  (own_cpu_seconds() - own_before) / wall * 100, (cpu_seconds(sim_pid) - sim_before) / wall * 100)
+
+
 @dataclass
 class Result:
     source: str
@@ -153,44 +221,16 @@ class Result:
 
 
 def one_run(args: argparse.Namespace, source: str | None) -> Result:
-    with tempfile.TemporaryDirectory(prefix="agent-bench-") as tmp:
-        workdir = Path(tmp)
-        ports_file = workdir / "ports.json"
-        sim = subprocess.Popen([sys.executable, "-m", "bench.slots_sim", "--count", str(args.backends),
-                                "--ports-file", str(ports_file)])
-        try:
-            ports = wait_until(lambda: ports_file.exists() and json.loads(ports_file.read_text()), timeout=60,
-                               what="the simulator")
-            names = [f"b{i:05d}" for i in range(len(ports))]
-            entries: list[dict[str, Any]] = [{"name": n, "address": f"127.0.0.1:{p}"}
-                                             for n, p in zip(names, ports, strict=True)]
-            entries += [{"name": f"gone{i:05d}", "address": f"127.0.0.1:{p}"}
-                        for i, p in enumerate(refused_ports(args.refused))]
-            fleet = {"backends": entries, "agent": {"interval": "1s"}}
-            (workdir / "fleet.yaml").write_text(yaml.safe_dump(fleet))
-            # PYTHONSAFEPATH: the current directory must not shadow the source under test.
-            env = {"PYTHONPATH": source, "PYTHONSAFEPATH": "1"} if source else None
-            with AgentProcess(workdir, ["--fleet", str(workdir / "fleet.yaml"), "--log-level", args.log_level],
-                              extra_env=env) as agent:
-                assert agent.proc is not None
-                encoded = [f"{n}\n".encode() for n in names]
-                run_checks(agent.port, encoded, args.rate, args.warmup)
-                log_before = agent.log_path.read_bytes().count(b"\n")
-                cpu_before, own_before = cpu_seconds(agent.proc.pid), own_cpu_seconds()
-                sim_before = cpu_seconds(sim.pid)
-                wall_before = time.monotonic()
-                latencies, failures = run_checks(agent.port, encoded, args.rate, args.seconds)
-                wall = time.monotonic() - wall_before
-                cpu = (cpu_seconds(agent.proc.pid) - cpu_before) / wall
-                own = (own_cpu_seconds() - own_before) / wall
-                sim_cpu = (cpu_seconds(sim.pid) - sim_before) / wall
-                log_lines = (agent.log_path.read_bytes().count(b"\n") - log_before) / wall
-        finally:
-            sim.terminate()
-            sim.wait()
-    return Result(source or "(this checkout)", percentile(latencies, 50) * 1000 if latencies else float("nan"),
-                  percentile(latencies, 99) * 1000 if latencies else float("nan"), cpu * 100, log_lines,
-                  own * 100, sim_cpu * 100, failures)
+    with tempfile.TemporaryDirectory(prefix="agent-bench-") as tmp, simulator(args.backends) as (sim_pid, ports):
+        with agent_watching(Path(tmp), ports, args.refused, args.log_level, source) as agent:
+            assert agent.proc is not None
+            encoded = [f"{n}\n".encode() for n in check_names(ports)]
+            run_checks(agent.port, encoded, args.rate, args.warmup)
+            log_before = agent.log_path.read_bytes().count(b"\n")
+            window = measure(agent.proc.pid, agent.port, encoded, sim_pid, args.rate, args.seconds)
+            log_lines = (agent.log_path.read_bytes().count(b"\n") - log_before) / window.wall
+    return Result(source or "(this checkout)", window.p50_ms(), window.p99_ms(), window.cpu, log_lines,
+                  window.bench_cpu, window.sim_cpu, window.failures)
 
 
 def main() -> int:
