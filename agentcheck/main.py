@@ -1,4 +1,4 @@
-"""``paddler-agent``: command line → AgentSettings → Agent, and signal handling."""
+"""``paddler-agent``: command line → AgentSettings → Agent, and signal handling; or one of its subcommands."""
 
 from __future__ import annotations
 
@@ -10,17 +10,24 @@ import signal
 import sys
 from collections.abc import Callable
 
+from agentcheck import top
 from agentcheck.config import AgentSettings
 from agentcheck.policy import WeightFormula
 from agentcheck.server import Agent
 from fleet import FleetError, default_fleet, load_fleet, override_agent, parse_fleet
+
+# A first argument naming one of these runs it with the rest; anything else runs the agent itself.
+SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "top": top.main,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="paddler-agent",
         description="Watch llama.cpp servers' slots and answer HAProxy agent-checks with their real state.",
-        epilog="With neither --fleet nor --backend, watches one llama-server on 127.0.0.1:8080.",
+        epilog="With neither --fleet nor --backend, watches one llama-server on 127.0.0.1:8080. "
+               "Subcommands: top (a running agent's fleet table in a terminal; paddler-agent top --help).",
     )
     parser.add_argument("--fleet", metavar="FILE", help="fleet YAML file (backends, standby, agent, balancer)")
     parser.add_argument("--backend", metavar="NAME=HOST:PORT", action="append", default=[],
@@ -89,6 +96,9 @@ async def _run(settings: AgentSettings) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in SUBCOMMANDS:
+        return SUBCOMMANDS[argv[0]](argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
