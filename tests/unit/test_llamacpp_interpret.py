@@ -93,8 +93,9 @@ def test_props_model_alias_wins_over_model_path() -> None:
 
 @pytest.mark.parametrize(
     "props",
-    [None, Failure("connection closed mid-response"), NOT_FOUND, Reply(200, b"not json"), ok([1, 2])],
-    ids=["absent", "failure", "404", "not-json", "not-an-object"],
+    [None, Failure("connection closed mid-response"), NOT_FOUND, Reply(200, b"not json"), ok([1, 2]),
+     Reply(500, b"<html><body><h1>Internal Server Error</h1></body></html>"), Reply(200, b"<html>It works!</html>")],
+    ids=["absent", "failure", "404", "not-json", "not-an-object", "500-html", "html"],
 )
 def test_unusable_props_do_not_stop_a_ready_verdict(props: Any) -> None:
     status = interpret(HEALTH_OK, slots(True, False), props)
@@ -126,6 +127,15 @@ def test_unusable_slots_body_is_an_error(slots_reply: Reply, reason_part: str) -
     assert status.state is State.ERROR
     assert status.reason.startswith("GET /slots: ")
     assert reason_part in status.reason
+
+
+def test_slot_fields_the_agent_does_not_read_cannot_make_a_backend_unusable() -> None:
+    """Only is_processing counts: string ids and a negative n_ctx around it change nothing."""
+    odd = ok([{"id": "a", "n_ctx": -4096, "is_processing": True}, {"id": "b", "n_ctx": -1, "is_processing": False}])
+
+    status = interpret(HEALTH_OK, odd)
+
+    assert status == BackendStatus(State.READY, slots_total=2, slots_processing=1, slot_source=SlotSource.SLOTS)
 
 
 def test_slots_failure_is_unreachable_with_the_failure_reason() -> None:
