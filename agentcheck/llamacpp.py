@@ -237,6 +237,7 @@ class LlamaCppClient:
 
     async def poll(self, backend: Backend, api_key: str | None) -> BackendStatus:
         loop = asyncio.get_running_loop()
+        # The Monitor bounds the whole poll by this same timeout: /props may use at most half of it.
         props_deadline = loop.time() + self._timeout / 2
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         props = self._props.setdefault(backend.name, _Props(polls=self.PROPS_REFRESH_POLLS))
