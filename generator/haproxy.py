@@ -19,6 +19,12 @@ BACKEND_NAME = "llama"
 LUA_FILE = "paddler.lua"
 DEFAULT_LUA_DIR = "/etc/haproxy/paddler"
 GLOBAL_MAXCONN = 4096
+# HAProxy's /health check (the template says why): a refused connection is seen within
+# CHECK_INTER + CHECK_FASTINTER, and a slow answer fails only after CHECK_TIMEOUT.
+CHECK_INTER = 0.1
+CHECK_FASTINTER = 0.05
+CHECK_FALL = 2
+CHECK_TIMEOUT = 10.0
 
 
 def packaged_lua_path() -> Path:
@@ -50,6 +56,10 @@ def haproxy_context(fleet: Fleet, lua_dir: str = DEFAULT_LUA_DIR) -> dict[str, A
         "agent_host": agent.host,
         "agent_port": agent.port,
         "agent_inter": haproxy_duration(fleet.agent.interval),
+        "check_inter": haproxy_duration(CHECK_INTER),
+        "check_fastinter": haproxy_duration(CHECK_FASTINTER),
+        "check_fall": CHECK_FALL,
+        "check_timeout": haproxy_duration(CHECK_TIMEOUT),
         "backend_name": BACKEND_NAME,
         "servers": servers,
         "listen": str(balancer.listen),
