@@ -146,7 +146,9 @@ def test_haproxy_keeps_busy_servers_up_on_saturated_cores_and_takes_a_killed_one
           + ", ".join(f"{seconds * 1000:.0f} ms" for seconds in times))
 
     assert ended_in_time
-    assert watch.samples["haproxy"] > 100, watch.samples
+    # The watcher saw the load (it samples every 20 ms, far less often on saturated cores);
+    # HAProxy's own chkdown counter below covers what falls between its samples.
+    assert watch.samples["haproxy"] >= 10, watch.samples
     assert watch.downs() == [], watch.transitions
     assert went_down == dict.fromkeys(SLOTS, 0), went_down
     assert dict(load.counts()) == {"200": load.finished}, load.counts()
