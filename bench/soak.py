@@ -3,10 +3,13 @@
 The fleet of tests/integration/test_chaos.py (llama-servers with 1, 2 and 3 slots, a 2-slot standby,
 the agent at 500 ms, the generated HAProxy or Envoy config), devstack/chaos.py's seeded schedule over
 the whole run, and a bounded load of streaming chats of 16 to 400 tokens. Prints the agent's RSS,
-open fds and CPU seconds at start and end (each agent incarnation: the schedule restarts it), the
-status counts, unexcused failures and the highest ``requests_deferred`` per server incarnation.
+open fds and CPU seconds at start and end, the status counts, unexcused failures and the highest
+``requests_deferred`` per server incarnation.
 
-    python -m bench.soak --minutes 30 --seed 1 [--proxy haproxy|envoy]
+The schedule kills llama-servers and the standby; the agent only with ``--agent-kills``, because a
+leak shows only in an agent that lives the whole run (tests/integration/test_chaos.py kills it).
+
+    python -m bench.soak --minutes 30 --seed 1 [--proxy haproxy|envoy] [--agent-kills]
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ def agent_usage(agent: AgentProcess) -> dict[str, Any]:
     return {"pid": pid, "rss_kib": rss, "fds": len(os.listdir(f"/proc/{pid}/fd")), "cpu_s": round(cpu, 2)}
 
 
-def run(minutes: float, seed: int, proxy: str, workdir: Path) -> None:
+def run(minutes: float, seed: int, proxy: str, agent_kills: bool, workdir: Path) -> None:
     binary, model = llama_server_binary(), write_tiny_model(workdir / "tiny.gguf")
     servers = {name: LlamaServer(binary, model, workdir, slots=slots, name=name)
                for name, slots in {**PRIMARIES, **STANDBY}.items()}
@@ -58,7 +61,8 @@ def run(minutes: float, seed: int, proxy: str, workdir: Path) -> None:
         with stack:
             stack.wait_slots({**PRIMARIES, **STANDBY})
             seconds = minutes * 60
-            events = chaos.schedule(seed, seconds - 10, list(PRIMARIES), list(STANDBY))
+            events = [event for event in chaos.schedule(seed, seconds - 10, list(PRIMARIES), list(STANDBY))
+                      if agent_kills or event.kind != chaos.AGENT]
             runner = chaos.ChaosRunner(events, servers, stack.agent)
             load = chaos.Load(LOOPBACK, stack.port, int(REQUESTS_PER_MINUTE * minutes), CONCURRENCY,
                               deadline=seconds, max_tokens=mixed_tokens)
@@ -87,9 +91,11 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=30.0)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--proxy", choices=["haproxy", "envoy"], default="haproxy")
+    parser.add_argument("--agent-kills", action="store_true", help="kill the agent too (start and end are then "
+                                                                       "two different agents)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="paddler-soak-") as workdir:
-        run(args.minutes, args.seed, args.proxy, Path(workdir))
+        run(args.minutes, args.seed, args.proxy, args.agent_kills, Path(workdir))
 
 
 if __name__ == "__main__":
