@@ -21,6 +21,11 @@ log = logging.getLogger("paddler.agent")
 
 Poller = Callable[[Backend], Awaitable[BackendStatus]]
 
+# Polls due within this many seconds of each other start together, so that one wake-up of the
+# process serves several polls and their answers: spread one by one, 1,000 backends woke the
+# agent ~900 times a second, which cost more CPU than the polls' own work (docs/agent.md).
+POLL_BATCH = 0.01
+
 
 class PollCounters:
     """Polls per backend, and those that did not find it ready, by state: the monitor's own metrics."""
@@ -63,11 +68,13 @@ class Monitor:
         await asyncio.gather(*(self.poll_once(backend) for backend in self._backends))
 
     async def run(self) -> None:
-        """Poll every backend forever, each on its own schedule, spread across the interval."""
+        """Poll every backend forever, each on its own schedule, spread across the interval in steps of
+        ``POLL_BATCH``."""
         count = max(1, len(self._backends))
         async with asyncio.TaskGroup() as group:
             for index, backend in enumerate(self._backends):
-                group.create_task(self._poll_forever(backend, offset=self._interval * index / count),
+                offset = self._interval * index / count
+                group.create_task(self._poll_forever(backend, offset=offset - offset % POLL_BATCH),
                                   name=f"poll-{backend.name}")
 
     async def _poll_forever(self, backend: Backend, offset: float) -> None:
