@@ -152,7 +152,7 @@ async def acquire(request: web.Request) -> web.Response:
     except BufferTimeout:
         return _overloaded(contract.BUFFER_TIMEOUT, "buffer_timeout")
     return web.json_response({"endpoint": lease.address, "backend": lease.backend, "lease": lease.id},
-                             headers={ENDPOINT_HEADER: lease.address, LEASE_HEADER: lease.id})
+                             headers={ENDPOINT_HEADER: lease.endpoints, LEASE_HEADER: lease.id})
 
 
 def _overloaded(body: str, verdict: str) -> web.Response:
@@ -170,6 +170,19 @@ async def release(request: web.Request) -> web.Response:
         return _error(400, "a lease id is 22 characters of A-Z a-z 0-9 _ -")
     if not request.app[PICKER_KEY].release(lease_id):
         return _error(404, "no such lease, or already released")
+    return web.Response(status=204)
+
+
+async def failed(request: web.Request) -> web.Response:
+    """The filter saw this lease's server refuse the connection; ``x-paddler-endpoint`` names the server
+    Envoy's retry reached, if any. Only the exact id the picker handed out counts."""
+    if (refusal := _picker_refusal(request)) is not None:
+        return refusal
+    lease_id = request.match_info["lease"]
+    if not LEASE_ID_PATTERN.fullmatch(lease_id):
+        return _error(400, "a lease id is 22 characters of A-Z a-z 0-9 _ -")
+    if not request.app[PICKER_KEY].failed(lease_id, request.headers.get(ENDPOINT_HEADER)):
+        return _error(404, "no such lease")
     return web.Response(status=204)
 
 
@@ -217,5 +230,6 @@ def create_app(model: FleetModel, replies: AgentCheckReplies, snapshot: Snapshot
     app.router.add_post("/api/v1/agents/{name}/ready", _operator(drain=False))
     app.router.add_post("/api/v1/picker/acquire", acquire)
     app.router.add_post("/api/v1/picker/release/{lease}", release)
+    app.router.add_post("/api/v1/picker/failed/{lease}", failed)
     app.router.add_get("/api/v1/picker/health", picker_health)
     return app

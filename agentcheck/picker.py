@@ -14,15 +14,23 @@ below the number of our own running leases (what HAProxy's maxconn counts), sinc
 lists a new request as processing only once its main loop picks it up. When no slot is
 free (or no backend is usable at all: scale from zero), requests wait in one FIFO across
 the whole fleet, bounded in length and time, with the same outcomes as the HAProxy path.
+
+Each lease also names alternates, where Envoy retries if the chosen backend refuses the
+connection: others with a slot free that no other request in transit to the same backend was
+offered, idle standby first (nothing is placed there while primaries serve), so a retry does
+not land on a full server. A backend the filter saw refuse a connection is placed nothing until
+a poll that started after the refusal: a killed server would otherwise look free (its requests
+ended) until the next poll.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
 import re
 import secrets
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -36,6 +44,7 @@ SETTLE_SECONDS = 0.1
 # request it was given to can release it, so nobody can free a slot someone else holds.
 LEASE_ID_BYTES = 16
 LEASE_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{22}")
+MAX_ALTERNATES = 2  # the llama routes' num_retries: one alternate per retry
 
 
 class PickerError(Exception):
@@ -57,6 +66,12 @@ class Lease:
     address: str
     issued_at: float
     released_at: float | None = None
+    alternates: tuple[str, ...] = ()  # addresses, in the order Envoy tries them after a refused connection
+
+    @property
+    def endpoints(self) -> str:
+        """The x-paddler-endpoint value: override_host tries these in order, one per attempt."""
+        return ",".join((self.address, *self.alternates))
 
 
 class Picker:
@@ -71,6 +86,10 @@ class Picker:
         self._by_id: dict[str, Lease] = {}
         self._waiting: deque[asyncio.Future[Lease]] = deque()
         self._poll_history: dict[str, tuple[float, float | None]] = {}  # backend → (latest, previous) poll start
+        self._refused: dict[str, float] = {}  # backend → when the filter last saw it refuse a connection
+        self._names = {str(member.backend.address): member.name for member in model}
+        # (issued_at, backend, alternates) of recent leases: what a retry from that backend may land on
+        self._offered: deque[tuple[float, str, tuple[str, ...]]] = deque()
 
     @property
     def waiting(self) -> int:
@@ -102,7 +121,7 @@ class Picker:
 
     def candidates(self) -> list[str]:
         """Backends that may get new requests: ready, not drained primaries; else such standby ones."""
-        usable = [member for member in self._model if member.usable]
+        usable = [member for member in self._model if member.usable and not self._refusing(member)]
         primaries = [member.name for member in usable if member.role is Role.PRIMARY]
         return primaries or [member.name for member in usable]
 
@@ -117,10 +136,27 @@ class Picker:
         name = max(free, key=lambda n: (free[n], self._model[n].status.slots_total, n))
         if free[name] <= 0:
             return None
-        lease = Lease(self._new_id(), name, str(self._model[name].backend.address), self._clock())
+        now = self._clock()
+        alternates = self._alternates(name, now)
+        lease = Lease(self._new_id(), name, str(self._model[name].backend.address), now,
+                      alternates=tuple(str(self._model[other].backend.address) for other in alternates))
+        self._offered.append((now, name, alternates))
         self._leases.setdefault(name, {})[lease.id] = lease
         self._by_id[lease.id] = lease
         return lease
+
+    def _alternates(self, chosen: str, now: float) -> tuple[str, ...]:
+        """Usable backends other than ``chosen`` with a slot free beyond those offered as alternates to other
+        requests on ``chosen`` still in transit (issued within SETTLE_SECONDS: a refused connection is retried in
+        that time; requests on other backends fail only if those die too): standby first, then most free."""
+        while self._offered and self._offered[0][0] + SETTLE_SECONDS < now:
+            self._offered.popleft()
+        offered = Counter(name for _, placed, names in self._offered if placed == chosen for name in names)
+        free = {member.name: member.status.slots_total - self.busy(member.name) - offered[member.name]
+                for member in self._model
+                if member.usable and member.name != chosen and not self._refusing(member)}
+        return tuple(heapq.nlargest(MAX_ALTERNATES, (name for name in free if free[name] > 0),
+                                    key=lambda n: (self._model[n].role is Role.STANDBY, free[n], n)))
 
     def _new_id(self) -> str:
         while (lease_id := secrets.token_urlsafe(LEASE_ID_BYTES)) in self._by_id:  # 2**-128: never, in practice
@@ -158,6 +194,32 @@ class Picker:
             return False
         lease.released_at = self._clock()
         self.wake()
+        return True
+
+    def failed(self, lease_id: str, served_by: str | None = None) -> bool:
+        """The filter saw this lease's backend refuse the connection (or drop it before answering): place
+        nothing there until a poll that starts after now. When Envoy's retry reached another backend
+        (``served_by``, its address), the request runs there now, and its lease counts there. False for an
+        id this picker did not hand out."""
+        lease = self._by_id.get(lease_id)
+        if lease is None:
+            return False
+        now = self._clock()
+        self._refused[lease.backend] = now
+        moved_to = self._names.get(served_by or "")
+        if lease.released_at is None and moved_to is not None and moved_to != lease.backend:
+            del self._leases[lease.backend][lease.id]
+            lease.backend, lease.address, lease.issued_at = moved_to, str(self._model[moved_to].backend.address), now
+            self._leases.setdefault(moved_to, {})[lease.id] = lease
+        return True
+
+    def _refusing(self, member: Member) -> bool:
+        refused_at = self._refused.get(member.name)
+        if refused_at is None:
+            return False
+        if member.poll is not None and member.poll.started > refused_at:
+            del self._refused[member.name]
+            return False
         return True
 
     def on_member_change(self, previous: Member, current: Member) -> None:

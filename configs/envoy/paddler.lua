@@ -4,12 +4,15 @@
 -- client-supplied routing header, forward only what the route's allow-list names (the request
 -- reduced to "METHOD:path" as llama-server will route it: 403 for /slots and admin endpoints
 -- not exposed, 404 for anything else), then ask the agent's picker where to go:
---   200 -> set x-paddler-endpoint; the cluster's override_host policy routes there;
+--   200 -> set x-paddler-endpoint (the chosen server, then alternates for a retry after a refused
+--          connection); the cluster's override_host policy routes there;
 --   503 with x-paddler-verdict -> answer the client with the agent's JSON (buffer full or timeout);
 --   403 or 421 (the agent refused the filter's picker_token or name) -> no header, an error:
 --       least_request, as when the agent is down (a config slip must not become an outage);
 --   anything else (agent down) -> no header, a warning: the cluster falls back to least_request.
 -- When the response has streamed to its end, the lease is released so the slot is reused at once.
+-- When the server the picker chose refused the connection (Envoy retried it elsewhere, or gave up), the
+-- filter tells the picker as soon as the response starts, so nothing more is placed there.
 --
 -- Settings come from the route's metadata (filter_metadata "envoy.filters.http.lua");
 -- paddler-gen envoy writes them:
@@ -36,6 +39,7 @@ local paddler = {}
 local ENDPOINT_HEADER = "x-paddler-endpoint"
 local VERDICT_HEADER = "x-paddler-verdict"
 local LEASE_HEADER = "x-paddler-lease"
+local UPSTREAM_HEADER = "x-paddler-upstream"  -- added by the llama routes, for this filter only
 local AGENT_CLUSTER = "paddler_agent"
 local AGENT_AUTHORITY = "paddler-agent"  -- a host name the agent serves (agentcheck/management.py)
 local PICKER_TOKEN_HEADER = "x-paddler-picker-token"
@@ -142,6 +146,23 @@ function paddler.agent_headers(path, token)
            [PICKER_TOKEN_HEADER] = token }
 end
 
+-- What the route's x-paddler-upstream ("host attempts flags details", Envoy's own words) says about the
+-- server the picker chose: true when it refused the connection or dropped it before answering, then the
+-- address of the server Envoy's retry got an answer from, if any. Envoy tries again only after a failed
+-- connection (retry_on: connect-failure), so a second attempt means the first server refused.
+function paddler.placement_failure(upstream)
+  local host, attempts, flags, details = string.match(upstream or "", "^(%S+) (%d+) (%S+) (%S+)$")
+  if host == nil then
+    return false
+  end
+  local answered = details == "via_upstream"
+  if tonumber(attempts) > 1 then
+    return true, answered and host or nil
+  end
+  flags = "," .. flags .. ","
+  return not answered and (string.find(flags, ",UF,", 1, true) ~= nil or string.find(flags, ",UC,", 1, true) ~= nil)
+end
+
 function paddler.on_request(request_handle)
   local headers = request_handle:headers()
   headers:remove(ENDPOINT_HEADER)
@@ -184,16 +205,25 @@ function paddler.on_request(request_handle)
 end
 
 function paddler.on_response(response_handle)
+  local headers = response_handle:headers()
+  local upstream = headers:get(UPSTREAM_HEADER)
+  headers:remove(UPSTREAM_HEADER)
   local state = response_handle:streamInfo():dynamicMetadata():get("paddler")
   if state == nil or state["lease"] == nil then
     return
   end
+  -- The token from the route's metadata, like on the request: the secret stays out of dynamic metadata.
+  local token = response_handle:metadata():get("picker_token")
+  local failed, served_by = paddler.placement_failure(upstream)
+  if failed then
+    local report = paddler.agent_headers("/api/v1/picker/failed/" .. state["lease"], token)
+    report[ENDPOINT_HEADER] = served_by
+    response_handle:httpCall(AGENT_CLUSTER, report, "", RELEASE_TIMEOUT_MS, true)
+  end
   -- Iterating passes each chunk on unbuffered; the loop ends when the (streamed) response does.
   for _ in response_handle:bodyChunks() do
   end
-  -- The token from the route's metadata, like on the request: the secret stays out of dynamic metadata.
-  local release = paddler.agent_headers("/api/v1/picker/release/" .. state["lease"],
-                                        response_handle:metadata():get("picker_token"))
+  local release = paddler.agent_headers("/api/v1/picker/release/" .. state["lease"], token)
   response_handle:httpCall(AGENT_CLUSTER, release, "", RELEASE_TIMEOUT_MS, true)
 end
 

@@ -78,6 +78,7 @@ local function http_call(handles, picker)
     say("httpCall", cluster, headers[":method"], headers[":path"], "authority=" .. headers[":authority"],
         "token=" .. tostring(headers["x-paddler-picker-token"]), "body=" .. body, "timeout=" .. timeout_ms,
         "async=" .. tostring(async == true))
+    if headers["x-paddler-endpoint"] then say("  x-paddler-endpoint", headers["x-paddler-endpoint"]) end
     kill(handles)
     if async then return end
     return picker.headers, picker.body
@@ -98,9 +99,10 @@ function request(request_headers, metadata, picker, store)
   say("upstream", sorted_pairs(request_headers))
 end
 
-function response(chunks, store, metadata, picker)
+function response(chunks, store, metadata, picker, response_headers)
   local handles = {}
   local handle = {}
+  function handle:headers() return header_handle(response_headers or {}, handles) end
   function handle:metadata() return { get = function(_, key) return metadata[key] end } end
   function handle:streamInfo() return { dynamicMetadata = function() return dynamic_metadata(store) end } end
   function handle:bodyChunks()
@@ -402,6 +404,7 @@ def test_picker_timeout_comes_from_the_route() -> None:
 
 def test_the_lease_is_released_once_the_response_has_streamed_to_its_end() -> None:
     assert run_lua(f'response({{"data: a", "data: b"}}, {{paddler = {{lease = "42"}}}}, {lua(ROUTE)})') == [
+        "remove x-paddler-upstream",
         "chunk data: a",
         "chunk data: b",
         RELEASE_42,
@@ -410,8 +413,66 @@ def test_the_lease_is_released_once_the_response_has_streamed_to_its_end() -> No
 
 
 def test_a_response_without_a_lease_releases_nothing() -> None:
-    assert run_lua(f'response({{"data: a"}}, {{}}, {lua(ROUTE)})') == ["response done"]
-    assert run_lua(f'response({{"data: a"}}, {{paddler = {{}}}}, {lua(ROUTE)})') == ["response done"]
+    assert run_lua(f'response({{"data: a"}}, {{}}, {lua(ROUTE)})') == ["remove x-paddler-upstream", "response done"]
+    assert run_lua(f'response({{"data: a"}}, {{paddler = {{}}}}, {lua(ROUTE)})') == [
+        "remove x-paddler-upstream", "response done"]
+
+
+# x-paddler-upstream: "%UPSTREAM_HOST% %UPSTREAM_REQUEST_ATTEMPT_COUNT% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS%",
+# values as Envoy 1.40 wrote them in the kill test's access log.
+REFUSED_THEN_ANSWERED = "10.0.0.12:8080 2 - via_upstream"
+REFUSED_EVERYWHERE = ("10.0.0.11:8080 3 URX,UF upstream_reset_before_response_started"
+                      "{remote_connection_failure|delayed_connect_error:_Connection_refused}")
+DROPPED_BEFORE_ANSWERING = ("10.0.0.11:8080 1 UC upstream_reset_before_response_started{connection_termination}")
+
+
+@pytest.mark.parametrize(("upstream", "expected"), [
+    ("10.0.0.11:8080 1 - via_upstream", "false nil"),
+    (REFUSED_THEN_ANSWERED, "true 10.0.0.12:8080"),
+    (REFUSED_EVERYWHERE, "true nil"),
+    (DROPPED_BEFORE_ANSWERING, "true nil"),
+    ("10.0.0.11:8080 1 UT upstream_response_timeout", "false nil"),  # slow is not dead
+    ("- 1 NR route_not_found", "false nil"),
+    ("", "false nil"),
+    (None, "false nil"),
+    ("garbage", "false nil"),
+], ids=["answered", "refused-then-retried", "refused-everywhere", "dropped", "timeout",
+        "no-upstream", "empty", "absent", "garbage"])
+def test_placement_failure_reads_envoys_report_on_the_attempts(upstream: str | None, expected: str) -> None:
+    value = "nil" if upstream is None else json.dumps(upstream)
+    assert run_lua(f"local failed, served_by = paddler.placement_failure({value})\n"
+                   "print(tostring(failed) .. ' ' .. tostring(served_by))") == [expected]
+
+
+def test_a_refused_placement_is_reported_with_where_it_ran_before_the_body_then_released() -> None:
+    headers = {":status": "200", "x-paddler-upstream": REFUSED_THEN_ANSWERED}
+    assert run_lua(f'response({{"data: a"}}, {{paddler = {{lease = "42"}}}}, {lua(ROUTE)}, {{}}, {lua(headers)})') == [
+        "remove x-paddler-upstream",
+        ("httpCall paddler_agent POST /api/v1/picker/failed/42 authority=paddler-agent "
+         "token=a-picker-token-from-the-env body= timeout=1000 async=true"),
+        "  x-paddler-endpoint 10.0.0.12:8080",
+        "chunk data: a",
+        RELEASE_42,
+        "response done",
+    ]
+
+
+def test_a_placement_that_failed_everywhere_is_reported_without_an_endpoint() -> None:
+    headers = {":status": "503", "x-paddler-upstream": REFUSED_EVERYWHERE}
+    assert run_lua(f'response({{"upstream connect error"}}, {{paddler = {{lease = "42"}}}}, {lua(ROUTE)}, {{}}, '
+                   f'{lua(headers)})')[:2] == [
+        "remove x-paddler-upstream",
+        ("httpCall paddler_agent POST /api/v1/picker/failed/42 authority=paddler-agent "
+         "token=a-picker-token-from-the-env body= timeout=1000 async=true"),
+    ]
+
+
+def test_the_upstream_report_never_reaches_the_client_even_without_a_lease() -> None:
+    headers = {":status": "200", "x-paddler-upstream": REFUSED_THEN_ANSWERED}
+    assert run_lua(f'local headers = {lua(headers)}\n'
+                   f'response({{"data: a"}}, {{}}, {lua(ROUTE)}, {{}}, headers)\n'
+                   'print(tostring(headers["x-paddler-upstream"]))') == [
+        "remove x-paddler-upstream", "response done", "nil"]
 
 
 def test_request_then_response_releases_the_lease_the_picker_gave() -> None:
@@ -419,7 +480,8 @@ def test_request_then_response_releases_the_lease_the_picker_gave() -> None:
     lines = run_lua(f"local store = {{}}\n"
                     f"request({lua(headers)}, {lua(ROUTE)}, {lua(GRANTED)}, store)\n"
                     f'response({{"{{}}"}}, store, {lua(ROUTE)})')
-    assert lines[-3:] == [
+    assert lines[-4:] == [
+        "remove x-paddler-upstream",
         "chunk {}",
         RELEASE_42,
         "response done",

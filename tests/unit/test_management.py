@@ -282,7 +282,7 @@ async def test_picker_hands_out_endpoints_then_buffers_then_refuses_with_the_sha
     for _ in range(3):  # gpu1 has 3 free slots
         async with client.session.post(client.base + "/api/v1/picker/acquire", headers=envoy) as response:
             assert response.status == 200
-            assert response.headers["x-paddler-endpoint"] == "127.0.0.1:9001"
+            assert response.headers["x-paddler-endpoint"].split(",")[0] == "127.0.0.1:9001"  # then alternates
             leases.append((await response.json())["lease"])
     waiting = [asyncio.create_task(client.session.post(client.base + "/api/v1/picker/acquire", headers=envoy))
                for _ in range(2)]
@@ -298,7 +298,7 @@ async def test_picker_hands_out_endpoints_then_buffers_then_refuses_with_the_sha
     async with client.session.post(client.base + f"/api/v1/picker/release/{leases[0]}", headers=envoy) as response:
         assert response.status == 204
     first, second = [await task for task in waiting]
-    assert first.status == 200 and first.headers["x-paddler-endpoint"] == "127.0.0.1:9001"
+    assert first.status == 200 and first.headers["x-paddler-endpoint"].split(",")[0] == "127.0.0.1:9001"
     assert second.status == 503 and await second.text() == BUFFER_TIMEOUT
     first.release()
     second.release()
@@ -375,6 +375,19 @@ async def test_lease_ids_are_random_tokens_and_only_the_exact_one_releases_its_s
     status, _ = await client.picker(f"/api/v1/picker/release/{second}")
     assert status == 404  # released once: a second release frees nothing more
     assert await client.slots_idle() == 2
+
+
+async def test_a_failure_report_takes_the_token_and_a_lease_id_and_stops_placements(api: tuple[Api, Fleet]) -> None:
+    client, _ = api
+    lease = json.loads((await client.picker("/api/v1/picker/acquire"))[1])["lease"]
+    assert await client.picker(f"/api/v1/picker/failed/{lease}", token=None) == (403, json.dumps(MISSING_TOKEN))
+    assert (await client.picker("/api/v1/picker/failed/1"))[0] == 400
+    assert (await client.picker("/api/v1/picker/failed/AAAAAAAAAAAAAAAAAAAAAA"))[0] == 404
+    assert await client.picker(f"/api/v1/picker/failed/{lease}", **{"x-paddler-endpoint": "127.0.0.1:9001"}) == (
+        204, "")
+    status, text = await client.picker("/api/v1/picker/acquire")  # the only ready primary refused: standby
+    assert status == 200 and json.loads(text)["endpoint"] == "127.0.0.1:9003"
+    assert await client.picker(f"/api/v1/picker/release/{lease}") == (204, "")
 
 
 def test_the_picker_token_rule() -> None:

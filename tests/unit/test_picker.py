@@ -191,3 +191,60 @@ async def test_lease_ids_are_unguessable_tokens_and_a_guess_frees_nothing() -> N
     assert picker.free_slots() == {"small": 0, "large": 0}
     assert picker.release(leases[1].id)
     assert picker.free_slots() == {"small": 0, "large": 1}
+
+
+# A server that refuses connections (killed): Envoy retries on the lease's alternates, the filter reports it.
+
+
+async def test_a_lease_names_alternates_with_free_slots_idle_standby_first() -> None:
+    _, picker, _ = make()
+    lease = await picker.acquire()  # large; small and spare have free slots
+    assert lease.alternates == ("10.0.0.3:8080", "10.0.0.1:8080")
+    assert lease.endpoints == "10.0.0.2:8080,10.0.0.3:8080,10.0.0.1:8080"
+
+
+async def test_a_free_slot_is_an_alternate_for_one_request_in_transit_at_a_time() -> None:
+    model, picker, clock = make()
+    poll(model, clock, spare=ready(1), small=ready(1))
+    first, second = await picker.acquire(), await picker.acquire()  # large, large
+    assert first.alternates == ("10.0.0.3:8080", "10.0.0.1:8080")
+    assert second.alternates == ()  # spare's and small's one slot each are already offered to the first
+    clock.now += SETTLE_SECONDS + 0.01  # the first has connected by now, or been retried
+    assert (await picker.acquire()).alternates == ("10.0.0.3:8080", "10.0.0.1:8080")
+
+
+async def test_a_refusing_server_gets_nothing_until_a_poll_that_started_after_the_refusal() -> None:
+    model, picker, clock = make()
+    lease = await picker.acquire()  # large
+    assert picker.failed(lease.id)
+    assert picker.candidates() == ["small"]
+    assert picker.release(lease.id)
+    assert (await picker.acquire()).backend == "small"  # large looks free again, but refused
+    poll(model, clock, large=ready(4))
+    assert "large" in picker.candidates()
+
+
+async def test_a_refused_request_retried_elsewhere_counts_where_it_runs() -> None:
+    _, picker, _ = make()
+    lease = await picker.acquire()  # large
+    assert picker.failed(lease.id, served_by="10.0.0.3:8080")
+    assert (lease.backend, lease.address) == ("spare", "10.0.0.3:8080")
+    assert picker.busy("large") == 0 and picker.busy("spare") == 1
+    assert picker.release(lease.id)
+    assert picker.busy("spare") == 0
+
+
+async def test_a_failure_report_for_an_unknown_lease_or_elsewhere_changes_nothing() -> None:
+    _, picker, _ = make()
+    assert not picker.failed("AAAAAAAAAAAAAAAAAAAAAA")
+    lease = await picker.acquire()  # large
+    assert picker.failed(lease.id, served_by="192.0.2.1:80")  # not a fleet member: the lease stays
+    assert picker.busy("large") == 1
+    assert picker.candidates() == ["small"]
+
+
+async def test_when_every_primary_refuses_standby_takes_over() -> None:
+    _, picker, _ = make()
+    for _ in range(2):
+        picker.failed((await picker.acquire()).id)  # large, then small
+    assert picker.candidates() == ["spare"]
