@@ -30,7 +30,6 @@ import asyncio
 import json
 import resource
 import signal
-import socket
 import statistics
 import sys
 import tempfile
@@ -41,7 +40,7 @@ from pathlib import Path
 from typing import cast
 
 from bench.agentcheck_bench import Window, agent_watching, check_names, measure, run_checks, simulator
-from devstack.processes import LOOPBACK, _Process, free_port
+from devstack.processes import _Process, accepts_connections, free_port
 
 CHECK_REPLY = b"up ready 100% maxconn:4 #idle=4 processing=0 via /slots\n"  # as long as the agent's
 POLL_TICK = 0.01  # seconds between batches of polls
@@ -137,11 +136,7 @@ class FloorProcess(_Process):
                 "--port", str(self.port), "--ports-file", str(self.ports_file)]
 
     def ready(self) -> bool:
-        try:
-            with socket.create_connection((LOOPBACK, self.port), timeout=0.5):
-                return True
-        except OSError:
-            return False
+        return accepts_connections(self.port)
 
     def polls_per_second(self) -> float:
         """From the line the stand-in prints once stopped (over its whole life, warm-up included)."""

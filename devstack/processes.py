@@ -50,6 +50,15 @@ def wait_until(condition: Callable[[], T], timeout: float, interval: float = 0.0
         time.sleep(interval)
 
 
+def accepts_connections(port: int) -> bool:
+    """Something listens on this loopback port (a process's readiness before it speaks HTTP)."""
+    try:
+        with socket.create_connection((LOOPBACK, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
 def http_get(url: str, timeout: float = 2.0, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
     """(status, body); status 0 when nothing answered."""
     request = urllib.request.Request(url, headers=headers or {})
@@ -279,11 +288,7 @@ class AgentProcess(_Process):
                 "--management", f"{LOOPBACK}:{self.management_port}", *self.args]
 
     def ready(self) -> bool:
-        try:
-            with socket.create_connection((LOOPBACK, self.port), timeout=0.5):
-                return True
-        except OSError:
-            return False
+        return accepts_connections(self.port)
 
     def check(self, send: bytes = b"", timeout: float = 3.0) -> str:
         """One agent-check exchange, exactly as HAProxy performs it."""
