@@ -5,6 +5,12 @@ Pure functions only. HAProxy semantics that shape every line here (see docs/agen
 * A busy backend is never drained or weighted 0%: when every server is drained HAProxy
   answers 503 at once instead of queueing. Busy is expressed by ``maxconn:<slots>``, so
   the excess waits in HAProxy's backend queue and leaves it the moment a slot frees.
+* The one 0%: a backend back from a ``down`` reply (``returning``, for a moment that
+  agentcheck.replies times). HAProxy 2.6 hands a server that comes UP with a weight
+  up to maxconn queued requests it does not count (pendconn_grab_from_px), and
+  leastconn fills it again beside them. It applies the weight before ``up``, so at 0% the
+  server comes UP taking nothing, and the weight that follows goes through HAProxy's
+  counted paths. Meanwhile it counts as down (nbsrv, the standby), as it did a moment before.
 * ``maxconn:0`` means *unlimited* to HAProxy, so it is never sent.
 * After an agent ``down`` only an agent ``up`` revives a server, so every ready reply
   says ``up`` explicitly.
@@ -55,11 +61,14 @@ def weight_percent(status: BackendStatus, fleet_max_slots: int,
 
 
 def agent_reply(status: BackendStatus, fleet_max_slots: int,
-                formula: WeightFormula = DEFAULT_WEIGHT_FORMULA, drained: bool = False) -> str:
+                formula: WeightFormula = DEFAULT_WEIGHT_FORMULA, drained: bool = False,
+                returning: bool = False) -> str:
     """The full reply line, ``\\n``-terminated, for a known backend.
 
     ``drained`` is the operator's choice (drain endpoint): HAProxy sends no new requests,
     running ones finish. Only an operator may drain; busy is never expressed this way.
+    ``returning``: a reply for this backend said ``down`` a moment ago, so a ready one comes
+    back UP at weight 0% and gets its weight from a later reply (see the module docstring).
     """
     if status.state is State.READY and status.slots_total < 1:
         return f"down #{_comment('error: server reports no slots')}\n"
@@ -70,6 +79,9 @@ def agent_reply(status: BackendStatus, fleet_max_slots: int,
             detail += " sleeping"
         if drained:
             return f"up drain maxconn:{status.slots_total} #{_comment('drained by operator, ' + detail)}\n"
+        if returning:
+            comment = _comment("back from down, weight follows, " + detail)
+            return f"up ready 0% maxconn:{status.slots_total} #{comment}\n"
         weight = weight_percent(status, fleet_max_slots, formula)
         return f"up ready {weight}% maxconn:{status.slots_total} #{_comment(detail)}\n"
     if status.state is State.PENDING:

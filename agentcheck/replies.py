@@ -3,11 +3,15 @@
 Checks are the hot path (one per backend per ``agent-inter``), so each backend's reply is
 computed once per change and served from the cache until the model says the member changed.
 Weights are relative to the largest backend ever seen ready; a new maximum rescales them all.
+A backend back from a ``down`` reply is answered 0% for ``return_window`` seconds (agentcheck.policy
+says why): the replies remember what they last said, so the window starts at the first ready one.
 """
 
 from __future__ import annotations
 
+import time
 from collections import Counter
+from collections.abc import Callable
 
 from agentcheck.model import FleetModel, Member
 from agentcheck.policy import (
@@ -21,11 +25,16 @@ from agentcheck.protocol import Request
 
 
 class AgentCheckReplies:
-    def __init__(self, model: FleetModel, formula: WeightFormula = DEFAULT_WEIGHT_FORMULA) -> None:
+    def __init__(self, model: FleetModel, formula: WeightFormula = DEFAULT_WEIGHT_FORMULA,
+                 return_window: float = 0.0, clock: Callable[[], float] = time.monotonic) -> None:
         self._model = model
         self._formula = formula
+        self._return_window = return_window
+        self._clock = clock
         self._largest_slots = 0
         self._cache: dict[str, str] = {}
+        # Backends back from a down reply → when their first reply after it was up (None: not yet).
+        self._returning: dict[str, float | None] = {}
         self.served: Counter[str] = Counter()  # replies by kind: ready, drain, down, unknown, invalid
 
     def on_member_change(self, previous: Member, current: Member) -> None:
@@ -64,4 +73,21 @@ class AgentCheckReplies:
         reply = self.reply_for(name)
         if reply is None:
             return unknown_backend_reply(name), "unknown"
-        return reply, reply.split(" ", 2)[1] if reply.startswith("up ") else "down"
+        if not reply.startswith("up "):
+            self._returning[name] = None
+            return reply, "down"
+        if name in self._returning:
+            now = self._clock()
+            since = self._returning[name]
+            if since is None:
+                since = self._returning[name] = now
+            if now - since >= self._return_window:
+                del self._returning[name]
+            elif reply.startswith("up ready "):
+                reply = self._returning_reply(name)
+        return reply, reply.split(" ", 2)[1]
+
+    def _returning_reply(self, name: str) -> str:
+        member = self._model.get(name)
+        assert member is not None  # reply_for found it
+        return agent_reply(member.status, self._largest_slots, self._formula, returning=True)

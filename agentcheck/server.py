@@ -43,7 +43,8 @@ class Agent:
     def __init__(self, settings: AgentSettings) -> None:
         self.settings = settings
         self.model = FleetModel.from_fleet(settings.fleet)
-        self.replies = AgentCheckReplies(self.model, settings.weight)
+        self.replies = AgentCheckReplies(self.model, settings.weight,
+                                         return_window=contract.agent_return_window(settings.interval))
         self.picker = Picker(self.model, settings.fleet.balancer.max_buffered_requests,
                              settings.fleet.balancer.buffered_request_timeout)
         # Read before anything starts: a configured but missing token stops the agent.

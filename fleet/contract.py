@@ -36,6 +36,25 @@ HAPROXY_LUA_ENV = {
     "buffered_request_timeout_ms": "PADDLER_BUFFERED_REQUEST_TIMEOUT_MS",
 }
 
+# HAProxy 2.6 hands a server that comes back UP queued requests it does not count, unless its weight is 0
+# then (docs/haproxy.md). So its /health check re-checks a DOWN server only every this many agent intervals
+# (`downinter`): the agent's `down` (at most one poll plus one agent-inter, two intervals) reaches HAProxy,
+# with an interval to spare, before the check can bring a restarted server back. The agent's replies then
+# say 0% until HAProxy's check has passed.
+HAPROXY_DOWN_RECHECK_INTERVALS = 3
+
+
+def haproxy_down_recheck(agent_interval: float) -> float:
+    """HAProxy's `downinter`: a killed server is never back UP before the agent has said `down`."""
+    return HAPROXY_DOWN_RECHECK_INTERVALS * agent_interval
+
+
+def agent_return_window(agent_interval: float) -> float:
+    """How long after a `down` the agent's first ready reply, and those after it, say 0%: the recheck
+    (at most ``haproxy_down_recheck`` after the server is ready) passes first, with half an interval to spare."""
+    return haproxy_down_recheck(agent_interval) + agent_interval / 2
+
+
 # Envoy's filter proves to the picker that it is the filter: it sends this header with the secret
 # named by agent.picker_token_env, which paddler-gen envoy and paddler-agent read by one rule.
 # Without one configured both use a fixed public marker: a browser still cannot send a custom

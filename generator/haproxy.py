@@ -59,6 +59,7 @@ def haproxy_context(fleet: Fleet, lua_dir: str = DEFAULT_LUA_DIR) -> dict[str, A
         "check_inter": haproxy_duration(CHECK_INTER),
         "check_fastinter": haproxy_duration(CHECK_FASTINTER),
         "check_fall": CHECK_FALL,
+        "check_downinter": haproxy_duration(contract.haproxy_down_recheck(fleet.agent.interval)),
         "check_timeout": haproxy_duration(CHECK_TIMEOUT),
         "backend_name": BACKEND_NAME,
         "servers": servers,

@@ -140,6 +140,40 @@ def test_with_capacity_weights_a_new_larger_backend_rescales_the_others() -> Non
     assert replies.reply_for("gpu2") == "up ready 100% maxconn:4 #idle=4 processing=0 via slots\n"
 
 
+def test_after_a_down_reply_ready_replies_say_0_percent_for_the_return_window() -> None:
+    clock = [100.0]
+    model = FleetModel([GPU1])
+    replies = AgentCheckReplies(model, WeightFormula.IDLE, return_window=2.5, clock=lambda: clock[0])
+    model.subscribe(replies.on_member_change)
+    ask = Request(name="gpu1")
+    model.record_poll("gpu1", ready(2), now=1.0, window=WINDOW)
+    assert replies.answer(ask).startswith("up ready 100% ")  # no down before: no window
+
+    model.record_poll("gpu1", BackendStatus.down(State.UNREACHABLE, "connection failed"), now=2.0, window=WINDOW)
+    assert replies.answer(ask) == "down #unreachable: connection failed\n"
+    clock[0] = 105.0  # the window starts at the first ready reply, however long it was down
+    model.record_poll("gpu1", ready(2), now=3.0, window=WINDOW)
+    returning = "up ready 0% maxconn:2 #back from down, weight follows, idle=2 processing=0 via slots\n"
+    assert replies.answer(ask) == returning
+    clock[0] = 107.4
+    assert replies.answer(ask) == returning
+    assert replies.reply_for("gpu1").startswith("up ready 100% ")  # the dashboard shows the weight to come
+    clock[0] = 107.5
+    assert replies.answer(ask).startswith("up ready 100% ")
+    assert replies.served == {"ready": 4, "down": 1}
+
+
+def test_a_drained_backend_back_from_down_stays_drained() -> None:
+    model = FleetModel([GPU1])
+    replies = AgentCheckReplies(model, WeightFormula.IDLE, return_window=2.5, clock=lambda: 0.0)
+    model.subscribe(replies.on_member_change)
+    assert replies.answer(Request(name="gpu1")) == "down #awaiting first poll\n"
+    model.record_poll("gpu1", ready(2), now=1.0, window=WINDOW)
+    model.set_drained("gpu1", True)
+
+    assert replies.answer(Request(name="gpu1")).startswith("up drain maxconn:2 ")
+
+
 @pytest.mark.parametrize(("backends", "request_", "reply", "kind"), [
     ((GPU1,), Request(), "up ready 100% maxconn:4 #idle=4 processing=0 via slots\n", "ready"),
     ((GPU1, GPU2), Request(), "down #paddler-agent: agent-send must name a backend (this agent watches several)\n",

@@ -107,6 +107,20 @@ def test_every_non_ready_state_is_parsed_by_haproxy_as_down_only(state: State) -
     assert words == ["down"]
 
 
+def test_a_returning_backend_is_up_at_0_percent_with_its_maxconn() -> None:
+    # HAProxy applies the weight before up: a server it brings UP at 0% takes nothing from the queue.
+    reply = agent_reply(ready(2, 0), 4, returning=True)
+
+    assert haproxy_parse(reply)[0] == ["up", "ready", "0%", "maxconn:2"]
+    assert reply == "up ready 0% maxconn:2 #back from down, weight follows, idle=2 processing=0 via slots\n"
+
+
+def test_returning_changes_neither_a_drained_nor_a_down_reply() -> None:
+    assert agent_reply(ready(2), 4, drained=True, returning=True) == agent_reply(ready(2), 4, drained=True)
+    down = BackendStatus.down(State.UNREACHABLE, "connection failed")
+    assert agent_reply(down, 4, returning=True) == agent_reply(down, 4)
+
+
 def test_loading_is_exactly_down_loading() -> None:
     assert agent_reply(BackendStatus.down(State.LOADING, ""), 4) == "down #loading\n"
 
