@@ -165,8 +165,9 @@ class RawServer:
             await server.wait_closed()
 
     async def finish(self) -> None:
-        """After the client closed its connections: every handler ends."""
-        async with asyncio.timeout(5):
+        """After the client closed its connections: every handler ends (a connection the client kept open
+        would hold one forever; 30 s only covers a starved host)."""
+        async with asyncio.timeout(30):
             await asyncio.gather(*self._handlers)
 
 
