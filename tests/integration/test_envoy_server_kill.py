@@ -17,11 +17,7 @@ stay 0) is an expected failure for now: a retried request can still land on a fu
 from __future__ import annotations
 
 import contextlib
-import http.client
-import json
 import threading
-import urllib.error
-import urllib.request
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from devstack.chaos import Outcome, stream_chat
 from devstack.processes import LOOPBACK, LlamaServer, http_get, wait_until
 from devstack.sampling import DeferralWatch
 from devstack.stack import BalancerStack
@@ -48,57 +45,26 @@ RETRY_STATS = ("upstream_rq_retry", "upstream_rq_retry_success", "upstream_rq_re
                "upstream_cx_connect_fail", "upstream_rq_503", "health_check.failure")
 
 
-@dataclass
-class Outcome:
-    """One streaming chat. status 0: no HTTP answer at all."""
-
-    status: int = 0
-    server: str | None = None  # from the first chunk's model field
-    done: bool = False  # saw data: [DONE]
-    error: str = ""
-
-    @property
-    def ok(self) -> bool:
-        return self.status == 200 and self.done
-
-
 class Load:
-    """``count`` streaming chats through the balancer, ``CONCURRENCY`` at a time, every one recorded."""
+    """``count`` streaming chats through the balancer (``chaos.stream_chat``), ``CONCURRENCY`` at a time,
+    every one recorded."""
 
-    def __init__(self, url: str, count: int) -> None:
-        self.url = url
+    def __init__(self, port: int, count: int) -> None:
+        self.port = port
         self.outcomes: list[Outcome | None] = [None] * count
         self.finished = 0
         self.lock = threading.Lock()
 
     def one(self, index: int) -> None:
-        outcome = self.outcomes[index] = Outcome()
-        body = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": MAX_TOKENS, "ignore_eos": True,
-                "stream": True}
-        request = urllib.request.Request(f"{self.url}/v1/chat/completions", data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=30) as response:
-                outcome.status = response.status
-                for raw in response:
-                    payload = raw.decode().strip().removeprefix("data: ")
-                    if payload == "[DONE]":
-                        outcome.done = True
-                    elif payload.startswith("{") and outcome.server is None:
-                        outcome.server = json.loads(payload).get("model")
-        except urllib.error.HTTPError as exc:
-            outcome.status, outcome.error = exc.code, exc.read().decode(errors="replace")
-        except (OSError, http.client.HTTPException) as exc:
-            outcome.error = repr(exc)
+        self.outcomes[index] = stream_chat(LOOPBACK, self.port, MAX_TOKENS, index, read_timeout=30)
         with self.lock:
             self.finished += 1
 
     def statuses(self) -> Counter[str]:
-        return Counter("cut" if o.status == 200 and not o.done else str(o.status)
-                       for o in self.outcomes if o is not None)
+        return Counter(o.label() for o in self.outcomes if o is not None)
 
     def served_by(self) -> Counter[str | None]:
-        return Counter(o.server for o in self.outcomes if o is not None and o.ok)
+        return Counter(o.server for o in self.outcomes if o is not None and not o.failed)
 
 
 def llama_stats(stack: BalancerStack) -> dict[str, int]:
@@ -131,7 +97,7 @@ def kill_mid_load(stack: BalancerStack, servers: dict[str, LlamaServer]) -> dict
     (failed beyond those on the victim at the kill) and were refused by it afterwards, and what happened."""
     victim = servers[KILLED]
     before = endpoint_stats(stack)[victim.address]
-    load = Load(stack.url, REQUESTS)
+    load = Load(stack.port, REQUESTS)
     with ThreadPoolExecutor(CONCURRENCY) as pool:
         results = pool.map(load.one, range(REQUESTS), timeout=DEADLINE)
         wait_until(lambda: load.finished >= KILL_AFTER, timeout=30, what=f"{KILL_AFTER} answers")
@@ -146,7 +112,7 @@ def kill_mid_load(stack: BalancerStack, servers: dict[str, LlamaServer]) -> dict
     on_it = connected - load.served_by()[KILLED]
     failures = REQUESTS - sum(load.served_by().values())
     refused = after["cx_connect_fail"] - before["cx_connect_fail"]
-    errors = Counter(o.error[:100] for o in load.outcomes if o is not None and not o.ok)
+    errors = Counter(o.detail[:100] for o in load.outcomes if o is not None and o.failed)
     detail = (f"statuses {dict(load.statuses())}, served by {dict(load.served_by())}; on {KILLED} at the kill: "
               f"{on_it}; refused connections to it: {refused}; Envoy: {llama_stats(stack)}; errors: {dict(errors)}")
     return {"failed": failures, "lost": max(0, failures - on_it), "refused": refused,
@@ -175,7 +141,7 @@ def kill_and_restart(make_llama: Callable[..., LlamaServer], tmp_path: Path) -> 
                 rounds.append(kill_mid_load(stack, servers))
                 servers[KILLED].start()
                 stack.wait_slots({KILLED: 3}, timeout=20)
-            again = Load(stack.url, AFTER_RESTART)
+            again = Load(stack.port, AFTER_RESTART)
             with ThreadPoolExecutor(CONCURRENCY) as pool:
                 list(pool.map(again.one, range(AFTER_RESTART), timeout=DEADLINE))
     return Run(rounds, again, watch.max_deferred, watch.samples)
