@@ -262,6 +262,10 @@ class HAProxy(_Process):
         status = self.server(backend, server)["status"]
         return status in ("UP", "no check") or status.startswith("UP ")
 
+    def server_takes_requests(self, backend: str, server: str) -> bool:
+        """UP with a weight: a server back from down sits UP at weight 0 for a moment and gets nothing."""
+        return self.server_is_up(backend, server) and self.server(backend, server)["weight"] != "0"
+
 
 class AgentProcess(_Process):
     """The real ``paddler-agent`` command, as an operator would run it."""

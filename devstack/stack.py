@@ -97,8 +97,8 @@ class BalancerStack:
     def is_up(self, name: str) -> bool:
         """Would the proxy send new requests to this backend? HAProxy: its server state; Envoy: the
         picker's view (the agent's), which is what routes."""
-        if self.kind == "haproxy":  # UP at weight 0 (a server back from down, for a moment) gets nothing
-            return self.haproxy.server_is_up(BACKEND_NAME, name) and self.server(name)["weight"] != "0"
+        if self.kind == "haproxy":
+            return self.haproxy.server_takes_requests(BACKEND_NAME, name)
         row = self.agents().get(name)
         return bool(row) and row["state"] == "ready" and not row["drained"]
 
