@@ -1,8 +1,10 @@
 """The fleet as the agent knows it: one owner for every backend's role, status, drain and poll window.
 
 Everything else reads immutable ``Member`` views and hears about changes through the one
-subscription the agent wires at start-up (``FleetModel.subscribe``). Only the monitor records
-polls and only the operator endpoints drain: no other module writes here.
+subscription the agent wires at start-up (``FleetModel.subscribe``): a member that joins comes
+as ``(None, member)``, one that is removed as ``(member, None)``. Only the monitor records polls,
+only the operator endpoints drain, and only the membership (agentcheck.membership) adds, marks
+leaving and removes: no other module writes here.
 """
 
 from __future__ import annotations
@@ -21,6 +23,13 @@ log = logging.getLogger("paddler.agent")
 class Role(enum.Enum):
     PRIMARY = "primary"
     STANDBY = "standby"  # used only while no primary is usable
+
+
+class Origin(enum.Enum):
+    """Where a member came from, which decides who may remove it."""
+
+    FLEET_FILE = "fleet file"  # removed by editing the file and SIGHUP
+    REGISTERED = "registered"  # by the management API; leaves on DELETE or a missed heartbeat
 
 
 @dataclass(frozen=True)
@@ -43,6 +52,10 @@ class Member:
     drained: bool = False
     updated_at: float | None = None  # wall-clock time of the last poll result
     poll: PollWindow | None = None
+    origin: Origin = Origin.FLEET_FILE
+    # Leaving the fleet (deregistered, missed heartbeats, gone from the file): no new requests;
+    # removed once the server itself reports nothing running, or is down.
+    leaving: bool = False
 
     @property
     def name(self) -> str:
@@ -54,11 +67,11 @@ class Member:
 
     @property
     def usable(self) -> bool:
-        """May get new requests: ready and not drained by an operator."""
-        return self.ready and not self.drained
+        """May get new requests: ready, not drained by an operator, not leaving."""
+        return self.ready and not self.drained and not self.leaving
 
 
-Listener = Callable[[Member, Member], None]  # (previous, current)
+Listener = Callable[[Member | None, Member | None], None]  # (previous, current); None: joined or removed
 
 
 class FleetModel:
@@ -74,7 +87,8 @@ class FleetModel:
         return cls(fleet.backends, fleet.standby)
 
     def subscribe(self, listener: Listener) -> None:
-        """Call ``listener(previous, current)`` after every change to a member, in subscription order."""
+        """Call ``listener(previous, current)`` after every change to a member, in subscription order;
+        ``previous`` is None for a member that joined, ``current`` None for one removed."""
         self._listeners.append(listener)
 
     @property
@@ -112,8 +126,34 @@ class FleetModel:
             log.info("%s: %s by operator", name, "drained" if drained else "ready again")
         return self._set(previous, replace(previous, drained=drained))
 
+    def add(self, backend: Backend, origin: Origin, role: Role = Role.PRIMARY) -> Member:
+        """A backend joins; it gets requests after its first ready poll, like one from the fleet file."""
+        if backend.name in self._members:
+            raise KeyError(f"{backend.name} is already a member")
+        member = self._members[backend.name] = Member(backend, role, origin=origin)
+        log.info("%s: joined (%s, %s)", backend.name, origin.value, backend.address)
+        self._notify(None, member)
+        return member
+
+    def set_leaving(self, name: str, reason: str) -> Member:
+        """No new requests for this backend from now on; ``remove`` follows once it has finished."""
+        previous = self._members[name]
+        if previous.leaving:
+            return previous
+        log.info("%s: leaving (%s)", name, reason)
+        return self._set(previous, replace(previous, leaving=True))
+
+    def remove(self, name: str) -> Member:
+        member = self._members.pop(name)
+        log.info("%s: removed", name)
+        self._notify(member, None)
+        return member
+
     def _set(self, previous: Member, current: Member) -> Member:
         self._members[current.name] = current
+        self._notify(previous, current)
+        return current
+
+    def _notify(self, previous: Member | None, current: Member | None) -> None:
         for listener in self._listeners:
             listener(previous, current)
-        return current

@@ -222,9 +222,24 @@ class Picker:
             return False
         return True
 
-    def on_member_change(self, previous: Member, current: Member) -> None:
-        """The model's subscription: a poll result or an operator change may free slots."""
+    def on_member_change(self, previous: Member | None, current: Member | None) -> None:
+        """The model's subscription: a poll result or an operator change may free slots; a backend
+        that joins becomes a place to send to (after its first ready poll), one removed is forgotten."""
+        if current is None:
+            assert previous is not None
+            self._forget(previous)
+            self.wake()
+            return
+        if previous is None:
+            self._names[str(current.backend.address)] = current.name
         self.wake(current)
+
+    def _forget(self, member: Member) -> None:
+        for lease_id in self._leases.pop(member.name, {}):
+            del self._by_id[lease_id]
+        self._poll_history.pop(member.name, None)
+        self._refused.pop(member.name, None)
+        self._names.pop(str(member.backend.address), None)
 
     def wake(self, changed: Member | None = None) -> None:
         """Hand free slots to waiting requests, oldest first; prune leases the polls have absorbed.

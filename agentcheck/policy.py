@@ -62,11 +62,12 @@ def weight_percent(status: BackendStatus, fleet_max_slots: int,
 
 def agent_reply(status: BackendStatus, fleet_max_slots: int,
                 formula: WeightFormula = DEFAULT_WEIGHT_FORMULA, drained: bool = False,
-                returning: bool = False) -> str:
+                returning: bool = False, leaving: bool = False) -> str:
     """The full reply line, ``\\n``-terminated, for a known backend.
 
     ``drained`` is the operator's choice (drain endpoint): HAProxy sends no new requests,
-    running ones finish. Only an operator may drain; busy is never expressed this way.
+    running ones finish. Only an operator may drain; busy is never expressed this way. ``leaving``
+    drains the same way a backend that is leaving the fleet (deregistered or gone from the file).
     ``returning``: a reply for this backend said ``down`` a moment ago, so a ready one comes
     back UP at weight 0% and gets its weight from a later reply (see the module docstring).
     """
@@ -77,8 +78,9 @@ def agent_reply(status: BackendStatus, fleet_max_slots: int,
         detail = f"idle={status.slots_idle} processing={status.slots_processing} via {source}"
         if status.sleeping:
             detail += " sleeping"
-        if drained:
-            return f"up drain maxconn:{status.slots_total} #{_comment('drained by operator, ' + detail)}\n"
+        if drained or leaving:
+            why = "leaving the fleet, " if leaving else "drained by operator, "
+            return f"up drain maxconn:{status.slots_total} #{_comment(why + detail)}\n"
         if returning:
             comment = _comment("back from down, weight follows, " + detail)
             return f"up ready 0% maxconn:{status.slots_total} #{comment}\n"

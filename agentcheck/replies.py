@@ -37,13 +37,19 @@ class AgentCheckReplies:
         self._returning: dict[str, float | None] = {}
         self.served: Counter[str] = Counter()  # replies by kind: ready, drain, down, unknown, invalid
 
-    def on_member_change(self, previous: Member, current: Member) -> None:
+    def on_member_change(self, previous: Member | None, current: Member | None) -> None:
         """The model's subscription: drop what the change made stale."""
+        if current is None:
+            assert previous is not None
+            self._cache.pop(previous.name, None)
+            self._returning.pop(previous.name, None)
+            return
         status = current.status
         if current.ready and status.slots_total > self._largest_slots:
             self._largest_slots = status.slots_total
             self._cache.clear()
-        elif previous.status != status or previous.drained != current.drained:
+        elif (previous is None or previous.status != status or previous.drained != current.drained
+              or previous.leaving != current.leaving):
             self._cache.pop(current.name, None)
 
     def reply_for(self, name: str) -> str | None:
@@ -54,7 +60,7 @@ class AgentCheckReplies:
             if member is None:
                 return None
             reply = self._cache[name] = agent_reply(member.status, self._largest_slots, self._formula,
-                                                    drained=member.drained)
+                                                    drained=member.drained, leaving=member.leaving)
         return reply
 
     def answer(self, request: Request) -> str:

@@ -5,15 +5,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from agentcheck.model import FleetModel, Role
+from agentcheck.model import FleetModel, Origin, Role
 
 Snapshot = Callable[[], dict[str, Any]]
 
 
 def fleet_snapshot(model: FleetModel, reply_for: Callable[[str], str | None],
                    requests_buffered: int | None) -> dict[str, Any]:
-    """Per-backend rows plus fleet totals over ready backends (a drained backend's idle slots
-    do not count: nothing new will be sent there)."""
+    """Per-backend rows plus fleet totals over ready backends (a drained or leaving backend's idle
+    slots do not count: nothing new will be sent there)."""
     agents = []
     totals = {"slots_idle": 0, "slots_processing": 0, "slots_total": 0}
     for member in model:
@@ -26,6 +26,8 @@ def fleet_snapshot(model: FleetModel, reply_for: Callable[[str], str | None],
             "state": status.state.value,
             "reason": status.reason,
             "drained": member.drained,
+            "leaving": member.leaving,
+            "registered": member.origin is Origin.REGISTERED,
             "slots_idle": status.slots_idle if ready else 0,
             "slots_processing": status.slots_processing if ready else 0,
             "slots_total": status.slots_total if ready else 0,
@@ -36,7 +38,7 @@ def fleet_snapshot(model: FleetModel, reply_for: Callable[[str], str | None],
             "agent_check_reply": (reply_for(member.name) or "").rstrip("\n"),
         })
         if ready:
-            totals["slots_idle"] += 0 if member.drained else status.slots_idle
+            totals["slots_idle"] += status.slots_idle if member.usable else 0
             totals["slots_processing"] += status.slots_processing
             totals["slots_total"] += status.slots_total
     usable = any(member.usable for member in model)

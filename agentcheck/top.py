@@ -99,13 +99,13 @@ def _model(value: Any) -> str:
 
 
 def tone(agent: Mapping[str, Any]) -> Tone:
-    """Down beats drained (the operator must see it), drained beats full."""
+    """Down beats drained or leaving (the operator must see it), drained beats full."""
     state = agent.get("state")
     if state in WAITING:
         return Tone.BUSY
     if state != "ready":
         return Tone.DOWN
-    if agent.get("drained") is True:
+    if agent.get("drained") is True or agent.get("leaving") is True:
         return Tone.DRAINED
     return Tone.BUSY if agent.get("slots_idle") == 0 else Tone.READY
 
@@ -113,7 +113,8 @@ def tone(agent: Mapping[str, Any]) -> Tone:
 def _cells(agent: Mapping[str, Any], now: float) -> tuple[str, ...]:
     ready = agent.get("state") == "ready"
     name = _text(agent.get("name")) + (" (standby)" if agent.get("standby") is True else "")
-    state = _text(agent.get("state")) + (", drained" if agent.get("drained") is True else "")
+    state = _text(agent.get("state")) + "".join(f", {flag}" for flag in ("drained", "leaving")
+                                                if agent.get(flag) is True)
     slots = [_count(agent.get(key)) if ready else "-" for key in ("slots_idle", "slots_processing", "slots_total")]
     return (name, state, _text(agent.get("address")), *slots, _model(agent.get("model")),
             age(agent.get("last_update"), now))

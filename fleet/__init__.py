@@ -2,6 +2,7 @@
 
 from fleet.schema import (
     DEFAULT_FLEET_YAML,
+    SPARE_SERVER_PREFIX,
     Address,
     AgentConfig,
     Backend,
@@ -13,6 +14,7 @@ from fleet.schema import (
     load_fleet,
     override_agent,
     parse_address,
+    parse_backend,
     parse_duration,
     parse_fleet,
     validate_name,
@@ -20,6 +22,7 @@ from fleet.schema import (
 
 __all__ = [
     "DEFAULT_FLEET_YAML",
+    "SPARE_SERVER_PREFIX",
     "Address",
     "AgentConfig",
     "Backend",
@@ -31,6 +34,7 @@ __all__ = [
     "load_fleet",
     "override_agent",
     "parse_address",
+    "parse_backend",
     "parse_duration",
     "parse_fleet",
     "validate_name",

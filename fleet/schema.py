@@ -44,6 +44,9 @@ MAX_FILE_BYTES = 128 * 1024
 # worth a precise error while keeping the recursive composer far from Python's recursion limit.
 MAX_DEPTH = 64
 _WILDCARD_HOSTS = frozenset({"0.0.0.0", "::"})
+# HAProxy's pool of servers that registered backends fill at run time (balancer.spare_servers) is
+# named with this prefix, so no backend's own name may start with it.
+SPARE_SERVER_PREFIX = "paddler-spare-"
 
 
 class FleetError(ValueError):
@@ -191,6 +194,9 @@ def validate_name(value: Any) -> str:
             f"{_show(value)} is not allowed: "
             "use 1-63 characters from A-Z a-z 0-9 _ . - , starting with a letter or digit"
         )
+    if value.startswith(SPARE_SERVER_PREFIX):
+        raise ValueError(f"{_show(value)} is not allowed: names starting with {SPARE_SERVER_PREFIX!r} are "
+                         "HAProxy's spare servers")
     return value
 
 
@@ -272,6 +278,10 @@ class AgentConfig:
     operator_token: str | None = key(_secret, None)
     operator_token_env: str | None = key(_env_name, None)
     picker_token_env: str | None = key(_env_name, None)
+    # Backends registered at run time (POST/PUT /api/v1/backends, `paddler-agent register`): at most
+    # this many, each leaving gracefully when no heartbeat came for registration_timeout.
+    max_registered_backends: int = key(whole_number(0, 1024), 16)
+    registration_timeout: float = key(duration(1, 3600), 10.0)
 
     exclusive: ClassVar[tuple[tuple[str, str], ...]] = (("operator_token", "operator_token_env"),)
 
@@ -311,6 +321,9 @@ class BalancerConfig:
     stats_socket: str | None = key(_socket_path, None)
     # Where HAProxy serves its own Prometheus exporter; None renders no such frontend.
     metrics_listen: Address | None = key(parse_address, None)
+    # Disabled `server` lines rendered for backends that register at run time, filled through the
+    # runtime API (stats_socket) without a reload; each is a line in HAProxy's stats.
+    spare_servers: int = key(whole_number(0, 256), 8)
 
     exclusive: ClassVar[tuple[tuple[str, str], ...]] = ()
 
@@ -541,6 +554,11 @@ def _mapping(source: str, value: Any, path: str, allowed: Sequence[str],
         if name not in value:
             raise FleetError(source, f"{path}.{name}", "required key is missing")
     return value
+
+
+def parse_backend(data: Any, source: str, path: str = "backend") -> Backend:
+    """One backend outside a fleet file (a registration): the same keys and checks as a fleet entry."""
+    return _read_section(source, Backend, data, path)
 
 
 def _backend_list(source: str, value: Any, path: str, required: bool) -> list[Backend]:

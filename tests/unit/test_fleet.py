@@ -267,6 +267,12 @@ OUT_OF_RANGE = [
                  "must be 1s-24h, got 999ms", id="idle-timeout-999ms"),
     pytest.param(with_section("balancer", idle_timeout="100000m"), "balancer.idle_timeout",
                  "must be 1s-24h, got 100000m", id="idle-timeout-huge"),
+    pytest.param(with_section("balancer", spare_servers=257), "balancer.spare_servers",
+                 "must be 0-256, got 257", id="spare-servers-257"),
+    pytest.param(with_section("agent", max_registered_backends=-1), "agent.max_registered_backends",
+                 "must be 0-1024, got -1", id="max-registered-negative"),
+    pytest.param(with_section("agent", registration_timeout="999ms"), "agent.registration_timeout",
+                 "must be 1s-1h, got 999ms", id="registration-timeout-999ms"),
 ]
 
 
@@ -278,15 +284,17 @@ def test_out_of_range_number_is_refused_with_its_range(data: Any, key: str, mess
 def test_numbers_at_the_ends_of_their_ranges_are_accepted() -> None:
     low = parse_fleet({
         "backends": [{"name": "a", "address": "127.0.0.1:8080", "slots": 1}],
-        "agent": {"interval": "50ms"},
+        "agent": {"interval": "50ms", "max_registered_backends": 0, "registration_timeout": "1s"},
         "statsd": {"address": "127.0.0.1:8125", "interval": "100ms"},
-        "balancer": {"max_buffered_requests": 1, "buffered_request_timeout": "100ms", "idle_timeout": "1s"},
+        "balancer": {"max_buffered_requests": 1, "buffered_request_timeout": "100ms", "idle_timeout": "1s",
+                     "spare_servers": 0},
     }, source=SOURCE)
     high = parse_fleet({
         "backends": [{"name": "a", "address": "127.0.0.1:8080", "slots": 1024}],
-        "agent": {"interval": "60s"},
+        "agent": {"interval": "60s", "max_registered_backends": 1024, "registration_timeout": "1h"},
         "statsd": {"address": "127.0.0.1:8125", "interval": "10m"},
-        "balancer": {"max_buffered_requests": 100_000, "buffered_request_timeout": "24h", "idle_timeout": "24h"},
+        "balancer": {"max_buffered_requests": 100_000, "buffered_request_timeout": "24h", "idle_timeout": "24h",
+                     "spare_servers": 256},
     }, source=SOURCE)
 
     assert (low.backends[0].slots, low.agent.interval, low.balancer.max_buffered_requests) == (1, 0.05, 1)
@@ -295,6 +303,15 @@ def test_numbers_at_the_ends_of_their_ranges_are_accepted() -> None:
     assert (high.backends[0].slots, high.agent.interval, high.balancer.max_buffered_requests) == (1024, 60.0, 100_000)
     assert high.statsd == StatsdConfig(Address("127.0.0.1", 8125), interval=600.0)
     assert (high.balancer.buffered_request_timeout, high.balancer.idle_timeout) == (86400.0, 86400.0)
+    assert (low.agent.max_registered_backends, low.agent.registration_timeout, low.balancer.spare_servers) == (0, 1, 0)
+    assert (high.agent.max_registered_backends, high.agent.registration_timeout,
+            high.balancer.spare_servers) == (1024, 3600, 256)
+
+
+def test_names_of_haproxys_spare_servers_are_reserved() -> None:
+    data = {"backends": [{"name": "paddler-spare-1", "address": "127.0.0.1:8080"}]}
+    assert str(fleet_error(data)) == (f"{SOURCE}: backends[0].name: 'paddler-spare-1' is not allowed: names starting "
+                                      "with 'paddler-spare-' are HAProxy's spare servers")
 
 
 @pytest.mark.parametrize("section", [Backend, AgentConfig, StatsdConfig, BalancerConfig])
@@ -307,7 +324,7 @@ def test_every_default_is_inside_its_own_range(section: type) -> None:
         raw = str(spec.default) if isinstance(spec.default, Address) else spec.default
         assert spec.metadata["parse"](raw) == spec.default, spec.name
         checked += 1
-    assert checked == {Backend: 0, AgentConfig: 3, StatsdConfig: 2, BalancerConfig: 6}[section]
+    assert checked == {Backend: 0, AgentConfig: 5, StatsdConfig: 2, BalancerConfig: 7}[section]
 
 
 BAD_ADDRESSES = [

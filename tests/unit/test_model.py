@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from agentcheck.model import FleetModel, Member, PollWindow, Role
+from agentcheck.model import FleetModel, Member, Origin, PollWindow, Role
 from agentcheck.policy import WeightFormula
 from agentcheck.protocol import Request
 from agentcheck.replies import AgentCheckReplies
@@ -61,7 +61,8 @@ def test_every_change_reaches_each_subscriber_with_before_and_after() -> None:
     model = FleetModel([GPU1])
     seen: list[tuple[str, bool, bool]] = []
 
-    def listener(previous: Member, current: Member) -> None:
+    def listener(previous: Member | None, current: Member | None) -> None:
+        assert previous is not None and current is not None
         seen.append((current.name, previous.drained, current.drained))
 
     model.subscribe(listener)
@@ -70,6 +71,28 @@ def test_every_change_reaches_each_subscriber_with_before_and_after() -> None:
 
     assert seen == [("gpu1", False, False), ("gpu1", False, True)]
     assert not model["gpu1"].usable
+
+
+def test_joining_leaving_and_removal_reach_subscribers_and_replies_follow() -> None:
+    model, replies = wired(GPU1)
+    seen: list[tuple[str | None, str | None]] = []
+    model.subscribe(lambda previous, current: seen.append((previous and previous.name, current and current.name)))
+
+    joined = model.add(GPU2, Origin.REGISTERED)
+    assert (joined.origin, joined.status, joined.leaving) == (Origin.REGISTERED, PENDING, False)
+    assert replies.reply_for("gpu2") == "down #awaiting first poll\n"
+    model.record_poll("gpu2", ready(2), now=1.0, window=WINDOW)
+    assert replies.reply_for("gpu2") == "up ready 100% maxconn:2 #idle=2 processing=0 via slots\n"
+
+    model.set_leaving("gpu2", "deregistered")
+    assert not model["gpu2"].usable
+    assert replies.reply_for("gpu2") == "up drain maxconn:2 #leaving the fleet, idle=2 processing=0 via slots\n"
+
+    model.remove("gpu2")
+    assert replies.reply_for("gpu2") is None and "gpu2" not in model
+    assert seen == [(None, "gpu2"), ("gpu2", "gpu2"), ("gpu2", "gpu2"), ("gpu2", None)]
+    with pytest.raises(KeyError):
+        model.add(GPU1, Origin.REGISTERED)
 
 
 def test_draining_a_name_outside_the_fleet_is_a_key_error() -> None:

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from agentcheck.model import FleetModel, PollWindow
+from agentcheck.model import FleetModel, Origin, PollWindow
 from agentcheck.picker import LEASE_ID_PATTERN, SETTLE_SECONDS, BufferFull, BufferTimeout, Picker
 from agentcheck.status import BackendStatus, SlotSource, State
 from fleet import Address, Backend
@@ -54,6 +54,23 @@ async def test_picks_the_backend_with_most_free_slots_and_counts_its_own_leases(
     # large 4 free vs small 2: large, large, then tie 2/2 → the larger server, then alternate.
     assert picks == ["large", "large", "large", "small", "large", "small"]
     assert picker.free_slots() == {"small": 0, "large": 0}
+
+
+async def test_a_backend_that_joins_is_picked_after_its_first_poll_and_one_removed_is_forgotten() -> None:
+    model, picker, clock = make()
+    for _ in range(6):
+        await picker.acquire()
+    model.add(Backend("gpu7", Address("10.0.0.7", 8080)), Origin.REGISTERED)
+    assert "gpu7" not in picker.candidates()  # not polled yet
+    poll(model, clock, gpu7=ready(2))
+    lease = await picker.acquire()
+    assert (lease.backend, lease.address) == ("gpu7", "10.0.0.7:8080")
+
+    model.set_leaving("gpu7", "deregistered")
+    assert "gpu7" not in picker.candidates()
+    model.remove("gpu7")
+    assert not picker.release(lease.id)  # its leases went with it
+    assert not picker.failed(lease.id, served_by="10.0.0.7:8080")
 
 
 async def test_lease_carries_the_backend_address_for_override_host() -> None:
