@@ -20,7 +20,8 @@ connection: others with a slot free that no other request in transit to the same
 offered, idle standby first (nothing is placed there while primaries serve), so a retry does
 not land on a full server. A backend the filter saw refuse a connection is placed nothing until
 a poll that started after the refusal: a killed server would otherwise look free (its requests
-ended) until the next poll.
+ended) until the next poll. Behind Envoy, a backend that joined gets requests once Envoy has applied the
+endpoint list that names it (agentcheck.eds).
 """
 
 from __future__ import annotations
@@ -76,8 +77,12 @@ class Lease:
 
 class Picker:
     def __init__(self, model: FleetModel, max_buffered_requests: int, buffered_request_timeout: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 in_balancer: Callable[[str], bool] = lambda name: True) -> None:
+        """``in_balancer(name)``: whether Envoy has this backend's endpoint yet (agentcheck.eds); override_host
+        ignores an address its cluster does not have, so nothing is placed on a backend before that."""
         self._model = model
+        self._in_balancer = in_balancer
         self._max_buffered_requests = max_buffered_requests
         self._buffered_request_timeout = buffered_request_timeout
         self._clock = clock
@@ -121,7 +126,7 @@ class Picker:
 
     def candidates(self) -> list[str]:
         """Backends that may get new requests: ready, not drained primaries; else such standby ones."""
-        usable = [member for member in self._model if member.usable and not self._refusing(member)]
+        usable = [member for member in self._model if self._placeable(member)]
         primaries = [member.name for member in usable if member.role is Role.PRIMARY]
         return primaries or [member.name for member in usable]
 
@@ -153,8 +158,7 @@ class Picker:
             self._offered.popleft()
         offered = Counter(name for _, placed, names in self._offered if placed == chosen for name in names)
         free = {member.name: member.status.slots_total - self.busy(member.name) - offered[member.name]
-                for member in self._model
-                if member.usable and member.name != chosen and not self._refusing(member)}
+                for member in self._model if member.name != chosen and self._placeable(member)}
         return tuple(heapq.nlargest(MAX_ALTERNATES, (name for name in free if free[name] > 0),
                                     key=lambda n: (self._model[n].role is Role.STANDBY, free[n], n)))
 
@@ -212,6 +216,9 @@ class Picker:
             lease.backend, lease.address, lease.issued_at = moved_to, str(self._model[moved_to].backend.address), now
             self._leases.setdefault(moved_to, {})[lease.id] = lease
         return True
+
+    def _placeable(self, member: Member) -> bool:
+        return member.usable and self._in_balancer(member.name) and not self._refusing(member)
 
     def _refusing(self, member: Member) -> bool:
         refused_at = self._refused.get(member.name)

@@ -13,9 +13,10 @@ import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
+from agentcheck.eds import TYPE_URL, EndpointDiscovery
 from agentcheck.management import create_app, host_refusal, token_refusal
 from agentcheck.metrics import FleetCollector, build_registry
-from agentcheck.model import FleetModel, PollWindow
+from agentcheck.model import FleetModel, Origin, PollWindow
 from agentcheck.monitor import PollCounters
 from agentcheck.picker import Picker
 from agentcheck.replies import AgentCheckReplies
@@ -95,10 +96,14 @@ async def serve(state: Fleet, token: str | None, checks: Counter[str] | None = N
                 picker_token: str = PICKER_TOKEN, host_names: tuple[str, ...] = ()) -> tuple[web.AppRunner, str]:
     snapshot: Snapshot = state.snapshot
     registry = build_registry(FleetCollector(snapshot, state.polls, checks or Counter()))
-    picker = Picker(state.model, max_buffered_requests=2, buffered_request_timeout=0.2)
+    discovery = EndpointDiscovery(state.model)
+    picker = Picker(state.model, max_buffered_requests=2, buffered_request_timeout=0.2,
+                    in_balancer=discovery.acknowledged)
     state.model.subscribe(picker.on_member_change)
+    state.model.subscribe(discovery.on_member_change)
+    discovery.when_acknowledged(picker.wake)
     runner = web.AppRunner(create_app(state.model, state.replies, snapshot, registry, token, picker,
-                                      picker_token=picker_token, host_names=host_names),
+                                      picker_token=picker_token, host_names=host_names, discovery=discovery),
                            handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -413,6 +418,52 @@ def test_the_rendered_envoy_route_carries_the_token(monkeypatch: pytest.MonkeyPa
                          "agent": {"picker_token_env": "PADDLER_TEST_PICKER_TOKEN"}})
     assert '\n                      picker_token: "picker-secret-from-the-environment"\n' in \
         render_envoy(fleet)
+
+
+# Envoy's REST EDS: the picker token in the node's metadata, the request held while nothing changes.
+
+def discovery_request(version: str = "", token: object = PICKER_TOKEN) -> dict:
+    return {"version_info": version, "node": {"id": "paddler-envoy", "metadata": {"paddler_picker_token": token}},
+            "resource_names": ["llama"], "type_url": TYPE_URL}
+
+
+async def discover(client: Api, body: object) -> tuple[int, dict | None]:
+    # Envoy names its xDS cluster in Host.
+    async with client.session.post(client.base + "/v3/discovery:endpoints", json=body,
+                                   headers={"Host": "paddler_agent"}) as response:
+        return response.status, (await response.json() if response.status in (200, 400, 403) else None)
+
+
+async def test_envoy_gets_every_endpoint_then_waits_for_a_change(api: tuple[Api, Fleet],
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    client, state = api
+    status, response = await discover(client, discovery_request())
+    assert status == 200 and response is not None
+    assert [endpoint["metadata"]["filter_metadata"]["paddler"]["name"]
+            for group in response["resources"][0]["endpoints"] for endpoint in group["lb_endpoints"]] == [
+        "gpu1", "gpu2", "backup"]
+    version = response["version_info"]
+    monkeypatch.setattr("fleet.contract.EDS_HOLD_SECONDS", 0.05)
+    assert await discover(client, discovery_request(version)) == (304, None)
+    monkeypatch.setattr("fleet.contract.EDS_HOLD_SECONDS", 5.0)
+    held = asyncio.create_task(discover(client, discovery_request(version)))
+    await asyncio.sleep(0.05)
+    assert not held.done()
+    state.model.add(Backend("gpu3", Address("127.0.0.1", 9004)), Origin.REGISTERED)
+    status, response = await asyncio.wait_for(held, 2.0)
+    assert status == 200 and response is not None and response["version_info"] != version
+    assert "9004" in json.dumps(response)
+
+
+@pytest.mark.parametrize(("body", "expected"), [
+    (discovery_request(token=None), 403), (discovery_request(token="wrong-picker-token"), 403),
+    (discovery_request(token=7), 403), ({"version_info": ""}, 403), ([], 400), ("text", 400),
+    ({**discovery_request(), "version_info": 3}, 400)])
+async def test_endpoints_are_served_only_to_a_request_with_the_picker_token(
+        api: tuple[Api, Fleet], body: object, expected: int) -> None:
+    client, _ = api
+    status, response = await discover(client, body)
+    assert status == expected and response is not None and response["error"]["code"] == expected
 
 
 # Host names: a page whose DNS name was rebound to the agent's address sends its own name and is refused.
