@@ -10,7 +10,7 @@ import signal
 import sys
 from collections.abc import Callable
 
-from agentcheck import top
+from agentcheck import register, top
 from agentcheck.config import AgentSettings
 from agentcheck.policy import WeightFormula
 from agentcheck.server import Agent
@@ -19,6 +19,7 @@ from fleet import FleetError, default_fleet, load_fleet, override_agent, parse_f
 # A first argument naming one of these runs it with the rest; anything else runs the agent itself.
 SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {
     "top": top.main,
+    "register": register.main,
 }
 
 
@@ -27,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="paddler-agent",
         description="Watch llama.cpp servers' slots and answer HAProxy agent-checks with their real state.",
         epilog="With neither --fleet nor --backend, watches one llama-server on 127.0.0.1:8080. "
-               "Subcommands: top (a running agent's fleet table in a terminal; paddler-agent top --help).",
+               "Subcommands: top (a running agent's fleet table in a terminal; paddler-agent top --help), "
+               "register (keep a llama-server registered with a running agent; paddler-agent register --help).",
     )
     parser.add_argument("--fleet", metavar="FILE", help="fleet YAML file (backends, standby, agent, balancer)")
     parser.add_argument("--backend", metavar="NAME=HOST:PORT", action="append", default=[],
@@ -83,15 +85,28 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
-async def _run(settings: AgentSettings) -> None:
+def _reload(agent: Agent, args: argparse.Namespace) -> None:
+    """SIGHUP: read the fleet file again; a broken file is logged and changes nothing."""
+    try:
+        agent.reload_fleet(settings_from_args(args).fleet)
+    except FleetError as exc:
+        logging.getLogger("paddler.agent").error("fleet reload refused, nothing changed: %s", exc)
+
+
+async def _run(settings: AgentSettings, args: argparse.Namespace) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    agent = Agent(settings)
+    signals = [signal.SIGINT, signal.SIGTERM]
+    for sig in signals:
         loop.add_signal_handler(sig, stop.set)
+    if args.fleet:
+        signals.append(signal.SIGHUP)
+        loop.add_signal_handler(signal.SIGHUP, _reload, agent, args)
     try:
-        await Agent(settings).serve(stop)
+        await agent.serve(stop)
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in signals:
             loop.remove_signal_handler(sig)
 
 
@@ -105,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = settings_from_args(args)
         raise_open_file_limit()
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-            runner.run(_run(settings))
+            runner.run(_run(settings, args))
     except FleetError as exc:
         print(f"paddler-agent: {exc}", file=sys.stderr)
         return 2

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import json
 from collections.abc import Awaitable, Callable, Iterable
 from importlib import resources
 
@@ -32,7 +33,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import CollectorRegistry
 
 from agentcheck.eds import EndpointDiscovery
-from agentcheck.model import FleetModel
+from agentcheck.membership import Membership, Refused
+from agentcheck.model import FleetModel, Origin
 from agentcheck.picker import LEASE_ID_PATTERN, BufferFull, BufferTimeout, Picker
 from agentcheck.replies import AgentCheckReplies
 from agentcheck.reporting import PICKER_SOURCE_HEADER
@@ -47,6 +49,11 @@ TOKEN_KEY = web.AppKey("operator_token", str)
 PICKER_KEY = web.AppKey("picker", Picker)
 PICKER_TOKEN_KEY = web.AppKey("picker_token", str)
 DISCOVERY_KEY = web.AppKey("discovery", EndpointDiscovery)
+MEMBERSHIP_KEY = web.AppKey("membership", Membership)
+MAX_BODY_BYTES = 64 * 1024  # registrations and picker calls are a few hundred bytes
+# Envoy's DiscoveryRequest names every extension Envoy was built with (about 80 KB for 1.40): read past
+# MAX_BODY_BYTES, up to this.
+EDS_MAX_BODY_BYTES = 1024 * 1024
 Handler = Callable[[web.Request], Awaitable[web.Response]]
 ENDPOINT_HEADER = "x-paddler-endpoint"  # the header Envoy's override_host policy reads
 LEASE_HEADER = "x-paddler-lease"
@@ -135,6 +142,52 @@ def _operator(drain: bool) -> Handler:
     return handle
 
 
+async def list_backends(request: web.Request) -> web.Response:
+    """Every backend with where it came from; a registered one with the seconds left before it leaves."""
+    membership = request.app[MEMBERSHIP_KEY]
+    return web.json_response({"backends": [
+        {"name": member.name, "address": str(member.backend.address), "origin": member.origin.value,
+         "standby": member.role.value == "standby", "leaving": member.leaving,
+         "expires_in": membership.expires_in(member.name)}
+        for member in request.app[MODEL_KEY]]})
+
+
+async def register(request: web.Request) -> web.Response:
+    """Add a backend (201), or refresh its heartbeat (200): ``PUT /api/v1/backends/{name}`` or ``POST
+    /api/v1/backends`` with ``{"name": ..., "address": "host:port"}`` and optionally ``slots``, ``api_key``."""
+    refusal = token_refusal(request.headers.get("Authorization"), request.app[TOKEN_KEY])
+    if refusal is not None:
+        return _error(*refusal)
+    try:
+        data = json.loads(await request.read())
+    except web.HTTPRequestEntityTooLarge:
+        return _error(413, f"the body is over {MAX_BODY_BYTES} bytes")
+    except (ValueError, UnicodeDecodeError) as exc:
+        return _error(400, f"the body is not JSON: {exc}")
+    membership = request.app[MEMBERSHIP_KEY]
+    try:
+        registered = membership.register(data, request.match_info.get("name"))
+    except Refused as refused:
+        return _error(refused.status, refused.reason)
+    member = registered.member
+    return web.json_response({"name": member.name, "address": str(member.backend.address),
+                              "origin": Origin.REGISTERED.value, "leaving": member.leaving,
+                              "expires_in": membership.expires_in(member.name)},
+                             status=201 if registered.created else 200)
+
+
+async def deregister(request: web.Request) -> web.Response:
+    """The backend leaves: no new requests; it is removed once its running requests are over (202)."""
+    refusal = token_refusal(request.headers.get("Authorization"), request.app[TOKEN_KEY])
+    if refusal is not None:
+        return _error(*refusal)
+    try:
+        member = request.app[MEMBERSHIP_KEY].deregister(request.match_info["name"])
+    except Refused as refused:
+        return _error(refused.status, refused.reason)
+    return web.json_response({"name": member.name, "leaving": True}, status=202)
+
+
 def _picker_refusal(request: web.Request) -> web.Response | None:
     given = request.headers.get(contract.PICKER_TOKEN_HEADER)
     if given is None:
@@ -204,9 +257,14 @@ async def picker_health(request: web.Request) -> web.Response:
 async def discover_endpoints(request: web.Request) -> web.Response:
     """Envoy's REST EDS: the llama cluster's endpoints, or 304 once the held request saw no change. The
     request's version_info is what Envoy has applied, which gates the picker (agentcheck.eds)."""
+    body = bytearray()
+    while chunk := await request.content.read(EDS_MAX_BODY_BYTES):
+        body += chunk
+        if len(body) > EDS_MAX_BODY_BYTES:
+            return _error(413, f"the body is over {EDS_MAX_BODY_BYTES} bytes")
     try:
-        discovery_request = await request.json()
-    except ValueError:
+        discovery_request = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
         return _error(400, "a DiscoveryRequest is a JSON object")
     if not isinstance(discovery_request, dict):
         return _error(400, "a DiscoveryRequest is a JSON object")
@@ -239,11 +297,13 @@ def _host_guard(names: Iterable[str]) -> Middleware:
 
 
 def create_app(model: FleetModel, replies: AgentCheckReplies, snapshot: Snapshot, registry: CollectorRegistry,
-               operator_token: str | None, picker: Picker, *, picker_token: str = contract.PICKER_TOKEN_UNSET,
-               host_names: Iterable[str] = (), discovery: EndpointDiscovery) -> web.Application:
+               operator_token: str | None, picker: Picker, membership: Membership, *,
+               picker_token: str = contract.PICKER_TOKEN_UNSET, host_names: Iterable[str] = (),
+               discovery: EndpointDiscovery) -> web.Application:
     """``host_names``: DNS names this server answers to besides localhost and the filter's name (IP
     addresses are always served)."""
-    app = web.Application(middlewares=[_host_guard(host_names)])
+    app = web.Application(middlewares=[_host_guard(host_names)], client_max_size=MAX_BODY_BYTES)
+    app[MEMBERSHIP_KEY] = membership
     app[MODEL_KEY] = model
     app[REPLIES_KEY] = replies
     app[SNAPSHOT_KEY] = snapshot
@@ -258,6 +318,10 @@ def create_app(model: FleetModel, replies: AgentCheckReplies, snapshot: Snapshot
     app.router.add_get("/metrics", metrics)
     app.router.add_post("/api/v1/agents/{name}/drain", _operator(drain=True))
     app.router.add_post("/api/v1/agents/{name}/ready", _operator(drain=False))
+    app.router.add_get("/api/v1/backends", list_backends)
+    app.router.add_post("/api/v1/backends", register)
+    app.router.add_put("/api/v1/backends/{name}", register)
+    app.router.add_delete("/api/v1/backends/{name}", deregister)
     app.router.add_post("/api/v1/picker/acquire", acquire)
     app.router.add_post("/api/v1/picker/release/{lease}", release)
     app.router.add_post("/api/v1/picker/failed/{lease}", failed)

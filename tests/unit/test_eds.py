@@ -54,7 +54,7 @@ def test_joins_and_removals_are_new_versions_and_nothing_else_is() -> None:
     first = discovery.version
     model.record_poll("eu-1", ready(), now=1.0, window=PollWindow(1.0, 1.0))
     model.set_drained("eu-1", True)
-    model.set_leaving("eu-2", "deregistered")  # its streams must finish: still listed
+    model.set_leaving("eu-2", True, "deregistered")  # its streams must finish: still listed
     assert discovery.version == first
     model.add(JOINER, Origin.REGISTERED)
     joined = discovery.version
