@@ -84,7 +84,7 @@ class Agent:
         return haproxy + self.picker.waiting
 
     def snapshot(self) -> dict[str, Any]:
-        return fleet_snapshot(self.model, self.replies.reply_for, self.requests_buffered())
+        return fleet_snapshot(self.model, self.replies.reply_for, self.requests_buffered(), self.discovery.acknowledged)
 
     async def start(self) -> None:
         settings = self.settings

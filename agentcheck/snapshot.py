@@ -10,10 +10,11 @@ from agentcheck.model import FleetModel, Origin, Role
 Snapshot = Callable[[], dict[str, Any]]
 
 
-def fleet_snapshot(model: FleetModel, reply_for: Callable[[str], str | None],
-                   requests_buffered: int | None) -> dict[str, Any]:
+def fleet_snapshot(model: FleetModel, reply_for: Callable[[str], str | None], requests_buffered: int | None,
+                   in_balancer: Callable[[str], bool]) -> dict[str, Any]:
     """Per-backend rows plus fleet totals over ready backends (a drained or leaving backend's idle
-    slots do not count: nothing new will be sent there)."""
+    slots do not count: nothing new will be sent there). ``in_balancer``: whether Envoy has applied an
+    endpoint list naming the backend (agentcheck.eds); until then the picker sends it nothing."""
     agents = []
     totals = {"slots_idle": 0, "slots_processing": 0, "slots_total": 0}
     for member in model:
@@ -28,6 +29,7 @@ def fleet_snapshot(model: FleetModel, reply_for: Callable[[str], str | None],
             "drained": member.drained,
             "leaving": member.leaving,
             "registered": member.origin is Origin.REGISTERED,
+            "in_balancer": in_balancer(member.name),
             "slots_idle": status.slots_idle if ready else 0,
             "slots_processing": status.slots_processing if ready else 0,
             "slots_total": status.slots_total if ready else 0,

@@ -64,7 +64,7 @@ class Fleet:
             "agent": {"max_registered_backends": 2}}))
 
     def snapshot(self) -> dict:
-        return fleet_snapshot(self.model, self.replies.reply_for, 3)
+        return fleet_snapshot(self.model, self.replies.reply_for, 3, lambda name: True)
 
     def reply_for(self, name: str) -> str | None:
         return self.replies.reply_for(name)
@@ -156,8 +156,8 @@ async def test_agents_lists_every_backend_with_its_state_and_reply(api: tuple[Ap
     rows = {row["name"]: row for row in body["agents"]}
     assert rows["gpu1"] == {
         "name": "gpu1", "address": "127.0.0.1:9001", "standby": False, "state": "ready", "reason": "",
-        "drained": False, "leaving": False, "registered": False, "slots_idle": 3, "slots_processing": 1,
-        "slots_total": 4, "slot_source": "slots",
+        "drained": False, "leaving": False, "registered": False, "in_balancer": True, "slots_idle": 3,
+        "slots_processing": 1, "slots_total": 4, "slot_source": "slots",
         "model": "/models/m.gguf", "last_update": 1000.0, "poll_seconds": pytest.approx(0.002),
         "agent_check_reply": "up ready 75% maxconn:4 #idle=3 processing=1 via slots"}
     assert rows["gpu2"]["state"] == "unreachable" and rows["gpu2"]["reason"] == "connection failed"
