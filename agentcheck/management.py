@@ -15,7 +15,8 @@ Two guards against callers other than the operator's tools and Envoy's filter:
   stops a web page's ``text/plain`` POST; the token also stops other hosts that can reach the port.
   Lease ids are random tokens, so a lease is released only by the request it was given to. Envoy's
   REST xDS client sends no header of ours, so its endpoint requests carry the same secret in the
-  bootstrap's node metadata, which is in every DiscoveryRequest.
+  bootstrap's node metadata, which is in every DiscoveryRequest; only such a request's word on what
+  Envoy has applied counts.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
+import logging
 from collections.abc import Awaitable, Callable, Iterable
 from importlib import resources
 
@@ -40,6 +42,8 @@ from agentcheck.replies import AgentCheckReplies
 from agentcheck.reporting import PICKER_SOURCE_HEADER
 from agentcheck.snapshot import Snapshot, health
 from fleet import contract
+
+log = logging.getLogger("paddler.agent")
 
 MODEL_KEY = web.AppKey("model", FleetModel)
 REPLIES_KEY = web.AppKey("replies", AgentCheckReplies)
@@ -256,7 +260,10 @@ async def picker_health(request: web.Request) -> web.Response:
 
 async def discover_endpoints(request: web.Request) -> web.Response:
     """Envoy's REST EDS: the llama cluster's endpoints, or 304 once the held request saw no change. The
-    request's version_info is what Envoy has applied, which gates the picker (agentcheck.eds)."""
+    request's version_info is what Envoy has applied, which gates the picker (agentcheck.eds), so it counts
+    only with the picker token in the node metadata: nobody else can hold the picker back. Without the token
+    the endpoints are still served (they are no secret: /api/v1/agents lists them), so that a token slip
+    costs the picker, as on its own endpoints, and never Envoy's cluster."""
     body = bytearray()
     while chunk := await request.content.read(EDS_MAX_BODY_BYTES):
         body += chunk
@@ -271,14 +278,16 @@ async def discover_endpoints(request: web.Request) -> web.Response:
     node = discovery_request.get("node")
     metadata = node.get("metadata") if isinstance(node, dict) else None
     given = metadata.get(contract.EDS_TOKEN_METADATA_KEY) if isinstance(metadata, dict) else None
-    if not isinstance(given, str) or not _same_secret(given, request.app[PICKER_TOKEN_KEY]):
-        return _error(403, f"node.metadata.{contract.EDS_TOKEN_METADATA_KEY} must be the picker token: "
-                           "paddler-gen envoy and paddler-agent must read the same agent.picker_token_env")
     version_info = discovery_request.get("version_info", "")
     if not isinstance(version_info, str):
         return _error(400, "version_info is a string")
     discovery = request.app[DISCOVERY_KEY]
-    discovery.record_request(version_info, error_detail=bool(discovery_request.get("error_detail")))
+    if isinstance(given, str) and _same_secret(given, request.app[PICKER_TOKEN_KEY]):
+        discovery.record_request(version_info, error_detail=bool(discovery_request.get("error_detail")))
+    else:
+        log.warning("endpoint request without the right node.metadata.%s: served, but what it says Envoy has "
+                    "applied is ignored (paddler-gen envoy and paddler-agent must read the same "
+                    "agent.picker_token_env)", contract.EDS_TOKEN_METADATA_KEY)
     if not await discovery.wait_for_change(version_info, contract.EDS_HOLD_SECONDS):
         return web.Response(status=304)
     return web.Response(body=discovery.body, content_type="application/json")
