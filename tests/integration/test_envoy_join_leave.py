@@ -11,6 +11,7 @@ server, stays 0.
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 import time
@@ -76,7 +77,7 @@ class Streams:
                 thread.join(60)
 
 
-def operator(stack: BalancerStack, method: str, name: str, body: dict | None = None) -> int:
+def operator(stack: BalancerStack, method: str, name: str, body: dict[str, str] | None = None) -> int:
     """The agent's membership API, as an operator's script calls it."""
     request = urllib.request.Request(f"{stack.agent.management_url}/api/v1/backends/{name}", method=method,
                                      data=json.dumps(body).encode() if body is not None else None,
@@ -92,9 +93,15 @@ def envoy_counter(stack: BalancerStack, server: LlamaServer, counter: str) -> in
     return None if stats is None else stats.get(counter, 0)
 
 
+def takes_requests(stack: BalancerStack, server: LlamaServer) -> bool:
+    return (envoy_counter(stack, server, "rq_total") or 0) > 0
+
+
 def test_servers_join_and_leave_a_running_envoy_with_no_restart(make_llama: Callable[..., LlamaServer],
                                                                 tmp_path: Path) -> None:
-    servers = {name: make_llama(name, slots=2).start() for name in ("first", "joiner", "leaver")}
+    servers: dict[str, LlamaServer] = {name: make_llama(name, slots=2) for name in ("first", "joiner", "leaver")}
+    for server in servers.values():
+        server.start()
     with BalancerStack(tmp_path / "lb", {"first": servers["first"].address}, kind="envoy",
                        agent={"operator_token_env": "PADDLER_OPERATOR_TOKEN", "registration_timeout": "10m"},
                        agent_env={"PADDLER_OPERATOR_TOKEN": TOKEN}) as stack:
@@ -105,11 +112,11 @@ def test_servers_join_and_leave_a_running_envoy_with_no_restart(make_llama: Call
             wait_until(lambda: streams.finished >= STREAMS, timeout=30, what="streams through the first server")
 
             for name in ("joiner", "leaver"):
-                server = servers[name]
+                joining = servers[name]
                 registered_at = time.monotonic()
-                assert operator(stack, "PUT", name, {"address": server.address}) == 201
-                wait_until(lambda server=server: (envoy_counter(stack, server, "rq_total") or 0) > 0,
-                           timeout=JOIN_WITHIN, interval=0.02, what=f"{name} to take requests through Envoy")
+                assert operator(stack, "PUT", name, {"address": joining.address}) == 201
+                wait_until(functools.partial(takes_requests, stack, joining), timeout=JOIN_WITHIN, interval=0.02,
+                           what=f"{name} to take requests through Envoy")
                 joined_after[name] = time.monotonic() - registered_at
 
             leaver = servers["leaver"]
@@ -117,7 +124,10 @@ def test_servers_join_and_leave_a_running_envoy_with_no_restart(make_llama: Call
                        what="the leaver to run a stream in each slot")
             assert operator(stack, "DELETE", "leaver") == 202
             left_at = time.monotonic()
-            requests_when_left = envoy_counter(stack, leaver, "rq_total")
+            requests_when_left = envoy_counter(stack, leaver, "rq_total") or 0
+            # A slot that freed just before DELETE may have been given to a request still on its way to Envoy:
+            # at most one per slot free now. Anything beyond that was placed on a leaving server.
+            in_transit = leaver.slots - (envoy_counter(stack, leaver, "rq_active") or 0)
             seen: list[int] = []
 
             def gone() -> bool:
@@ -139,9 +149,9 @@ def test_servers_join_and_leave_a_running_envoy_with_no_restart(make_llama: Call
         assert stack.envoy.proc.pid == envoy_pid and stack.envoy.running  # type: ignore[union-attr]
         assert set(streams.statuses()) == {"200"}, streams.statuses()
         assert streams.served_by("joiner") and leaver_streams
-        # Nothing new for the leaver after DELETE (it was full then, so nothing was on its way to it), and it
-        # stayed in Envoy until its streams had ended.
-        assert set(seen) == {requests_when_left}, (requests_when_left, sorted(set(seen)))
+        # Nothing new for the leaver after DELETE, and it stayed in Envoy until its streams had ended.
+        assert requests_when_left <= min(seen) and max(seen) <= requests_when_left + in_transit, (
+            requests_when_left, in_transit, sorted(set(seen)))
         assert all(outcome.ended < gone_at for outcome in leaver_streams)
         assert all(count > 0 for count in watch.samples.values()), watch.samples
         assert watch.max_deferred == dict.fromkeys(servers, 0.0), watch.max_deferred
