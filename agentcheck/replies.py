@@ -3,12 +3,14 @@
 Checks are the hot path (one per backend per ``agent-inter``), so each backend's reply is
 computed once per change and served from the cache until the model says the member changed.
 Weights are relative to the largest backend ever seen ready; a new maximum rescales them all.
-A backend back from a ``down`` reply is answered 0% for ``return_window`` seconds (agentcheck.policy
-says why): the replies remember what they last said, so the window starts at the first ready one.
+A backend back from a ``down`` reply, or restarted between two polls that both found it ready, is
+answered 0% for ``return_window`` seconds (agentcheck.policy says why): the replies remember what they
+last said, so the window starts at the first ready one.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -22,6 +24,9 @@ from agentcheck.policy import (
     unknown_backend_reply,
 )
 from agentcheck.protocol import Request
+from agentcheck.status import restarted
+
+log = logging.getLogger("paddler.agent")
 
 
 class AgentCheckReplies:
@@ -45,6 +50,11 @@ class AgentCheckReplies:
             self._returning.pop(previous.name, None)
             return
         status = current.status
+        if previous is not None and restarted(previous.status, status):
+            log.info("%s: llama-server restarted between polls; back at 0%% for %gs", current.name,
+                     self._return_window)
+            self._returning[current.name] = None
+            self._cache.pop(current.name, None)
         if current.ready and status.slots_total > self._largest_slots:
             self._largest_slots = status.slots_total
             self._cache.clear()
