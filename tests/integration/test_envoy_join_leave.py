@@ -6,7 +6,7 @@ so the picker always has requests waiting). Two more 2-slot servers register thr
 (``PUT /api/v1/backends/{name}``): each must take requests through Envoy within 2 s. Then one of them, full,
 is deregistered (``DELETE``): its streams end 200, Envoy sends it nothing new, and it leaves Envoy's
 ``/clusters`` once they are over. All streams 200; ``llamacpp:requests_deferred``, sampled every 50 ms on every
-server, stays 0.
+server, stays 0. And an Envoy started before the agent serves as soon as the agent answers.
 """
 
 from __future__ import annotations
@@ -156,3 +156,20 @@ def test_servers_join_and_leave_a_running_envoy_with_no_restart(make_llama: Call
         assert all(count > 0 for count in watch.samples.values()), watch.samples
         assert watch.max_deferred == dict.fromkeys(servers, 0.0), watch.max_deferred
         assert stack.envoy.stats().get("cluster.llama.update_rejected", 0) == 0
+
+
+def test_an_envoy_started_before_the_agent_serves_once_the_agent_answers(make_llama: Callable[..., LlamaServer],
+                                                                         tmp_path: Path) -> None:
+    """docs/envoy.md, "When Envoy starts before the agent": the cluster is empty (503 no healthy upstream)
+    until the agent answers, then Envoy serves with no restart."""
+    server = make_llama("only", slots=2)
+    server.start()
+    stack = BalancerStack(tmp_path / "lb", {"only": server.address}, kind="envoy")
+    with stack.envoy:  # ready after the initial_fetch_timeout, with no endpoint
+        answer = stream_chat(LOOPBACK, stack.port, 8, 0, read_timeout=10)
+        assert (answer.status, answer.detail) == (503, "no healthy upstream")
+        with stack.agent:
+            answering_at = time.monotonic()
+            wait_until(lambda: stream_chat(LOOPBACK, stack.port, 8, 0, read_timeout=10).status == 200, timeout=5,
+                       interval=0.1, what="Envoy to serve once the agent answers")
+            print(f"first 200 {time.monotonic() - answering_at:.2f}s after the agent answered")
