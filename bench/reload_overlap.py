@@ -28,8 +28,8 @@ import yaml
 from devstack import chaos
 from devstack.llamacpp_build import llama_server_binary
 from devstack.model import write_tiny_model
-from devstack.processes import LOOPBACK, LlamaServer, wait_until
-from devstack.sampling import DeferralWatch
+from devstack.processes import LOOPBACK, HAProxy, LlamaServer, wait_until
+from devstack.sampling import BackgroundSampler, DeferralWatch
 from devstack.stack import BalancerStack, generate_config
 from generator.haproxy import BACKEND_NAME
 
@@ -42,6 +42,50 @@ def queue_is_full(stack: BalancerStack) -> bool:
     rows = {row["svname"]: row for row in stack.haproxy.stats() if row["pxname"] == BACKEND_NAME}
     busy = all(rows[name]["scur"] == str(slots) for name, slots in SLOTS.items())
     return busy and int(rows["BACKEND"]["qcur"]) > 0
+
+
+class TimedDeferrals(DeferralWatch):
+    """DeferralWatch that also keeps when each deferral was seen, to match it with reloads and log lines."""
+
+    def __init__(self, servers: dict[str, LlamaServer]) -> None:
+        super().__init__(servers, interval=0.05)
+        self.nonzero: list[tuple[str, str, float]] = []  # (wall clock, server, value)
+
+    def _sample(self, name: str) -> bool:
+        before = self.max_deferred[name]
+        taken = super()._sample(name)
+        if taken and self.max_deferred[name] > before:
+            self.nonzero.append((time.strftime("%H:%M:%S"), name, self.max_deferred[name]))
+        return taken
+
+
+class WorkerSessions(BackgroundSampler):
+    """Every worker's own count of requests on each server (``@!<pid> show stat`` on the master CLI),
+    summed: what HAProxy as a whole has sent to a llama-server, against its slots."""
+
+    def __init__(self, haproxy: HAProxy, interval: float = 0.05) -> None:
+        super().__init__(interval)
+        self.haproxy = haproxy
+        self.max_total = dict.fromkeys(SLOTS, 0)
+        self.max_workers = 0
+        self.add("workers", self._sample)
+
+    def _sample(self) -> bool:
+        try:
+            workers = self.haproxy.workers()
+            pids = [pid for pid in (workers.current, *workers.old) if pid is not None]
+            totals = dict.fromkeys(SLOTS, 0)
+            for pid in pids:
+                for line in self.haproxy.master_command(f"@!{pid} show stat").splitlines():
+                    fields = line.split(",")
+                    if len(fields) > 4 and fields[0] == BACKEND_NAME and fields[1] in totals:
+                        totals[fields[1]] += int(fields[4] or 0)  # scur
+        except (OSError, ValueError):
+            return False
+        self.max_workers = max(self.max_workers, len(pids))
+        for name, total in totals.items():
+            self.max_total[name] = max(self.max_total[name], total)
+        return True
 
 
 def change_fleet(stack: BalancerStack, step: int) -> str:
@@ -66,7 +110,7 @@ def run(reloads: int, spacing: str, max_tokens: int, workdir: Path) -> dict[str,
             load = chaos.Load(LOOPBACK, stack.port, 10**6, CONCURRENCY, deadline=reloads * 30.0,
                               max_tokens=lambda index: max_tokens // 2 + (index * 37) % max_tokens,
                               read_timeout=60.0)
-            with DeferralWatch(servers, interval=0.05) as watch:
+            with TimedDeferrals(servers) as watch, WorkerSessions(stack.haproxy) as sessions:
                 loader = threading.Thread(target=load.run, daemon=True)
                 loader.start()
                 started = time.monotonic()
@@ -79,11 +123,13 @@ def run(reloads: int, spacing: str, max_tokens: int, workdir: Path) -> dict[str,
                         overlaps.append(time.monotonic() - reloaded)
                     else:
                         time.sleep(float(spacing))  # the schedule of the reloads, not a synchronization
-                    print(f"reload {step}: worker {workers.current}, old {workers.old}", flush=True)
+                    print(f"{time.strftime('%H:%M:%S')} reload {step}: worker {workers.current}, old {workers.old}",
+                          flush=True)
                 load.deadline = 0.0  # no new requests; the running ones finish
                 loader.join(timeout=120)
                 wait_until(lambda: not stack.haproxy.workers().old, timeout=120, what="old workers gone")
                 elapsed = time.monotonic() - started
+            log = stack.haproxy.log_path.read_text(errors="replace").splitlines()
     finally:
         for server in servers.values():
             server.stop()
@@ -94,8 +140,13 @@ def run(reloads: int, spacing: str, max_tokens: int, workdir: Path) -> dict[str,
         "statuses": dict(sorted(load.counts().items())),
         "max_deferred": watch.max_deferred,
         "deferred_seconds": round(watch.deferred_seconds, 2),
+        "deferrals_seen": watch.nonzero,
         "samples": dict(watch.samples),
+        "haproxy_sessions_max": sessions.max_total,
+        "workers_max": sessions.max_workers,
         "overlap_seconds": [round(seconds, 1) for seconds in overlaps],
+        "haproxy_log_problems": [line for line in log if " 503 " in line or "is DOWN" in line or "ALERT" in line],
+        "handover_log": [line for line in log if "paddler handover" in line],
     }
 
 
