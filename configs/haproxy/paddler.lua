@@ -60,13 +60,23 @@ local next_id = 0
 -- when no other requests are left there. A worker that is itself stopping (a reload during a handover)
 -- reacts faster than the newest one, so slots freed by the oldest go to the older waiting requests.
 -- HAPROXY_MWORKER_REEXEC is set while a master reloads; lua-load runs there, before the fork.
+-- Bypass traffic that never stops would keep the agent's checks off for good: a handover ends after
+-- max_ms whatever it sees. A handover task that stops answering (an error in HAProxy's Lua) is ended
+-- by the next request after stale_ms, so servers never stay at weight 0 without the agent.
 local handover = {
   reloaded = os.getenv("HAPROXY_MWORKER_REEXEC") ~= nil,
-  gate = false,     -- true until the first /slots answers are in: admit holds requests meanwhile
+  gate_until = 0,   -- admit holds requests until then (ms), or until the first /slots answers are in
+  gate_max_ms = 5000,
   poll_ms = 50,
   probe_timeout_ms = 1000,
   window = 5,       -- samples in a row before room grows, in the newest worker
   stopping_window = 2,
+  max_ms = 600000,
+  stale_ms = 3000,
+  active = false,
+  entries = {},
+  heartbeat = 0,
+  ends_at = 0,
 }
 
 local function now_ms()
@@ -152,22 +162,27 @@ local function usable_servers(txn, backend)
   return count
 end
 
+local handover_end
+
 function paddler.admit(txn)
   local backend = settings.backend
   local now = now_ms()
+  if handover.active and now - handover.heartbeat > handover.stale_ms then
+    handover_end("the handover task stopped answering")
+  end
   local buffered = (tonumber(txn.f:queue(backend)) or 0) + paddler.held_count(now)
   if buffered >= settings.max_buffered_requests then
     txn:set_var("txn.paddler_verdict", "overflow")
     return
   end
-  if not handover.gate and usable_servers(txn, backend) > 0 then
+  if now >= handover.gate_until and usable_servers(txn, backend) > 0 then
     return -- HAProxy places it now, or queues it until a slot frees
   end
   next_id = next_id + 1
   local id = next_id
   local deadline = now + settings.buffered_request_timeout_ms
   held[id] = deadline
-  while handover.gate or usable_servers(txn, backend) == 0 do
+  while now_ms() < handover.gate_until or usable_servers(txn, backend) == 0 do
     if now_ms() >= deadline then
       held[id] = nil
       txn:set_var("txn.paddler_verdict", "timeout")
@@ -334,8 +349,8 @@ end
 local function sample(entry, window)
   local before = own_requests(entry.server)
   local slots, busy = probe_slots(entry.server)
-  if slots == nil then
-    return nil -- no answer: keep the last limit
+  if slots == nil or not handover.active then
+    return nil -- no answer: keep the last limit (or the handover ended while this one waited)
   end
   entry.slots = slots
   local room, highest = paddler.handover_room(entry.samples, paddler.others(busy, before, own_requests(entry.server)),
@@ -344,13 +359,27 @@ local function sample(entry, window)
   return highest
 end
 
--- The agent's next reply sets its own limit again; until then, the slots llama-server reports.
-local function release(entries)
-  for _, entry in pairs(entries) do
+-- Back to the agent: its next reply sets its own limit again; until then, the slots llama-server reports.
+handover_end = function(reason)
+  handover.active = false
+  for _, entry in pairs(handover.entries) do
     entry.server:set_maxconn(tostring(entry.slots))
     entry.server:set_weight(tostring(entry.weight))
     entry.server:agent_enable()
   end
+  core.log(core.notice, string.format("paddler handover (pid %s): %s, the agent's checks are back",
+                                      core.get_info().Pid, reason))
+end
+
+-- Done when no server has anyone else's requests: each answered 0 `window` times in a row, or does not
+-- answer and HAProxy has it down (a dead server must not keep the agent off the live ones).
+local function nothing_left(entries, highest)
+  for name, entry in pairs(entries) do
+    if highest[name] ~= 0 and (highest[name] ~= nil or paddler.is_usable(entry.server:get_stats().status)) then
+      return false
+    end
+  end
+  return true
 end
 
 local function handover_task()
@@ -364,29 +393,32 @@ local function handover_task()
     end
   end
   if not someone_else then
-    handover.gate = false
+    handover.gate_until = 0
     return -- nothing runs on these servers: nothing to hand over
   end
+  handover.entries, handover.active = entries, true
+  handover.heartbeat = now_ms()
+  handover.ends_at = handover.heartbeat + handover.max_ms
   -- One answer may read low (see above): every slot counts as taken until `window` answers agree.
   for _, entry in pairs(entries) do
     entry.server:agent_disable()
     apply_room(entry, paddler.handover_room(entry.samples, entry.slots, handover.window, entry.slots))
   end
-  handover.gate = false
-  while true do
+  handover.gate_until = 0
+  while handover.active do
     core.msleep(handover.poll_ms)
-    local stopping = tonumber(core.get_info().Stopping) == 1
-    local window = stopping and handover.stopping_window or handover.window
-    local done = true
-    for _, entry in pairs(entries) do
-      local highest = sample(entry, window)
-      done = done and highest == 0
+    local window = tonumber(core.get_info().Stopping) == 1 and handover.stopping_window or handover.window
+    local highest = {}
+    for name, entry in pairs(entries) do
+      handover.heartbeat = now_ms()
+      highest[name] = handover.active and sample(entry, window)
     end
-    if done then
-      core.log(core.notice, string.format("paddler handover (pid %s): done, the agent's checks are back",
-                                          core.get_info().Pid))
-      release(entries) -- nobody else's requests left: back to the agent's limits
-      return
+    if not handover.active then
+      return -- ended by admit's watchdog meanwhile
+    elseif nothing_left(entries, highest) then
+      handover_end("done")
+    elseif now_ms() >= handover.ends_at then
+      handover_end("still busy after " .. handover.max_ms // 1000 .. " s, given up")
     end
   end
 end
@@ -423,7 +455,7 @@ if core ~= nil and core.register_action ~= nil then
   core.register_service("paddler_health", "http", paddler.health)
   core.register_fetches("paddler_route", paddler.route)
   if handover.reloaded then
-    handover.gate = true
+    handover.gate_until = now_ms() + handover.gate_max_ms
     core.register_task(handover_task)
   end
 end
