@@ -8,8 +8,10 @@ grows by a second), ``paddler-gen`` renders it again and the master gets SIGUSR2
 ``systemctl reload haproxy`` sends. ``llamacpp:requests_deferred`` is sampled every 50 ms per server:
 any value above 0 means a llama-server held more requests than slots and queued one itself.
 
-``--spacing old-gone`` reloads once the previous old worker has exited (one overlap at a time);
-``--spacing N`` reloads every N seconds, so overlaps stack (three or more workers at once).
+Each reload waits until every slot is busy and requests wait in the current worker. Then
+``--spacing old-gone`` waits for the old worker to exit (one overlap at a time); ``--spacing N``
+waits only N seconds, so a reload can come while the previous overlap lasts (up to 3 workers seen).
+HAProxy's log lines about the hand-over, DOWN servers and 503s are printed with the numbers.
 
     python -m bench.reload_overlap [--reloads 5] [--spacing old-gone|2.0] [--max-tokens 600]
 """
@@ -49,7 +51,7 @@ class TimedDeferrals(DeferralWatch):
 
     def __init__(self, servers: dict[str, LlamaServer]) -> None:
         super().__init__(servers, interval=0.05)
-        self.nonzero: list[tuple[str, str, float]] = []  # (wall clock, server, value)
+        self.nonzero: list[tuple[str, str, float]] = []  # (wall clock, server, new highest value)
 
     def _sample(self, name: str) -> bool:
         before = self.max_deferred[name]
