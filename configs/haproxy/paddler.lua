@@ -60,6 +60,7 @@ local next_id = 0
 -- when no other requests are left there. A worker that is itself stopping (a reload during a handover)
 -- reacts faster than the newest one, so slots freed by the oldest go to the older waiting requests.
 -- HAPROXY_MWORKER_REEXEC is set while a master reloads; lua-load runs there, before the fork.
+--
 -- Bypass traffic that never stops would keep the agent's checks off for good: a handover ends after
 -- max_ms whatever it sees. A handover task that stops answering (an error in HAProxy's Lua) is ended
 -- by the next request after stale_ms, so servers never stay at weight 0 without the agent.
