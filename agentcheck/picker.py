@@ -48,7 +48,9 @@ LEASE_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{22}")
 MAX_ALTERNATES = 2  # the llama routes' num_retries: one alternate per retry
 # When the picker opens (agent start), requests Envoy's fallback placed while the agent was away may still
 # be on their way to a slot; llama.cpp lists one as processing once its task is picked up, a few hundred
-# ms later on a busy host. Nothing is placed on a backend until a poll that began this long after opening.
+# ms later on a busy host. Nothing is placed until every usable backend has had a poll that began this
+# long after opening (or one poll interval more has passed): placing on each as its poll comes would
+# send the first requests to whichever backend is polled first, not to the one with most room.
 OPEN_SETTLE_SECONDS = 0.3
 
 
@@ -98,6 +100,7 @@ class Picker:
         self._refused: dict[str, float] = {}  # backend → when the filter last saw it refuse a connection
         self._names = {str(member.backend.address): member.name for member in model}
         self._trusted_from = float("-inf")  # polls that began before this may miss running requests
+        self._settled_by = float("-inf")  # after opening: place nothing before every backend's poll, or this
         # (issued_at, backend, alternates) of recent leases: what a retry from that backend may land on
         self._offered: deque[tuple[float, str, tuple[str, ...]]] = deque()
 
@@ -135,16 +138,26 @@ class Picker:
         primaries = [member.name for member in usable if member.role is Role.PRIMARY]
         return primaries or [member.name for member in usable]
 
-    def open(self) -> None:
+    def open(self, poll_interval: float) -> None:
         """The agent starts answering Envoy's filter: see OPEN_SETTLE_SECONDS."""
         self._trusted_from = self._clock() + OPEN_SETTLE_SECONDS
+        self._settled_by = self._trusted_from + poll_interval
 
     def free_slots(self) -> dict[str, int]:
-        return {name: self._model[name].status.slots_total - self.busy(name) for name in self.candidates()
-                if self._seen_since_open(self._model[name])}
+        candidates = self.candidates()
+        if not self._settled(candidates):
+            return {}
+        return {name: self._model[name].status.slots_total - self.busy(name) for name in candidates}
 
-    def _seen_since_open(self, member: Member) -> bool:
-        return member.poll is not None and member.poll.started >= self._trusted_from
+    def _settled(self, candidates: list[str]) -> bool:
+        if self._trusted_from == float("-inf"):
+            return True
+        polls = [self._model[name].poll for name in candidates]
+        if self._clock() < self._settled_by and not all(poll and poll.started >= self._trusted_from
+                                                       for poll in polls):
+            return False
+        self._trusted_from = float("-inf")  # once settled, for good
+        return True
 
     def _try_lease(self) -> Lease | None:
         free = self.free_slots()
