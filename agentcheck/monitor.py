@@ -82,8 +82,7 @@ class Monitor:
                          self._poll_timeout)
                 self.counters.count_late(backend.name)
                 return member.status
-            status = BackendStatus.down(State.UNREACHABLE, f"no answer within {self._poll_timeout:g}s"
-                                        + (f", {late} polls in a row" if late > 1 else ""))
+            status = BackendStatus.down(State.UNREACHABLE, f"no answer within {self._poll_timeout:g}s")
         except Exception as exc:  # a bug here must cost one backend one poll, never the agent
             log.exception("%s: unexpected error while polling", backend.name)
             status = BackendStatus.down(State.ERROR, f"agent error while polling ({type(exc).__name__})")

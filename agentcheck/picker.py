@@ -147,7 +147,19 @@ class Picker:
         candidates = self.candidates()
         if not self._settled(candidates):
             return {}
+        return self._free(candidates)
+
+    def _free(self, candidates: list[str]) -> dict[str, int]:
         return {name: self._model[name].status.slots_total - self.busy(name) for name in candidates}
+
+    def _buffer_room(self) -> int:
+        """How many may wait. While the opening settles, requests that would have got a slot wait too,
+        so the slots free by the polls so far are room on top of the buffer: a burst then is refused
+        exactly as it would be a moment later."""
+        candidates = self.candidates()
+        if self._settled(candidates):
+            return self._max_buffered_requests
+        return self._max_buffered_requests + sum(max(0, free) for free in self._free(candidates).values())
 
     def _settled(self, candidates: list[str]) -> bool:
         if self._trusted_from == float("-inf"):
@@ -199,7 +211,7 @@ class Picker:
             lease = self._try_lease()
             if lease is not None:
                 return lease
-        if len(self._waiting) >= self._max_buffered_requests:
+        if len(self._waiting) >= self._buffer_room():
             raise BufferFull()
         waiter: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
         self._waiting.append(waiter)

@@ -90,6 +90,18 @@ async def test_after_opening_nothing_is_placed_until_every_backend_had_a_poll_th
     assert lease.backend == "large" and picker.free_slots() == {"small": 1, "large": 0}
 
 
+async def test_while_the_opening_settles_requests_that_would_get_a_slot_wait_beside_the_full_buffer() -> None:
+    _, picker, _ = make(max_waiting=2)
+    picker.open(poll_interval=1.0)
+    waiters = [asyncio.ensure_future(picker.acquire()) for _ in range(2 + 6)]  # 6 primary slots free by the polls
+    await asyncio.sleep(0)
+    assert picker.waiting == 8 and not any(waiter.done() for waiter in waiters)
+    with pytest.raises(BufferFull):
+        await picker.acquire()
+    for waiter in waiters:
+        waiter.cancel()
+
+
 async def test_after_opening_a_backend_that_is_never_polled_again_holds_nothing_past_one_interval() -> None:
     model, picker, clock = make()
     picker.open(poll_interval=1.0)
