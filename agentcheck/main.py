@@ -83,15 +83,28 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
-async def _run(settings: AgentSettings) -> None:
+def _reload(agent: Agent, args: argparse.Namespace) -> None:
+    """SIGHUP: read the fleet file again; a broken file is logged and changes nothing."""
+    try:
+        agent.reload_fleet(settings_from_args(args).fleet)
+    except FleetError as exc:
+        logging.getLogger("paddler.agent").error("fleet reload refused, nothing changed: %s", exc)
+
+
+async def _run(settings: AgentSettings, args: argparse.Namespace) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    agent = Agent(settings)
+    signals = [signal.SIGINT, signal.SIGTERM]
+    for sig in signals:
         loop.add_signal_handler(sig, stop.set)
+    if args.fleet:
+        signals.append(signal.SIGHUP)
+        loop.add_signal_handler(signal.SIGHUP, _reload, agent, args)
     try:
-        await Agent(settings).serve(stop)
+        await agent.serve(stop)
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in signals:
             loop.remove_signal_handler(sig)
 
 
@@ -105,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = settings_from_args(args)
         raise_open_file_limit()
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-            runner.run(_run(settings))
+            runner.run(_run(settings, args))
     except FleetError as exc:
         print(f"paddler-agent: {exc}", file=sys.stderr)
         return 2

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import json
 from collections.abc import Awaitable, Callable, Iterable
 from importlib import resources
 
@@ -29,7 +30,8 @@ from aiohttp.typedefs import Middleware
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import CollectorRegistry
 
-from agentcheck.model import FleetModel
+from agentcheck.membership import Membership, Refused
+from agentcheck.model import FleetModel, Origin
 from agentcheck.picker import LEASE_ID_PATTERN, BufferFull, BufferTimeout, Picker
 from agentcheck.replies import AgentCheckReplies
 from agentcheck.reporting import PICKER_SOURCE_HEADER
@@ -43,6 +45,8 @@ REGISTRY_KEY = web.AppKey("registry", CollectorRegistry)
 TOKEN_KEY = web.AppKey("operator_token", str)
 PICKER_KEY = web.AppKey("picker", Picker)
 PICKER_TOKEN_KEY = web.AppKey("picker_token", str)
+MEMBERSHIP_KEY = web.AppKey("membership", Membership)
+MAX_BODY_BYTES = 64 * 1024  # registrations and picker calls are a few hundred bytes
 Handler = Callable[[web.Request], Awaitable[web.Response]]
 ENDPOINT_HEADER = "x-paddler-endpoint"  # the header Envoy's override_host policy reads
 LEASE_HEADER = "x-paddler-lease"
@@ -131,6 +135,52 @@ def _operator(drain: bool) -> Handler:
     return handle
 
 
+async def list_backends(request: web.Request) -> web.Response:
+    """Every backend with where it came from; a registered one with the seconds left before it leaves."""
+    membership = request.app[MEMBERSHIP_KEY]
+    return web.json_response({"backends": [
+        {"name": member.name, "address": str(member.backend.address), "origin": member.origin.value,
+         "standby": member.role.value == "standby", "leaving": member.leaving,
+         "expires_in": membership.expires_in(member.name)}
+        for member in request.app[MODEL_KEY]]})
+
+
+async def register(request: web.Request) -> web.Response:
+    """Add a backend (201), or refresh its heartbeat (200): ``PUT /api/v1/backends/{name}`` or ``POST
+    /api/v1/backends`` with ``{"name": ..., "address": "host:port"}`` and optionally ``slots``, ``api_key``."""
+    refusal = token_refusal(request.headers.get("Authorization"), request.app[TOKEN_KEY])
+    if refusal is not None:
+        return _error(*refusal)
+    try:
+        data = json.loads(await request.read())
+    except web.HTTPRequestEntityTooLarge:
+        return _error(413, f"the body is over {MAX_BODY_BYTES} bytes")
+    except (ValueError, UnicodeDecodeError) as exc:
+        return _error(400, f"the body is not JSON: {exc}")
+    membership = request.app[MEMBERSHIP_KEY]
+    try:
+        registered = membership.register(data, request.match_info.get("name"))
+    except Refused as refused:
+        return _error(refused.status, refused.reason)
+    member = registered.member
+    return web.json_response({"name": member.name, "address": str(member.backend.address),
+                              "origin": Origin.REGISTERED.value, "leaving": member.leaving,
+                              "expires_in": membership.expires_in(member.name)},
+                             status=201 if registered.created else 200)
+
+
+async def deregister(request: web.Request) -> web.Response:
+    """The backend leaves: no new requests; it is removed once its running requests are over (202)."""
+    refusal = token_refusal(request.headers.get("Authorization"), request.app[TOKEN_KEY])
+    if refusal is not None:
+        return _error(*refusal)
+    try:
+        member = request.app[MEMBERSHIP_KEY].deregister(request.match_info["name"])
+    except Refused as refused:
+        return _error(refused.status, refused.reason)
+    return web.json_response({"name": member.name, "leaving": True}, status=202)
+
+
 def _picker_refusal(request: web.Request) -> web.Response | None:
     given = request.headers.get(contract.PICKER_TOKEN_HEADER)
     if given is None:
@@ -210,11 +260,12 @@ def _host_guard(names: Iterable[str]) -> Middleware:
 
 
 def create_app(model: FleetModel, replies: AgentCheckReplies, snapshot: Snapshot, registry: CollectorRegistry,
-               operator_token: str | None, picker: Picker, *, picker_token: str = contract.PICKER_TOKEN_UNSET,
-               host_names: Iterable[str] = ()) -> web.Application:
+               operator_token: str | None, picker: Picker, membership: Membership, *,
+               picker_token: str = contract.PICKER_TOKEN_UNSET, host_names: Iterable[str] = ()) -> web.Application:
     """``host_names``: DNS names this server answers to besides localhost and the filter's name (IP
     addresses are always served)."""
-    app = web.Application(middlewares=[_host_guard(host_names)])
+    app = web.Application(middlewares=[_host_guard(host_names)], client_max_size=MAX_BODY_BYTES)
+    app[MEMBERSHIP_KEY] = membership
     app[MODEL_KEY] = model
     app[REPLIES_KEY] = replies
     app[SNAPSHOT_KEY] = snapshot
@@ -228,6 +279,10 @@ def create_app(model: FleetModel, replies: AgentCheckReplies, snapshot: Snapshot
     app.router.add_get("/metrics", metrics)
     app.router.add_post("/api/v1/agents/{name}/drain", _operator(drain=True))
     app.router.add_post("/api/v1/agents/{name}/ready", _operator(drain=False))
+    app.router.add_get("/api/v1/backends", list_backends)
+    app.router.add_post("/api/v1/backends", register)
+    app.router.add_put("/api/v1/backends/{name}", register)
+    app.router.add_delete("/api/v1/backends/{name}", deregister)
     app.router.add_post("/api/v1/picker/acquire", acquire)
     app.router.add_post("/api/v1/picker/release/{lease}", release)
     app.router.add_post("/api/v1/picker/failed/{lease}", failed)

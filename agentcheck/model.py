@@ -135,13 +135,14 @@ class FleetModel:
         self._notify(None, member)
         return member
 
-    def set_leaving(self, name: str, reason: str) -> Member:
-        """No new requests for this backend from now on; ``remove`` follows once it has finished."""
+    def set_leaving(self, name: str, leaving: bool, reason: str) -> Member:
+        """No new requests for this backend from now on (``remove`` follows once it has finished), or
+        (``leaving`` False) it stays after all."""
         previous = self._members[name]
-        if previous.leaving:
+        if previous.leaving == leaving:
             return previous
-        log.info("%s: leaving (%s)", name, reason)
-        return self._set(previous, replace(previous, leaving=True))
+        log.info("%s: %s (%s)", name, "leaving" if leaving else "staying", reason)
+        return self._set(previous, replace(previous, leaving=leaving))
 
     def remove(self, name: str) -> Member:
         member = self._members.pop(name)

@@ -13,7 +13,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 
-from agentcheck.model import FleetModel, PollWindow
+from agentcheck.model import FleetModel, Member, PollWindow
 from agentcheck.status import BackendStatus, State
 from fleet import Backend
 
@@ -39,11 +39,18 @@ class PollCounters:
         if status.state is not State.READY:
             self.failures[name, status.state.value] += 1
 
+    def forget(self, name: str) -> None:
+        """A backend that left the fleet: its series end with it."""
+        self.polls.pop(name, None)
+        for key in [key for key in self.failures if key[0] == name]:
+            del self.failures[key]
+
 
 class Monitor:
     def __init__(self, model: FleetModel, poll: Poller, interval: float, poll_timeout: float) -> None:
         self._model = model
-        self._backends = [member.backend for member in model]
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._group: asyncio.TaskGroup | None = None
         self.counters = PollCounters()
         self._poll = poll
         self._interval = interval
@@ -59,23 +66,41 @@ class Monitor:
         except Exception as exc:  # a bug here must cost one backend one poll, never the agent
             log.exception("%s: unexpected error while polling", backend.name)
             status = BackendStatus.down(State.ERROR, f"agent error while polling ({type(exc).__name__})")
+        if backend.name not in self._model:  # left the fleet while this poll ran
+            return status
         self.counters.count(backend.name, status)
         self._model.record_poll(backend.name, status, time.time(), PollWindow(started, time.monotonic()))
         return status
 
     async def poll_all(self) -> None:
         """One round over the whole fleet, concurrently; used before the agent starts answering."""
-        await asyncio.gather(*(self.poll_once(backend) for backend in self._backends))
+        await asyncio.gather(*(self.poll_once(member.backend) for member in self._model))
 
     async def run(self) -> None:
         """Poll every backend forever, each on its own schedule, spread across the interval in steps of
         ``POLL_BATCH``."""
-        count = max(1, len(self._backends))
+        backends = [member.backend for member in self._model]
+        count = max(1, len(backends))
         async with asyncio.TaskGroup() as group:
-            for index, backend in enumerate(self._backends):
+            self._group = group
+            for index, backend in enumerate(backends):
                 offset = self._interval * index / count
-                group.create_task(self._poll_forever(backend, offset=offset - offset % POLL_BATCH),
-                                  name=f"poll-{backend.name}")
+                self._start(backend, offset=offset - offset % POLL_BATCH)
+
+    def on_member_change(self, previous: Member | None, current: Member | None) -> None:
+        """The model's subscription: a backend that joins is polled at once, one removed no more."""
+        if previous is None and current is not None and self._group is not None:
+            self._start(current.backend, offset=0.0)
+        elif current is None and previous is not None:
+            task = self._tasks.pop(previous.name, None)
+            if task is not None:
+                task.cancel()
+            self.counters.forget(previous.name)
+
+    def _start(self, backend: Backend, offset: float) -> None:
+        assert self._group is not None
+        self._tasks[backend.name] = self._group.create_task(self._poll_forever(backend, offset=offset),
+                                                            name=f"poll-{backend.name}")
 
     async def _poll_forever(self, backend: Backend, offset: float) -> None:
         loop = asyncio.get_running_loop()

@@ -19,6 +19,7 @@ from aiohttp import web
 from agentcheck.config import AgentSettings
 from agentcheck.llamacpp import LlamaCppClient
 from agentcheck.management import create_app
+from agentcheck.membership import Membership
 from agentcheck.metrics import FleetCollector, build_registry
 from agentcheck.model import FleetModel
 from agentcheck.monitor import Monitor
@@ -27,7 +28,7 @@ from agentcheck.protocol import AgentCheckProtocol
 from agentcheck.replies import AgentCheckReplies
 from agentcheck.reporting import BalancerProbe, StatsdReporter
 from agentcheck.snapshot import fleet_snapshot
-from fleet import contract
+from fleet import Fleet, contract
 
 log = logging.getLogger("paddler.agent")
 
@@ -43,6 +44,7 @@ class Agent:
     def __init__(self, settings: AgentSettings) -> None:
         self.settings = settings
         self.model = FleetModel.from_fleet(settings.fleet)
+        self.membership = Membership(self.model, settings.fleet)
         self.replies = AgentCheckReplies(self.model, settings.weight,
                                          return_window=contract.agent_return_window(settings.interval))
         self.picker = Picker(self.model, settings.fleet.balancer.max_buffered_requests,
@@ -93,8 +95,10 @@ class Agent:
         self.monitor = Monitor(self.model,
                                lambda backend: client.poll(backend, settings.api_keys.get(backend.name)),
                                settings.interval, settings.poll_timeout)
+        self.model.subscribe(self.monitor.on_member_change)
         await self.monitor.poll_all()
         self._background(self.monitor.run(), "monitor")
+        self._background(self._sweep_membership(), "membership")
         self._probe = BalancerProbe(self._session, settings.balancer_health_url, settings.interval)
         self._background(self._probe.run(), "balancer-probe")
         if settings.fleet.statsd is not None:
@@ -114,6 +118,7 @@ class Agent:
         assert settings.management is not None and self.monitor is not None
         registry = build_registry(FleetCollector(self.snapshot, self.monitor.counters, self.replies.served))
         app = create_app(self.model, self.replies, self.snapshot, registry, settings.operator_token, self.picker,
+                         self.membership,
                          picker_token=self.picker_token, host_names=(settings.management.host,))
         # handler_cancellation: a request that gives up while queued in the picker leaves the queue.
         self._management = web.AppRunner(app, access_log=None, handler_cancellation=True)
@@ -122,6 +127,16 @@ class Agent:
         log.info("management API and dashboard on http://%s/ (operator endpoints %s; picker token %s)",
                  settings.management, "enabled" if settings.operator_token else "disabled: no token configured",
                  "not configured" if self.picker_token == contract.PICKER_TOKEN_UNSET else "configured")
+    def reload_fleet(self, fleet: Fleet) -> None:
+        """SIGHUP: the fleet file's backends as re-read join or leave; other settings wait for a restart."""
+        self.membership.reload(fleet)
+        log.info("fleet file re-read: %d backend(s)", len(self.model))
+
+    async def _sweep_membership(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.interval)
+            self.membership.sweep()
+
     def _background(self, coroutine: Coroutine[Any, Any, None], name: str) -> None:
         self._tasks.append(asyncio.create_task(coroutine, name=name))
 

@@ -484,7 +484,7 @@ def override_agent(fleet: Fleet, overrides: Mapping[str, tuple[str, str]]) -> Fl
     return overridden
 
 
-def _same_host(address: Address) -> tuple[str, int]:
+def socket_key(address: Address) -> tuple[str, int]:
     """What two addresses must share to be one socket: the host as the resolver sees it (DNS names
     are case-blind, IPv6 has many spellings) and the port."""
     try:
@@ -505,20 +505,20 @@ def _refuse_shared_addresses(fleet: Fleet) -> None:
     taken: dict[tuple[str, int], str] = {}
     for index, (path, address) in enumerate(listeners):
         for earlier_path, earlier in listeners[:index]:
-            if _same_host(address) == _same_host(earlier):
+            if socket_key(address) == socket_key(earlier):
                 raise FleetError(fleet.source, path, f"{address} is already {earlier_path}")
             wildcard = next((host for host in (address.host, earlier.host) if host in _WILDCARD_HOSTS), None)
             if address.port == earlier.port and wildcard is not None:
                 raise FleetError(fleet.source, path,
                                  f"{address} collides with {earlier_path} {earlier}: {wildcard} listens on "
                                  f"every address, so port {address.port} can be bound only once")
-        taken[_same_host(address)] = path
+        taken[socket_key(address)] = path
     for group, items in (("backends", fleet.backends), ("standby", fleet.standby)):
         for index, backend in enumerate(items):
             path = f"{group}[{index}].address"
-            if (first := taken.get(_same_host(backend.address))) is not None:
+            if (first := taken.get(socket_key(backend.address))) is not None:
                 raise FleetError(fleet.source, path, f"{backend.address} is already {first}")
-            taken[_same_host(backend.address)] = path
+            taken[socket_key(backend.address)] = path
 
 
 _Section = TypeVar("_Section", Backend, AgentConfig, StatsdConfig, BalancerConfig)

@@ -14,6 +14,7 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from agentcheck.management import create_app, host_refusal, token_refusal
+from agentcheck.membership import Membership
 from agentcheck.metrics import FleetCollector, build_registry
 from agentcheck.model import FleetModel, PollWindow
 from agentcheck.monitor import PollCounters
@@ -55,6 +56,10 @@ class Fleet:
         self.model.record_poll("backup", ready(2, 0), now=1002.0, window=PollWindow(52.0, 52.0))
         self.polls = PollCounters()
         self.polls.count("gpu2", self.model["gpu2"].status)
+        self.membership = Membership(self.model, parse_fleet({
+            "backends": [{"name": b.name, "address": str(b.address)} for b in BACKENDS],
+            "standby": [{"name": b.name, "address": str(b.address)} for b in STANDBY],
+            "agent": {"max_registered_backends": 2}}))
 
     def snapshot(self) -> dict:
         return fleet_snapshot(self.model, self.replies.reply_for, 3)
@@ -75,8 +80,13 @@ class Api:
             return response.status, await response.text()
 
     async def post(self, path: str, token: str | None = None) -> tuple[int, dict]:
+        return await self.send("POST", path, token)
+
+    async def send(self, method: str, path: str, token: str | None = None, body: object = None,
+                   raw: bytes | None = None) -> tuple[int, dict]:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        async with self.session.post(self.base + path, headers=headers) as response:
+        data = raw if raw is not None else None if body is None else json.dumps(body).encode()
+        async with self.session.request(method, self.base + path, headers=headers, data=data) as response:
             return response.status, await response.json()
 
     async def picker(self, path: str, token: str | None = PICKER_TOKEN, **headers: str) -> tuple[int, str]:
@@ -98,7 +108,7 @@ async def serve(state: Fleet, token: str | None, checks: Counter[str] | None = N
     picker = Picker(state.model, max_buffered_requests=2, buffered_request_timeout=0.2)
     state.model.subscribe(picker.on_member_change)
     runner = web.AppRunner(create_app(state.model, state.replies, snapshot, registry, token, picker,
-                                      picker_token=picker_token, host_names=host_names),
+                                      state.membership, picker_token=picker_token, host_names=host_names),
                            handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -461,3 +471,73 @@ async def test_ip_addresses_localhost_the_filters_name_and_listed_names_are_serv
     ("evil.example:80:80", True), (":8085", True), ("localhost.", True), ("Paddler-Agent", False)])
 def test_host_refusal(host: str | None, refused: bool) -> None:
     assert (host_refusal(host, ["paddler-agent"]) is not None) == refused
+
+
+async def test_a_backend_registers_heartbeats_and_leaves_through_the_api(api: tuple[Api, Fleet]) -> None:
+    client, state = api
+    assert (await client.send("PUT", "/api/v1/backends/gpu7", body={"address": "127.0.0.1:9007"}))[0] == 401
+
+    status, body = await client.send("PUT", "/api/v1/backends/gpu7", TOKEN, {"address": "127.0.0.1:9007", "slots": 2})
+    assert (status, body["name"], body["address"], body["origin"], body["leaving"]) == (
+        201, "gpu7", "127.0.0.1:9007", "registered", False)
+    status, body = await client.send("POST", "/api/v1/backends", TOKEN,
+                                     {"name": "gpu7", "address": "127.0.0.1:9007", "slots": 2})
+    assert status == 200  # the same registration again: a heartbeat
+    rows = {row["name"]: row for row in json.loads((await client.get("/api/v1/agents"))[1])["agents"]}
+    assert (rows["gpu7"]["registered"], rows["gpu7"]["state"], rows["gpu1"]["registered"]) == (True, "pending", False)
+
+    status, body = await client.send("DELETE", "/api/v1/backends/gpu7", TOKEN)
+    assert (status, body) == (202, {"name": "gpu7", "leaving": True})
+    listed = {row["name"]: row for row in json.loads((await client.get("/api/v1/backends"))[1])["backends"]}
+    assert (listed["gpu7"]["leaving"], listed["gpu7"]["expires_in"], listed["gpu1"]["origin"]) == (
+        True, None, "fleet file")
+    state.membership.sweep()  # never polled ready: nothing can run there, so it goes at once
+    assert "gpu7" not in state.model
+
+
+@pytest.mark.parametrize(("method", "path", "body", "status", "message"), [
+    ("PUT", "/api/v1/backends/bad name", {"address": "127.0.0.1:9007"}, 400,
+     "backend.name: 'bad name' is not allowed: use 1-63 characters from A-Z a-z 0-9 _ . - , "
+     "starting with a letter or digit"),
+    ("PUT", "/api/v1/backends/gpu7", {"address": "127.0.0.1:99999"}, 400,
+     "backend.address: port must be 1-65535, got '99999'"),
+    ("PUT", "/api/v1/backends/gpu7", {"address": "127.0.0.1:9007", "api_key_env": "PADDLER_OPERATOR_TOKEN"}, 400,
+     "api_key_env: not allowed in a registration (allowed: address, api_key, name, slots)"),
+    ("PUT", "/api/v1/backends/gpu7", ["127.0.0.1:9007"], 400,
+     'expected a JSON object like {"name": "gpu7", "address": "10.0.0.17:8080"}'),
+    ("PUT", "/api/v1/backends/gpu7", {"name": "gpu8", "address": "127.0.0.1:9007"}, 400,
+     "name: the body names another backend than the URL"),
+    ("POST", "/api/v1/backends", {"address": "127.0.0.1:9007"}, 400, "backend.name: required key is missing"),
+    ("PUT", "/api/v1/backends/gpu1", {"address": "127.0.0.1:9001"}, 409,
+     "'gpu1' is in the fleet file; change it there"),
+    ("PUT", "/api/v1/backends/gpu7", {"address": "127.0.0.1:9002"}, 409, "127.0.0.1:9002 is already backend 'gpu2'"),
+    ("PUT", "/api/v1/backends/gpu7", {"address": "127.0.0.1:8085"}, 409,
+     "127.0.0.1:8085 is this fleet's agent.management"),
+    ("PUT", "/api/v1/backends/paddler-spare-1", {"address": "127.0.0.1:9007"}, 400,
+     "backend.name: 'paddler-spare-1' is not allowed: names starting with 'paddler-spare-' are HAProxy's spare "
+     "servers"),
+    ("DELETE", "/api/v1/backends/gpu1", None, 409,
+     "'gpu1' is in the fleet file; remove it there and send the agent SIGHUP"),
+    ("DELETE", "/api/v1/backends/gpu9", None, 404, "no backend named 'gpu9'"),
+])
+async def test_a_bad_registration_gets_a_4xx_with_one_line_and_changes_nothing(
+        api: tuple[Api, Fleet], method: str, path: str, body: object, status: int, message: str) -> None:
+    client, state = api
+    before = list(state.model)
+    assert await client.send(method, path, TOKEN, body) == (status, {"error": {"code": status, "message": message}})
+    assert list(state.model) == before
+
+
+async def test_registrations_beyond_the_maximum_and_bodies_that_are_not_json_are_refused(
+        api: tuple[Api, Fleet]) -> None:
+    client, state = api
+    for number in (7, 8):
+        assert (await client.send("PUT", f"/api/v1/backends/gpu{number}", TOKEN,
+                                  {"address": f"127.0.0.1:900{number}"}))[0] == 201
+    status, body = await client.send("PUT", "/api/v1/backends/gpu9", TOKEN, {"address": "127.0.0.1:9009"})
+    assert (status, body["error"]["message"]) == (409, "at most 2 registered backends (agent.max_registered_backends)")
+    status, body = await client.send("PUT", "/api/v1/backends/gpu9", TOKEN, raw=b"{not json")
+    assert status == 400 and body["error"]["message"].startswith("the body is not JSON: ")
+    status, body = await client.send("PUT", "/api/v1/backends/gpu9", TOKEN, raw=b"x" * (65 * 1024))
+    assert (status, body["error"]["message"]) == (413, "the body is over 65536 bytes")
+    assert "gpu9" not in state.model

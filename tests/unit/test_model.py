@@ -84,7 +84,7 @@ def test_joining_leaving_and_removal_reach_subscribers_and_replies_follow() -> N
     model.record_poll("gpu2", ready(2), now=1.0, window=WINDOW)
     assert replies.reply_for("gpu2") == "up ready 100% maxconn:2 #idle=2 processing=0 via slots\n"
 
-    model.set_leaving("gpu2", "deregistered")
+    model.set_leaving("gpu2", True, "deregistered")
     assert not model["gpu2"].usable
     assert replies.reply_for("gpu2") == "up drain maxconn:2 #leaving the fleet, idle=2 processing=0 via slots\n"
 

@@ -66,7 +66,7 @@ async def test_a_backend_that_joins_is_picked_after_its_first_poll_and_one_remov
     lease = await picker.acquire()
     assert (lease.backend, lease.address) == ("gpu7", "10.0.0.7:8080")
 
-    model.set_leaving("gpu7", "deregistered")
+    model.set_leaving("gpu7", True, "deregistered")
     assert "gpu7" not in picker.candidates()
     model.remove("gpu7")
     assert not picker.release(lease.id)  # its leases went with it
