@@ -93,6 +93,14 @@ def agent_reply(status: BackendStatus, fleet_max_slots: int,
     return f"down #{_comment(text)}\n"
 
 
+# Replies for HAProxy's spare servers (agentcheck.spares) that carry no member. HAProxy 2.6 agent-checks a
+# disabled server too, and `ready` would take it out of maintenance, so neither says it: `up 0%` leaves an
+# empty spare in MAINT at weight 0, so it comes UP taking nothing when it is filled; `drain` lets a released
+# one's sessions end.
+EMPTY_SPARE_REPLY = "up 0% #paddler-agent: empty spare server\n"
+RELEASED_SPARE_REPLY = "up drain #paddler-agent: spare server released, its sessions are ending\n"
+
+
 def unknown_backend_reply(name: str) -> str:
     """agent-send names no backend of this fleet: down, with the misconfiguration in HAProxy's stats."""
     return f"down #paddler-agent: unknown backend {_comment(name)!r}, check agent-send\n"

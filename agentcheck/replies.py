@@ -5,23 +5,27 @@ computed once per change and served from the cache until the model says the memb
 Weights are relative to the largest backend ever seen ready; a new maximum rescales them all.
 A backend back from a ``down`` reply is answered 0% for ``return_window`` seconds (agentcheck.policy
 says why): the replies remember what they last said, so the window starts at the first ready one.
+A spare server's name (agentcheck.spares) is answered with the reply of the member it carries.
 """
 
 from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from agentcheck.model import FleetModel, Member
 from agentcheck.policy import (
     DEFAULT_WEIGHT_FORMULA,
+    EMPTY_SPARE_REPLY,
+    RELEASED_SPARE_REPLY,
     WeightFormula,
     agent_reply,
     invalid_request_reply,
     unknown_backend_reply,
 )
 from agentcheck.protocol import Request
+from fleet import SPARE_SERVER_PREFIX
 
 
 class AgentCheckReplies:
@@ -35,7 +39,8 @@ class AgentCheckReplies:
         self._cache: dict[str, str] = {}
         # Backends back from a down reply → when their first reply after it was up (None: not yet).
         self._returning: dict[str, float | None] = {}
-        self.served: Counter[str] = Counter()  # replies by kind: ready, drain, down, unknown, invalid
+        self._spares: dict[str, str | None] = {}  # spare server → the member it carries (None: released)
+        self.served: Counter[str] = Counter()  # replies by kind: ready, drain, down, unknown, invalid, spare
 
     def on_member_change(self, previous: Member | None, current: Member | None) -> None:
         """The model's subscription: drop what the change made stale."""
@@ -52,8 +57,18 @@ class AgentCheckReplies:
               or previous.leaving != current.leaving):
             self._cache.pop(current.name, None)
 
+    def set_spares(self, assignment: Mapping[str, str | None]) -> None:
+        """Whom each spare server's checks are answered for, from the spare pool (agentcheck.haproxy_runtime);
+        None: released, its sessions ending. A spare not listed is empty."""
+        self._spares = dict(assignment)
+
     def reply_for(self, name: str) -> str | None:
-        """The agent-check line for a backend, or None when the name is not in the fleet."""
+        """The agent-check line for a backend or a spare server, or None when the name is neither."""
+        if name.startswith(SPARE_SERVER_PREFIX):
+            if name not in self._spares:
+                return EMPTY_SPARE_REPLY
+            carried = self._spares[name]
+            return (self.reply_for(carried) if carried is not None else None) or RELEASED_SPARE_REPLY
         reply = self._cache.get(name)
         if reply is None:
             member = self._model.get(name)
@@ -79,6 +94,8 @@ class AgentCheckReplies:
         reply = self.reply_for(name)
         if reply is None:
             return unknown_backend_reply(name), "unknown"
+        if reply in (EMPTY_SPARE_REPLY, RELEASED_SPARE_REPLY):
+            return reply, "spare"
         if not reply.startswith("up "):
             self._returning[name] = None
             return reply, "down"
@@ -94,6 +111,6 @@ class AgentCheckReplies:
         return reply, reply.split(" ", 2)[1]
 
     def _returning_reply(self, name: str) -> str:
-        member = self._model.get(name)
+        member = self._model.get(self._spares.get(name) or name)
         assert member is not None  # reply_for found it
         return agent_reply(member.status, self._largest_slots, self._formula, returning=True)
