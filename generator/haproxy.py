@@ -12,10 +12,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from fleet import SPARE_SERVER_PREFIX, Fleet, contract
+from fleet import Fleet, contract
 from generator.templates import comment_text, lua_file, render, validate
 
-BACKEND_NAME = "llama"
+BACKEND_NAME = contract.HAPROXY_BACKEND
 LUA_FILE = "paddler.lua"
 DEFAULT_LUA_DIR = "/etc/haproxy/paddler"
 GLOBAL_MAXCONN = 4096
@@ -36,11 +36,6 @@ def haproxy_duration(seconds: float) -> str:
     """HAProxy time syntax: whole seconds as ``10s``, anything finer in milliseconds."""
     milliseconds = round(seconds * 1000)
     return f"{milliseconds // 1000}s" if milliseconds % 1000 == 0 else f"{milliseconds}ms"
-
-
-def spare_server_names(count: int) -> list[str]:
-    """The spare servers' names, as rendered and as the agent fills them: paddler-spare-1 .. -count."""
-    return [f"{SPARE_SERVER_PREFIX}{index}" for index in range(1, count + 1)]
 
 
 def haproxy_lua_path(lua_dir: str = DEFAULT_LUA_DIR) -> str:
@@ -68,7 +63,7 @@ def haproxy_context(fleet: Fleet, lua_dir: str = DEFAULT_LUA_DIR) -> dict[str, A
         "check_timeout": haproxy_duration(CHECK_TIMEOUT),
         "backend_name": BACKEND_NAME,
         "servers": servers,
-        "spares": spare_server_names(balancer.spare_servers),
+        "spares": contract.spare_server_names(balancer.spare_servers),
         "listen": str(balancer.listen),
         "max_buffered_requests": balancer.max_buffered_requests,
         "buffered_request_timeout": haproxy_duration(balancer.buffered_request_timeout),

@@ -1,0 +1,141 @@
+"""The spare pool's I/O edge against a fake runtime API socket: what it sends, what it survives."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from agentcheck.haproxy_runtime import RuntimeAPI, SparePool, command_failed
+from agentcheck.model import FleetModel, Origin
+from agentcheck.protocol import Request
+from agentcheck.replies import AgentCheckReplies
+from fleet import Address, Backend
+
+HEADER = "# pxname,svname,scur,status,addr,\n"
+
+
+class FakeHAProxy:
+    """Answers `show stat` from ``servers`` (name → (status, addr, scur)) and records every other command."""
+
+    def __init__(self) -> None:
+        self.servers = {"gpu1": ("UP", "127.0.0.1:8081", 0), "paddler-spare-1": ("MAINT", "0.0.0.0:0", 0),
+                        "paddler-spare-2": ("MAINT", "0.0.0.0:0", 0)}
+        self.commands: list[str] = []
+        self.reads = 0
+        self.refuse = False
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        line = (await reader.readline()).decode().strip()
+        if line.startswith("show stat"):
+            self.reads += 1
+            rows = "".join(f"llama,{name},{scur},{status},{addr},\n"
+                           for name, (status, addr, scur) in self.servers.items())
+            writer.write((HEADER + rows + "\n").encode())
+        else:
+            self.commands.append(line)
+            writer.write(b"Permission denied\n\n" if self.refuse else b"\n")
+        await writer.drain()
+        writer.close()
+
+
+@pytest.fixture
+async def haproxy(tmp_path: Path) -> AsyncIterator[tuple[FakeHAProxy, str]]:
+    fake = FakeHAProxy()
+    path = str(tmp_path / "admin.sock")
+    server = await asyncio.start_unix_server(fake.handle, path)
+    async with server:
+        yield fake, path
+
+
+def pool_for(path: str, model: FleetModel, replies: AgentCheckReplies, resolved: dict[str, str] | None = None
+             ) -> SparePool:
+    async def resolver(host: str, port: int) -> str:
+        if resolved is None or host not in resolved:
+            raise OSError("Name or service not known")
+        return resolved[host]
+
+    return SparePool(model, replies, RuntimeAPI(path, timeout=1.0), "llama", ["paddler-spare-1", "paddler-spare-2"],
+                     interval=0.05, resolver=resolver)
+
+
+def fleet() -> tuple[FleetModel, AgentCheckReplies]:
+    model = FleetModel([Backend("gpu1", Address("127.0.0.1", 8081))])
+    replies = AgentCheckReplies(model)
+    model.subscribe(replies.on_member_change)
+    return model, replies
+
+
+async def test_a_registered_member_is_filled_and_its_spare_answered_for_it(haproxy: tuple[FakeHAProxy, str]) -> None:
+    fake, path = haproxy
+    model, replies = fleet()
+    pool = pool_for(path, model, replies, resolved={"gpu7.internal": "10.0.0.7"})
+    model.add(Backend("gpu7", Address("gpu7.internal", 8087)), Origin.REGISTERED)
+    await pool.reconcile()
+    assert fake.commands == ["set server llama/paddler-spare-1 addr 10.0.0.7 port 8087",
+                             "set maxconn server llama/paddler-spare-1 1", "set weight llama/paddler-spare-1 0",
+                             "set server llama/paddler-spare-1 state ready"]
+    assert replies.answer(Request(name="paddler-spare-1")) == "down #awaiting first poll\n"  # gpu7's reply
+    assert pool.server_of("gpu7") == "paddler-spare-1"
+    assert pool.summary() == {"total": 2, "used": 1, "unplaced": []}
+
+
+async def test_an_unresolvable_name_is_reported_and_retried(haproxy: tuple[FakeHAProxy, str],
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    fake, path = haproxy
+    model, replies = fleet()
+    resolved: dict[str, str] = {}
+    pool = pool_for(path, model, replies, resolved=resolved)
+    model.add(Backend("gpu7", Address("gpu7.internal", 8087)), Origin.REGISTERED)
+    with caplog.at_level(logging.WARNING, logger="paddler.agent"):
+        await pool.reconcile()
+    assert fake.commands == [] and pool.summary()["unplaced"] == ["gpu7"]
+    assert "gpu7: cannot resolve gpu7.internal" in caplog.text
+    resolved["gpu7.internal"] = "10.0.0.7"
+    await pool.reconcile()
+    assert fake.commands[0] == "set server llama/paddler-spare-1 addr 10.0.0.7 port 8087"
+
+
+async def test_refused_commands_and_a_missing_socket_are_logged_never_raised(haproxy: tuple[FakeHAProxy, str],
+                                                                            tmp_path: Path,
+                                                                            caplog: pytest.LogCaptureFixture) -> None:
+    fake, path = haproxy
+    fake.refuse = True
+    model, replies = fleet()
+    model.add(Backend("gpu7", Address("127.0.0.1", 8087)), Origin.REGISTERED)
+    with caplog.at_level(logging.WARNING, logger="paddler.agent"):
+        await pool_for(path, model, replies).reconcile()
+        await pool_for(str(tmp_path / "missing.sock"), model, replies).reconcile()
+    assert ("HAProxy refused 'set server llama/paddler-spare-1 addr 127.0.0.1 port 8087': Permission denied"
+            in caplog.text)
+    assert "cannot read HAProxy's servers on" in caplog.text
+
+
+async def test_the_loop_reconciles_at_once_when_a_member_joins(haproxy: tuple[FakeHAProxy, str]) -> None:
+    fake, path = haproxy
+    model, replies = fleet()
+    pool = SparePool(model, replies, RuntimeAPI(path), "llama", ["paddler-spare-1"], interval=3600)
+    model.subscribe(pool.on_member_change)
+    task = asyncio.create_task(pool.run())
+    try:
+        async with asyncio.timeout(2):
+            while fake.reads == 0:  # the first round, with nothing to do
+                await asyncio.sleep(0.01)
+            model.add(Backend("gpu7", Address("127.0.0.1", 8087)), Origin.REGISTERED)
+            while "set server llama/paddler-spare-1 state ready" not in fake.commands:
+                await asyncio.sleep(0.01)
+    finally:
+        task.cancel()
+
+
+@pytest.mark.parametrize(("answer", "failed"), [
+    ("\n", False), ("", False),
+    ("IP changed from '0.0.0.0' to '127.0.0.1', port changed from '+0' to '8087' by 'stats socket command'\n", False),
+    ("no need to change the addr, port\n", False),
+    ("No such server.\n", True), ("Permission denied\n", True), ("Invalid addr 'x' by 'stats socket command'\n", True),
+])
+def test_haproxy_answers_nothing_to_a_set_it_performed(answer: str, failed: bool) -> None:
+    assert command_failed(answer) is failed
