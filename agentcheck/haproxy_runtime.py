@@ -2,10 +2,10 @@
 
 The I/O around agentcheck.spares: read ``show stat`` for the backend, resolve the members' host
 names, plan, publish the assignment to the agent-check replies, send the commands. It runs every
-agent interval and at once when a member joins or is removed, and reads HAProxy's state each time
-rather than trusting what it sent, so a reloaded HAProxy (every spare disabled again) is refilled
-within an interval. Nothing here may stop the agent: a socket that is missing, slow or refusing is
-logged, and the next round tries again.
+agent interval and at once when a member joins, becomes ready, leaves, is drained or is removed,
+and reads HAProxy's state each time rather than trusting what it sent, so a reloaded HAProxy (every
+spare disabled again) is refilled within an interval. Nothing here may stop the agent: a socket that
+is missing, slow or refusing is logged, and the next round tries again.
 """
 
 from __future__ import annotations
@@ -81,10 +81,14 @@ class SparePool:
         self.unplaced: list[str] = []  # members with no server line in HAProxy (logged once each)
 
     def on_member_change(self, previous: Member | None, current: Member | None) -> None:
-        """The model's subscription: a join or a removal is reconciled now, not at the next interval."""
+        """The model's subscription: a join, a first ready poll, a removal, a drain or a leaving is
+        reconciled now, not at the next interval."""
         if previous is None or current is None:
             if current is None and previous is not None:
                 self._addresses.pop(previous.name, None)
+            self._wake.set()
+        elif (previous.ready != current.ready or previous.drained != current.drained
+              or previous.leaving != current.leaving):
             self._wake.set()
 
     def server_of(self, member: str) -> str | None:
@@ -122,11 +126,13 @@ class SparePool:
         result = plan(self._backend, members, servers, self._spares, self._assignment, self._addresses)
         self._log_changes(result.assignment, result.unplaced)
         self._assignment = result.assignment
-        # Published before the commands: the first check after `state ready` is answered for the member.
-        self._replies.set_spares({spare: None if use.releasing else use.member
-                                  for spare, use in result.assignment.items()})
+        answered = {spare: None if use.releasing else use.member for spare, use in result.assignment.items()}
+        # A spare being filled is answered as empty (0%) until it is UP at weight 0 (agentcheck.spares).
+        self._replies.set_spares({spare: use for spare, use in answered.items() if spare not in result.filling})
         for command in result.commands:
             await self._send(command)
+        if result.filling:
+            self._replies.set_spares(answered)
 
     async def _resolve(self, members: list[Member]) -> None:
         for member in members:

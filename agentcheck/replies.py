@@ -5,7 +5,8 @@ computed once per change and served from the cache until the model says the memb
 Weights are relative to the largest backend ever seen ready; a new maximum rescales them all.
 A backend back from a ``down`` reply is answered 0% for ``return_window`` seconds (agentcheck.policy
 says why): the replies remember what they last said, so the window starts at the first ready one.
-A spare server's name (agentcheck.spares) is answered with the reply of the member it carries.
+A spare server's name (agentcheck.spares) is answered with the reply of the member it carries, minus
+the admin words (policy.spare_reply says why).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from agentcheck.policy import (
     WeightFormula,
     agent_reply,
     invalid_request_reply,
+    spare_reply,
     unknown_backend_reply,
 )
 from agentcheck.protocol import Request
@@ -108,7 +110,8 @@ class AgentCheckReplies:
                 del self._returning[name]
             elif reply.startswith("up ready "):
                 reply = self._returning_reply(name)
-        return reply, reply.split(" ", 2)[1]
+        kind = reply.split(" ", 2)[1]
+        return (spare_reply(reply) if name.startswith(SPARE_SERVER_PREFIX) else reply), kind
 
     def _returning_reply(self, name: str) -> str:
         member = self._model.get(self._spares.get(name) or name)

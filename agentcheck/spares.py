@@ -5,12 +5,20 @@ the members' resolved addresses in; the next assignment and the commands out. ag
 does the I/O (docs/haproxy.md, "Servers that join without a reload", has the measurements).
 
 * A primary member with no ``server`` line of its own (registered, or added to the fleet file by
-  SIGHUP) gets a free spare and keeps it while it is a member. A standby member cannot use one: a
-  spare is never ``backup``, and that is fixed in the config.
+  SIGHUP) gets a free spare once it is ready, and keeps it while it is a member. Not before: HAProxy
+  agent-checks a spare even in maintenance, and a ``down`` for one makes its first weight 0%
+  for the return window (agentcheck.replies), a second or more before it gets requests. A standby
+  member cannot use one: a spare is never ``backup``, and that is fixed in the config.
 * Filling a spare: address, maxconn (the member's slots, else 1), weight 0, then ``state ready``.
   Leaving maintenance, HAProxy 2.6 puts the server UP at once; at weight 0 it takes nothing from
   the queue uncounted (the over-commit policy.py describes), and the agent's reply for the spare's
-  name gives it its weight through the counted paths.
+  name gives it its weight through the counted paths. Until the commands are sent the spare is
+  answered as empty (0%): a member's weight landing between ``weight 0`` and ``state ready`` would
+  bring it UP weighted (seen: 2 requests deferred inside a 2-slot llama-server).
+* A spare's admin state is set here and nowhere else: its agent-check replies carry its member's weight,
+  maxconn and up/down but never ``ready`` or ``drain`` (policy.spare_reply), which HAProxy would apply
+  to a disabled spare too. So a member drained by the operator or leaving has its spare put in
+  ``state drain`` here, and back to ``state ready`` when that ends.
 * Releasing one (its member removed, or given its own line by a reload): ``state drain`` while
   HAProxy shows sessions on it, then ``state maint`` and address 0.0.0.0:0, the look of an unused spare.
 * Any difference between what HAProxy shows and the assignment is repaired the same way, so a
@@ -59,7 +67,8 @@ class Use:
 class Plan:
     assignment: dict[str, Use]  # spare → use; spares not listed are free
     commands: list[str]
-    # Members with no server line in HAProxy: all spares taken, the address not resolved, or standby.
+    filling: list[str]  # spares the commands fill: answered as empty until they are sent
+    # Ready members with no server line in HAProxy: all spares taken, the address not resolved, or standby.
     unplaced: list[str]
 
 
@@ -120,7 +129,7 @@ def plan(backend: str, members: Iterable[Member], servers: Mapping[str, HAProxyS
     free = [spare for spare in known if spare not in placed]
     carried = placed_members(placed)
     for member in wanted:
-        if member.name in carried:
+        if member.name in carried or not member.ready:
             continue
         chosen = next((name for name in free if servers[name].address == target[member.name]
                        and not servers[name].in_maintenance), None) or next(iter(free), None)
@@ -130,14 +139,20 @@ def plan(backend: str, members: Iterable[Member], servers: Mapping[str, HAProxyS
         placed[chosen] = Use(member.name)
         carried.add(member.name)
     commands = []
+    filling = []
     for spare in known:
         server = servers[spare]
         current = placed.get(spare)
         if current is not None and not current.releasing:
+            member = by_name[current.member]
+            drain = member.drained or member.leaving
             if server.address != target[current.member] or server.in_maintenance:
-                member = by_name[current.member]
+                filling.append(spare)
                 commands += _fill(backend, spare, server, addresses[current.member] or "",
-                                  member.backend.address.port, member.status.slots_total if member.ready else 0)
+                                  member.backend.address.port, member.status.slots_total if member.ready else 0,
+                                  drain)
+            elif drain != server.draining:
+                commands.append(f"set server {backend}/{spare} state {'drain' if drain else 'ready'}")
         elif current is not None and server.sessions > 0 and not server.in_maintenance:
             if not server.draining:
                 commands.append(f"set server {backend}/{spare} state drain")
@@ -147,19 +162,21 @@ def plan(backend: str, members: Iterable[Member], servers: Mapping[str, HAProxyS
                 commands += [f"set server {backend}/{spare} state maint",
                              f"set server {backend}/{spare} addr 0.0.0.0 port 0"]
     carried = placed_members(placed)
-    unplaced = [name for name in by_name if name not in static and name not in carried]
-    return Plan(placed, commands, unplaced)
+    unplaced = [member.name for member in by_name.values()
+                if member.ready and member.name not in static and member.name not in carried]
+    return Plan(placed, commands, filling, unplaced)
 
 
 def placed_members(assignment: Mapping[str, Use]) -> set[str]:
     return {use.member for use in assignment.values() if not use.releasing}
 
 
-def _fill(backend: str, spare: str, server: HAProxyServer, ip: str, port: int, slots: int) -> list[str]:
+def _fill(backend: str, spare: str, server: HAProxyServer, ip: str, port: int, slots: int,
+          drain: bool) -> list[str]:
     server_id = f"{backend}/{spare}"
     maint = [] if server.in_maintenance else [f"set server {server_id} state maint"]
     return [*maint,
             f"set server {server_id} addr {ip} port {port}",
             f"set maxconn server {server_id} {max(slots, 1)}",
             f"set weight {server_id} 0",
-            f"set server {server_id} state ready"]
+            f"set server {server_id} state {'drain' if drain else 'ready'}"]

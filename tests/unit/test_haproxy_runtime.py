@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 
 from agentcheck.haproxy_runtime import RuntimeAPI, SparePool, command_failed
-from agentcheck.model import FleetModel, Origin
+from agentcheck.model import FleetModel, Origin, PollWindow
 from agentcheck.protocol import Request
 from agentcheck.replies import AgentCheckReplies
+from agentcheck.status import BackendStatus, SlotSource, State
 from fleet import Address, Backend
 
 HEADER = "# pxname,svname,scur,status,addr,\n"
@@ -25,6 +26,7 @@ class FakeHAProxy:
         self.servers = {"gpu1": ("UP", "127.0.0.1:8081", 0), "paddler-spare-1": ("MAINT", "0.0.0.0:0", 0),
                         "paddler-spare-2": ("MAINT", "0.0.0.0:0", 0)}
         self.commands: list[str] = []
+        self.during: Callable[[], None] = lambda: None  # called as each command arrives
         self.reads = 0
         self.refuse = False
 
@@ -37,6 +39,7 @@ class FakeHAProxy:
             writer.write((HEADER + rows + "\n").encode())
         else:
             self.commands.append(line)
+            self.during()
             writer.write(b"Permission denied\n\n" if self.refuse else b"\n")
         await writer.drain()
         writer.close()
@@ -62,6 +65,13 @@ def pool_for(path: str, model: FleetModel, replies: AgentCheckReplies, resolved:
                      interval=0.05, resolver=resolver)
 
 
+def join(model: FleetModel, name: str, host: str, port: int) -> None:
+    """A registration and its first poll: ready with 2 slots."""
+    model.add(Backend(name, Address(host, port)), Origin.REGISTERED)
+    model.record_poll(name, BackendStatus(State.READY, slots_total=2, slot_source=SlotSource.SLOTS), now=1.0,
+                      window=PollWindow(0.0, 0.1))
+
+
 def fleet() -> tuple[FleetModel, AgentCheckReplies]:
     model = FleetModel([Backend("gpu1", Address("127.0.0.1", 8081))])
     replies = AgentCheckReplies(model)
@@ -73,12 +83,16 @@ async def test_a_registered_member_is_filled_and_its_spare_answered_for_it(hapro
     fake, path = haproxy
     model, replies = fleet()
     pool = pool_for(path, model, replies, resolved={"gpu7.internal": "10.0.0.7"})
-    model.add(Backend("gpu7", Address("gpu7.internal", 8087)), Origin.REGISTERED)
+    join(model, "gpu7", "gpu7.internal", 8087)
+    answered_meanwhile: list[str | None] = []
+    fake.during = lambda: answered_meanwhile.append(replies.reply_for("paddler-spare-1"))
     await pool.reconcile()
+    # gpu7's weight must not land before `state ready`: the spare would come UP weighted.
+    assert set(answered_meanwhile) == {"up 0% #paddler-agent: empty spare server\n"}
     assert fake.commands == ["set server llama/paddler-spare-1 addr 10.0.0.7 port 8087",
-                             "set maxconn server llama/paddler-spare-1 1", "set weight llama/paddler-spare-1 0",
+                             "set maxconn server llama/paddler-spare-1 2", "set weight llama/paddler-spare-1 0",
                              "set server llama/paddler-spare-1 state ready"]
-    assert replies.answer(Request(name="paddler-spare-1")) == "down #awaiting first poll\n"  # gpu7's reply
+    assert replies.answer(Request(name="paddler-spare-1")) == "up 100% maxconn:2 #idle=2 processing=0 via slots\n"
     assert pool.server_of("gpu7") == "paddler-spare-1"
     assert pool.summary() == {"total": 2, "used": 1, "unplaced": []}
 
@@ -89,7 +103,7 @@ async def test_an_unresolvable_name_is_reported_and_retried(haproxy: tuple[FakeH
     model, replies = fleet()
     resolved: dict[str, str] = {}
     pool = pool_for(path, model, replies, resolved=resolved)
-    model.add(Backend("gpu7", Address("gpu7.internal", 8087)), Origin.REGISTERED)
+    join(model, "gpu7", "gpu7.internal", 8087)
     with caplog.at_level(logging.WARNING, logger="paddler.agent"):
         await pool.reconcile()
     assert fake.commands == [] and pool.summary()["unplaced"] == ["gpu7"]
@@ -105,7 +119,7 @@ async def test_refused_commands_and_a_missing_socket_are_logged_never_raised(hap
     fake, path = haproxy
     fake.refuse = True
     model, replies = fleet()
-    model.add(Backend("gpu7", Address("127.0.0.1", 8087)), Origin.REGISTERED)
+    join(model, "gpu7", "127.0.0.1", 8087)
     with caplog.at_level(logging.WARNING, logger="paddler.agent"):
         await pool_for(path, model, replies).reconcile()
         await pool_for(str(tmp_path / "missing.sock"), model, replies).reconcile()
@@ -124,7 +138,7 @@ async def test_the_loop_reconciles_at_once_when_a_member_joins(haproxy: tuple[Fa
         async with asyncio.timeout(2):
             while fake.reads == 0:  # the first round, with nothing to do
                 await asyncio.sleep(0.01)
-            model.add(Backend("gpu7", Address("127.0.0.1", 8087)), Origin.REGISTERED)
+            join(model, "gpu7", "127.0.0.1", 8087)
             while "set server llama/paddler-spare-1 state ready" not in fake.commands:
                 await asyncio.sleep(0.01)
     finally:

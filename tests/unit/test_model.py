@@ -197,21 +197,21 @@ def test_a_drained_backend_back_from_down_stays_drained() -> None:
     assert replies.answer(Request(name="gpu1")).startswith("up drain maxconn:2 ")
 
 
-def test_a_spare_server_is_answered_for_the_member_it_carries_and_empty_or_released_ones_never_say_ready() -> None:
+def test_a_spare_server_is_answered_for_the_member_it_carries_without_admin_words() -> None:
     model, replies = wired(GPU1)
     gpu7 = Backend("gpu7", Address("127.0.0.1", 8087))
     model.add(gpu7, Origin.REGISTERED)
     model.record_poll("gpu7", ready(2), now=1.0, window=WINDOW)
     spare = Request(name="paddler-spare-3")
-    # Empty: `ready` would take a disabled server out of maintenance; 0% keeps it from grabbing when filled.
+    # HAProxy applies `ready`/`drain` to a disabled spare too: only the spare pool sets a spare's admin state.
     assert replies.answer(spare) == "up 0% #paddler-agent: empty spare server\n"
     replies.set_spares({"paddler-spare-3": "gpu7"})
-    assert replies.answer(spare) == replies.reply_for("gpu7")
     assert replies.reply_for("gpu7") == "up ready 100% maxconn:2 #idle=2 processing=0 via slots\n"
+    assert replies.answer(spare) == "up 100% maxconn:2 #idle=2 processing=0 via slots\n"
     model.set_leaving("gpu7", True, "deregistered")
-    assert replies.answer(spare).startswith("up drain maxconn:2 #leaving the fleet")
+    assert replies.answer(spare) == "up maxconn:2 #leaving the fleet, idle=2 processing=0 via slots\n"
     model.remove("gpu7")  # before the pool hears of it
-    released = "up drain #paddler-agent: spare server released, its sessions are ending\n"
+    released = "up 0% #paddler-agent: spare server released, its sessions are ending\n"
     assert replies.answer(spare) == released
     replies.set_spares({"paddler-spare-3": None})
     assert replies.answer(spare) == released
@@ -228,9 +228,9 @@ def test_a_spare_whose_member_was_down_comes_back_at_0_percent_like_any_server()
     spare = Request(name="paddler-spare-1")
     assert replies.answer(spare) == "down #awaiting first poll\n"
     model.record_poll("gpu7", ready(2), now=1.0, window=WINDOW)
-    assert replies.answer(spare).startswith("up ready 0% maxconn:2 #back from down")
+    assert replies.answer(spare).startswith("up 0% maxconn:2 #back from down")
     clock[0] = 102.5
-    assert replies.answer(spare).startswith("up ready 100% maxconn:2 ")
+    assert replies.answer(spare).startswith("up 100% maxconn:2 ")
 
 
 @pytest.mark.parametrize(("backends", "request_", "reply", "kind"), [

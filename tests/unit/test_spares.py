@@ -13,10 +13,11 @@ SPARES = ["paddler-spare-1", "paddler-spare-2"]
 
 
 def member(name: str, port: int, slots: int = 0, role: Role = Role.PRIMARY, leaving: bool = False,
-           host: str = "127.0.0.1") -> Member:
+           host: str = "127.0.0.1", drained: bool = False) -> Member:
     status = (BackendStatus(State.READY, slots_total=slots, slot_source=SlotSource.SLOTS) if slots
               else BackendStatus(State.PENDING))
-    return Member(Backend(name, Address(host, port)), role, status=status, origin=Origin.REGISTERED, leaving=leaving)
+    return Member(Backend(name, Address(host, port)), role, status=status, origin=Origin.REGISTERED, leaving=leaving,
+                  drained=drained)
 
 
 def haproxy(**spares: tuple[str, str, int]) -> dict[str, HAProxyServer]:
@@ -46,12 +47,20 @@ def test_a_member_without_a_server_line_gets_the_first_free_spare_filled_at_weig
     result = plan("llama", fleet, haproxy(), SPARES, {}, addresses(*fleet))
     assert result.assignment == {"paddler-spare-1": Use("gpu7")}
     assert result.commands == fill("paddler-spare-1", 8087, 3)
+    assert result.filling == ["paddler-spare-1"]
     assert result.unplaced == []
 
 
-def test_a_member_not_polled_yet_starts_at_maxconn_1() -> None:
+def test_a_member_gets_a_spare_only_once_it_is_ready() -> None:
     gpu7 = member("gpu7", 8087)
-    assert plan("llama", [gpu7], haproxy(), SPARES, {}, addresses(gpu7)).commands == fill("paddler-spare-1", 8087, 1)
+    result = plan("llama", [gpu7], haproxy(), SPARES, {}, addresses(gpu7))
+    assert result.assignment == {} and result.commands == [] and result.unplaced == []
+
+
+def test_a_spare_refilled_while_its_member_is_down_starts_at_maxconn_1() -> None:
+    gpu7 = member("gpu7", 8087)
+    result = plan("llama", [gpu7], haproxy(), SPARES, {"paddler-spare-1": Use("gpu7")}, addresses(gpu7))
+    assert result.commands == fill("paddler-spare-1", 8087, 1)
 
 
 def test_a_filled_spare_needs_no_command_and_keeps_its_member_whatever_joins_later() -> None:
@@ -60,13 +69,26 @@ def test_a_filled_spare_needs_no_command_and_keeps_its_member_whatever_joins_lat
     result = plan("llama", [gpu8, gpu7], servers, SPARES, {"paddler-spare-2": Use("gpu7")}, addresses(gpu8, gpu7))
     assert result.assignment == {"paddler-spare-2": Use("gpu7"), "paddler-spare-1": Use("gpu8")}
     assert result.commands == fill("paddler-spare-1", 8088, 2)
+    assert result.filling == ["paddler-spare-1"]
 
 
-def test_a_leaving_member_keeps_its_spare_its_reply_drains_it() -> None:
-    gpu7 = member("gpu7", 8087, 2, leaving=True)
-    servers = haproxy(paddler_spare_1=("DRAIN", "127.0.0.1:8087", 1))
+@pytest.mark.parametrize("why", ["leaving", "drained"])
+def test_a_leaving_or_drained_member_keeps_its_spare_which_is_drained_here(why: str) -> None:
+    gpu7 = member("gpu7", 8087, 2, **{why: True})
+    assignment = {"paddler-spare-1": Use("gpu7")}
+    up = haproxy(paddler_spare_1=("UP", "127.0.0.1:8087", 1))
+    result = plan("llama", [gpu7], up, SPARES, assignment, addresses(gpu7))
+    assert result.assignment == assignment
+    assert result.commands == ["set server llama/paddler-spare-1 state drain"]
+    draining = haproxy(paddler_spare_1=("DRAIN", "127.0.0.1:8087", 1))
+    assert plan("llama", [gpu7], draining, SPARES, assignment, addresses(gpu7)).commands == []
+
+
+def test_a_member_that_stays_after_all_has_its_spare_ready_again() -> None:
+    gpu7 = member("gpu7", 8087, 2)
+    servers = haproxy(paddler_spare_1=("DRAIN", "127.0.0.1:8087", 0))
     result = plan("llama", [gpu7], servers, SPARES, {"paddler-spare-1": Use("gpu7")}, addresses(gpu7))
-    assert result.assignment == {"paddler-spare-1": Use("gpu7")} and result.commands == []
+    assert result.commands == ["set server llama/paddler-spare-1 state ready"]
 
 
 def test_a_removed_members_spare_drains_while_haproxy_shows_sessions_then_goes_back_to_maintenance() -> None:
