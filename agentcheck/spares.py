@@ -27,6 +27,7 @@ does the I/O (docs/haproxy.md, "Servers that join without a reload", has the mea
 
 from __future__ import annotations
 
+import csv
 import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -80,8 +81,8 @@ def parse_show_stat(text: str, backend: str) -> dict[str, HAProxyServer]:
     header = lines[0][2:].split(",")
     column = {name: index for index, name in enumerate(header)}
     servers = {}
-    for line in lines[1:]:
-        row = line.split(",")
+    # Real CSV: HAProxy quotes a field with a comma, such as an agent's reply comment in last_agt.
+    for row in csv.reader(lines[1:]):
         if len(row) < len(header) - 1 or row[column["pxname"]] != backend:
             continue
         name = row[column["svname"]]

@@ -173,12 +173,12 @@ def test_an_ipv6_member_is_compared_in_haproxys_bracketed_form() -> None:
 
 
 SHOW_STAT = """\
-# pxname,svname,qcur,qmax,scur,smax,slim,status,addr,
-llm,FRONTEND,,,0,0,4096,OPEN,,
-llama,gpu1,0,0,2,2,2,UP,127.0.0.1:8081,
-llama,paddler-spare-1,0,0,0,0,1,MAINT,0.0.0.0:0,
-llama,BACKEND,0,0,2,2,410,UP,,
-other,x,0,0,5,5,1,UP,10.0.0.1:1,
+# pxname,svname,qcur,qmax,scur,smax,slim,status,last_agt,addr,
+llm,FRONTEND,,,0,0,4096,OPEN,,,
+llama,gpu1,0,0,2,2,2,UP,"via agent : up (leaving the fleet, idle=0 processing=2 via slots)",127.0.0.1:8081,
+llama,paddler-spare-1,0,0,0,0,1,MAINT,,0.0.0.0:0,
+llama,BACKEND,0,0,2,2,410,UP,,,
+other,x,0,0,5,5,1,UP,,10.0.0.1:1,
 
 """
 
