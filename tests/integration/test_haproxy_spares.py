@@ -1,0 +1,183 @@
+"""Backends that join and leave a running HAProxy with no reload: the spare-server pool, on real processes.
+
+Real llama-servers, the real agent (``python -m agentcheck --fleet``, with ``balancer.stats_socket`` and
+three spares) and HAProxy running ``paddler-gen haproxy``'s config. One server is in the fleet file;
+two more register through the management API while streams run, one deregisters while it streams,
+then HAProxy is restarted with the same config and refills its spares from the agent.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from devstack.chaos import OK, Outcome, stream_chat
+from devstack.processes import LOOPBACK, LlamaServer, wait_until
+from devstack.sampling import DeferralWatch
+from devstack.stack import BalancerStack
+
+pytestmark = pytest.mark.real
+
+TOKEN = "spare-test-operator-token"
+INTERVAL = 0.5  # the agent's poll interval and HAProxy's agent-inter (200ms: polls time out on a loaded 2-core host)
+SLOTS = 2
+CLIENTS = 8  # more streams than the 6 slots of all three servers: the excess waits in HAProxy's queue
+MAX_TOKENS = 300
+
+
+class Streams:
+    """``CLIENTS`` closed-loop streaming chats through the balancer until stopped."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.outcomes: list[Outcome] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._client, args=(index,), daemon=True) for index in range(CLIENTS)]
+
+    def _client(self, index: int) -> None:
+        while not self._stop.is_set():
+            self.outcomes.append(stream_chat(LOOPBACK, self.port, MAX_TOKENS, index, read_timeout=30.0))
+
+    def __enter__(self) -> Streams:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=60)
+
+    def served_by(self, name: str) -> list[Outcome]:
+        return [outcome for outcome in list(self.outcomes) if outcome.server == name]
+
+
+def management(stack: BalancerStack, method: str, name: str, body: dict[str, str] | None = None) -> int:
+    request = urllib.request.Request(f"{stack.agent.management_url}/api/v1/backends/{name}", method=method,
+                                     data=json.dumps(body).encode() if body is not None else None,
+                                     headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=5) as response:
+        return int(response.status)
+
+
+def spare_of(stack: BalancerStack, name: str) -> str | None:
+    row = stack.agents().get(name)
+    return row["spare_server"] if row else None
+
+
+def backend_rows(stack: BalancerStack) -> dict[str, dict[str, str]]:
+    return {row["svname"]: row for row in stack.haproxy.stats() if row["pxname"] == "llama"}
+
+
+@pytest.fixture
+def servers(make_llama: Callable[..., LlamaServer]) -> Iterator[dict[str, LlamaServer]]:
+    started = {name: make_llama(name, slots=SLOTS, ctx_per_slot=1024).start() for name in ("base", "gpu-b", "gpu-c")}
+    yield started  # type: ignore[misc]
+
+
+def test_backends_join_and_leave_haproxy_through_spare_servers_without_a_reload(
+        servers: dict[str, LlamaServer], haproxy_available: None, tmp_path: Path) -> None:
+    stack = BalancerStack(tmp_path / "stack", {"base": servers["base"].address},
+                          balancer={"spare_servers": 3, "max_buffered_requests": 100,
+                                    "buffered_request_timeout": "60s"},
+                          agent={"operator_token": TOKEN, "registration_timeout": "1h"},
+                          interval=f"{int(INTERVAL * 1000)}ms")
+    assert stack.config.count(" 0.0.0.0:0 disabled ") == 3
+    watch = DeferralWatch(servers, interval=0.05)
+    queued = {"before": 0, "after": 0}  # the most requests seen waiting in HAProxy before and after the joins
+    phase = ["before"]
+
+    first_request: dict[str, float] = {}  # server address → when HAProxy first showed a request sent to it
+
+    def sample_haproxy() -> bool:
+        try:
+            rows = backend_rows(stack)
+        except OSError:  # HAProxy is being restarted
+            return False
+        queued[phase[0]] = max(queued[phase[0]], int(rows["BACKEND"]["qcur"] or 0))
+        for row in rows.values():
+            if row["addr"] and int(row["stot"] or 0) > 0:
+                first_request.setdefault(row["addr"], time.monotonic())
+        return True
+
+    watch.add("haproxy", sample_haproxy)
+    with stack, watch:
+        stack.wait_slots({"base": SLOTS})
+        with Streams(stack.port) as streams:
+            wait_until(lambda: queued["before"] > 0, timeout=20, what="requests waiting in HAProxy's queue")
+
+            # Two servers register while streams run: each is on a spare and gets requests within 2 s.
+            joined: dict[str, float] = {}
+            for name in ("gpu-b", "gpu-c"):
+                joined[name] = time.monotonic()
+                assert management(stack, "PUT", name, {"address": servers[name].address}) == 201
+            for name in ("gpu-b", "gpu-c"):
+                spare = wait_until(lambda name=name: spare_of(stack, name), timeout=2, what=f"{name} on a spare")
+                address = servers[name].address
+                wait_until(lambda address=address: address in first_request, timeout=5, what=f"{name} getting requests")
+                took = first_request[address] - joined[name]
+                assert took < 2.0, f"{name} took {took:.2f}s to get requests"
+                row = stack.server(spare)
+                assert row["slim"] == str(SLOTS), row  # HAProxy's maxconn is the server's real slot count
+                assert row["addr"] == servers[name].address
+            # paddler.lua's /health counts the spares' slots: Lua's servers table lists them (it would not list
+            # a server added at run time with `add server`).
+            wait_until(lambda: stack.health().get("slots_idle", 0) + stack.health().get("slots_processing", 0)
+                       == 3 * SLOTS, timeout=2, what="/health counting all three servers' slots")
+            phase[0] = "after"
+            # Eight streams on six slots: the excess waits in HAProxy's queue, not in a llama-server.
+            wait_until(lambda: queued["after"] > 0 and all(len(streams.served_by(name)) >= 3 for name in servers),
+                       timeout=30, what="every server streaming, with requests queued in HAProxy")
+
+            # gpu-c leaves while it streams: its streams end 200, it gets nothing new, its spare empties.
+            wait_until(lambda: servers["gpu-c"].busy_slots(), timeout=10, what="gpu-c streaming")
+            leaving_spare = spare_of(stack, "gpu-c")
+            assert leaving_spare is not None
+            assert management(stack, "DELETE", "gpu-c") == 202
+            left = time.monotonic()
+            wait_until(lambda: stack.server(leaving_spare)["status"].startswith(("DRAIN", "MAINT")), timeout=2,
+                       interval=0.01, what=f"{leaving_spare} draining")
+            drained_total = int(stack.server(leaving_spare)["stot"])
+            wait_until(lambda: "gpu-c" not in stack.agents(), timeout=30, what="gpu-c removed from the fleet")
+            wait_until(lambda: stack.server(leaving_spare)["status"] == "MAINT"
+                       and stack.server(leaving_spare)["addr"] == "0.0.0.0:0",
+                       timeout=2, what=f"{leaving_spare} empty and in maintenance again")
+            assert int(stack.server(leaving_spare)["stot"]) == drained_total  # nothing new once draining
+            # Streams keep flowing over base and gpu-b for a moment after gpu-c is gone.
+            settled = len(streams.outcomes)
+            wait_until(lambda: len(streams.outcomes) >= settled + 6, timeout=30, what="more streams after the leave")
+        outcomes = list(streams.outcomes)
+        assert outcomes and all(outcome.kind == OK for outcome in outcomes), \
+            [(o.kind, o.status, o.detail) for o in outcomes if o.kind != OK][:5]
+        on_c_after_leave = [o for o in outcomes if o.server == "gpu-c" and o.started > left + INTERVAL]
+        assert on_c_after_leave == []
+        assert streams.served_by("gpu-c"), "gpu-c never served a stream before it left"
+        assert min(watch.samples.values()) > 20, watch.samples  # every 50 ms
+        assert max(watch.max_deferred.values()) == 0, watch.max_deferred  # nothing waited inside a llama-server
+
+        # HAProxy restarted with the same config: every spare disabled again; the agent refills gpu-b's.
+        spare_b = spare_of(stack, "gpu-b")
+        assert spare_b is not None
+        stack.haproxy.stop()
+        stack.haproxy.start()
+        restarted = time.monotonic()
+        assert stack.server(spare_b)["status"] == "MAINT" or stack.server(spare_b)["addr"] == servers["gpu-b"].address
+        # The agent's part: address and maxconn set, out of maintenance; then HAProxy's next agent-check weighs it.
+        wait_until(lambda: stack.server(spare_b)["addr"] == servers["gpu-b"].address
+                   and stack.server(spare_b)["slim"] == str(SLOTS)
+                   and not stack.server(spare_b)["status"].startswith("MAINT"), timeout=5, interval=0.02,
+                   what=f"{spare_b} refilled with gpu-b after the restart")
+        refilled = time.monotonic() - restarted
+        wait_until(lambda: stack.haproxy.server_takes_requests("llama", spare_b), timeout=5, interval=0.02,
+                   what=f"{spare_b} weighted by the agent after the restart")
+        weighted = time.monotonic() - restarted
+        assert refilled < 2 * INTERVAL, f"refilled after {refilled:.2f}s"
+        assert weighted < 4 * INTERVAL, f"weighted after {weighted:.2f}s"
+        answers = [stream_chat(LOOPBACK, stack.port, 16, index, read_timeout=30.0) for index in range(6)]
+        assert all(answer.kind == OK for answer in answers)
