@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeGuard
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -83,8 +83,9 @@ def interpret(
         counted = _count_slots(_json(slots.body))
         if isinstance(counted, str):
             return BackendStatus.down(State.ERROR, f"GET /slots: {counted}")
-        total, processing = counted
-        return _ready(configured_slots or total, processing, SlotSource.SLOTS, model, sleeping)
+        total, processing, tasks = counted
+        return replace(_ready(configured_slots or total, processing, SlotSource.SLOTS, model, sleeping),
+                       slot_tasks=tasks)
 
     legacy = _legacy_health(health_body)
     if legacy is not None:
@@ -140,8 +141,8 @@ def _clip(text: str) -> str:
     return text if len(text) <= MAX_QUOTED_CHARS else text[:MAX_QUOTED_CHARS] + "..."
 
 
-def _count_slots(data: Any) -> tuple[int, int] | str:
-    """(total, processing) from /slots, or a description of what is wrong with it."""
+def _count_slots(data: Any) -> tuple[int, int, tuple[int | None, ...]] | str:
+    """(total, processing, each slot's last task id) from /slots, or a description of what is wrong with it."""
     if data is _INVALID:
         return "body is not valid JSON"
     if not isinstance(data, list):
@@ -149,16 +150,19 @@ def _count_slots(data: Any) -> tuple[int, int] | str:
     if not data:
         return "server lists no slots"
     processing = 0
+    tasks: list[int | None] = []
     for index, slot in enumerate(data):
         if not isinstance(slot, dict):
             return f"slot {index} is not a JSON object"
+        task = slot.get("id_task")
+        tasks.append(task if _is_count(task) else None)
         busy = slot.get("is_processing")
         if busy is None and isinstance(slot.get("state"), int) and not isinstance(slot.get("state"), bool):
             busy = slot["state"] != 0  # builds before 2024 reported state 0 (idle) / 1 (processing)
         if not isinstance(busy, bool):
             return f"slot {index} has no boolean is_processing"
         processing += busy
-    return len(data), processing
+    return len(data), processing, tuple(tasks)
 
 
 def _legacy_health(body: dict[str, Any]) -> tuple[int, int] | None:

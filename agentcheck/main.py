@@ -10,7 +10,7 @@ import signal
 import sys
 from collections.abc import Callable
 
-from agentcheck import top
+from agentcheck import register, top
 from agentcheck.config import AgentSettings
 from agentcheck.policy import WeightFormula
 from agentcheck.server import Agent
@@ -19,6 +19,7 @@ from fleet import FleetError, default_fleet, load_fleet, override_agent, parse_f
 # A first argument naming one of these runs it with the rest; anything else runs the agent itself.
 SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {
     "top": top.main,
+    "register": register.main,
 }
 
 
@@ -27,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="paddler-agent",
         description="Watch llama.cpp servers' slots and answer HAProxy agent-checks with their real state.",
         epilog="With neither --fleet nor --backend, watches one llama-server on 127.0.0.1:8080. "
-               "Subcommands: top (a running agent's fleet table in a terminal; paddler-agent top --help).",
+               "Subcommands: top (a running agent's fleet table in a terminal; paddler-agent top --help), "
+               "register (keep a llama-server registered with a running agent; paddler-agent register --help).",
     )
     parser.add_argument("--fleet", metavar="FILE", help="fleet YAML file (backends, standby, agent, balancer)")
     parser.add_argument("--backend", metavar="NAME=HOST:PORT", action="append", default=[],

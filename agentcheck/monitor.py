@@ -25,6 +25,11 @@ Poller = Callable[[Backend], Awaitable[BackendStatus]]
 # process serves several polls and their answers: spread one by one, 1,000 backends woke the
 # agent ~900 times a second, which cost more CPU than the polls' own work (docs/agent.md).
 POLL_BATCH = 0.01
+# A ready backend that does not answer one poll in time keeps its last status; the second poll in a row
+# that times out takes it down. A busy server on a saturated host can answer late once (the health
+# check's own `fall 1` took alive servers out the same way); a crashed one refuses the connection,
+# which takes it down at the first poll, and a stalled one is down after two intervals.
+LATE_POLLS_BEFORE_DOWN = 2
 
 
 class PollCounters:
@@ -39,6 +44,11 @@ class PollCounters:
         if status.state is not State.READY:
             self.failures[name, status.state.value] += 1
 
+    def count_late(self, name: str) -> None:
+        """A poll that timed out but left a ready backend ready (see LATE_POLLS_BEFORE_DOWN)."""
+        self.polls[name] += 1
+        self.failures[name, "late"] += 1
+
     def forget(self, name: str) -> None:
         """A backend that left the fleet: its series end with it."""
         self.polls.pop(name, None)
@@ -50,6 +60,7 @@ class Monitor:
     def __init__(self, model: FleetModel, poll: Poller, interval: float, poll_timeout: float) -> None:
         self._model = model
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._late: Counter[str] = Counter()  # backend → polls in a row that timed out
         self._group: asyncio.TaskGroup | None = None
         self.counters = PollCounters()
         self._poll = poll
@@ -58,16 +69,28 @@ class Monitor:
 
     async def poll_once(self, backend: Backend) -> BackendStatus:
         started = time.monotonic()
+        late = 0
         try:
             async with asyncio.timeout(self._poll_timeout):
                 status = await self._poll(backend)
         except TimeoutError:
-            status = BackendStatus.down(State.UNREACHABLE, f"no answer within {self._poll_timeout:g}s")
+            self._late[backend.name] += 1
+            late = self._late[backend.name]
+            member = self._model.get(backend.name)
+            if member is not None and member.ready and late < LATE_POLLS_BEFORE_DOWN:
+                log.info("%s: no answer within %gs; still ready until the next poll", backend.name,
+                         self._poll_timeout)
+                self.counters.count_late(backend.name)
+                return member.status
+            status = BackendStatus.down(State.UNREACHABLE, f"no answer within {self._poll_timeout:g}s"
+                                        + (f", {late} polls in a row" if late > 1 else ""))
         except Exception as exc:  # a bug here must cost one backend one poll, never the agent
             log.exception("%s: unexpected error while polling", backend.name)
             status = BackendStatus.down(State.ERROR, f"agent error while polling ({type(exc).__name__})")
         if backend.name not in self._model:  # left the fleet while this poll ran
             return status
+        if not late:
+            self._late.pop(backend.name, None)
         self.counters.count(backend.name, status)
         self._model.record_poll(backend.name, status, time.time(), PollWindow(started, time.monotonic()))
         return status
@@ -96,6 +119,7 @@ class Monitor:
             if task is not None:
                 task.cancel()
             self.counters.forget(previous.name)
+            self._late.pop(previous.name, None)
 
     def _start(self, backend: Backend, offset: float) -> None:
         assert self._group is not None

@@ -45,6 +45,10 @@ SETTLE_SECONDS = 0.1
 LEASE_ID_BYTES = 16
 LEASE_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{22}")
 MAX_ALTERNATES = 2  # the llama routes' num_retries: one alternate per retry
+# When the picker opens (agent start), requests Envoy's fallback placed while the agent was away may still
+# be on their way to a slot; llama.cpp lists one as processing once its task is picked up, a few hundred
+# ms later on a busy host. Nothing is placed on a backend until a poll that began this long after opening.
+OPEN_SETTLE_SECONDS = 0.3
 
 
 class PickerError(Exception):
@@ -88,6 +92,7 @@ class Picker:
         self._poll_history: dict[str, tuple[float, float | None]] = {}  # backend → (latest, previous) poll start
         self._refused: dict[str, float] = {}  # backend → when the filter last saw it refuse a connection
         self._names = {str(member.backend.address): member.name for member in model}
+        self._trusted_from = float("-inf")  # polls that began before this may miss running requests
         # (issued_at, backend, alternates) of recent leases: what a retry from that backend may land on
         self._offered: deque[tuple[float, str, tuple[str, ...]]] = deque()
 
@@ -125,8 +130,16 @@ class Picker:
         primaries = [member.name for member in usable if member.role is Role.PRIMARY]
         return primaries or [member.name for member in usable]
 
+    def open(self) -> None:
+        """The agent starts answering Envoy's filter: see OPEN_SETTLE_SECONDS."""
+        self._trusted_from = self._clock() + OPEN_SETTLE_SECONDS
+
     def free_slots(self) -> dict[str, int]:
-        return {name: self._model[name].status.slots_total - self.busy(name) for name in self.candidates()}
+        return {name: self._model[name].status.slots_total - self.busy(name) for name in self.candidates()
+                if self._seen_since_open(self._model[name])}
+
+    def _seen_since_open(self, member: Member) -> bool:
+        return member.poll is not None and member.poll.started >= self._trusted_from
 
     def _try_lease(self) -> Lease | None:
         free = self.free_slots()

@@ -3,14 +3,16 @@
 Checks are the hot path (one per backend per ``agent-inter``), so each backend's reply is
 computed once per change and served from the cache until the model says the member changed.
 Weights are relative to the largest backend ever seen ready; a new maximum rescales them all.
-A backend back from a ``down`` reply is answered 0% for ``return_window`` seconds (agentcheck.policy
-says why): the replies remember what they last said, so the window starts at the first ready one.
+A backend back from a ``down`` reply, or restarted between two polls that both found it ready, is
+answered 0% for ``return_window`` seconds (agentcheck.policy says why): the replies remember what they
+last said, so the window starts at the first ready one.
 A spare server's name (agentcheck.spares) is answered with the reply of the member it carries, minus
 the admin words (policy.spare_reply says why).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -27,7 +29,10 @@ from agentcheck.policy import (
     unknown_backend_reply,
 )
 from agentcheck.protocol import Request
+from agentcheck.status import restarted
 from fleet import SPARE_SERVER_PREFIX
+
+log = logging.getLogger("paddler.agent")
 
 
 class AgentCheckReplies:
@@ -52,6 +57,11 @@ class AgentCheckReplies:
             self._returning.pop(previous.name, None)
             return
         status = current.status
+        if previous is not None and restarted(previous.status, status):
+            log.info("%s: llama-server restarted between polls; back at 0%% for %gs", current.name,
+                     self._return_window)
+            self._returning[current.name] = None
+            self._cache.pop(current.name, None)
         if current.ready and status.slots_total > self._largest_slots:
             self._largest_slots = status.slots_total
             self._cache.clear()
@@ -97,23 +107,31 @@ class AgentCheckReplies:
         if reply is None:
             return unknown_backend_reply(name), "unknown"
         if reply in (EMPTY_SPARE_REPLY, RELEASED_SPARE_REPLY):
+            self._returning.pop(name, None)  # `up` at 0%: whoever the spare carries next comes UP unweighted
             return reply, "spare"
         if not reply.startswith("up "):
             self._returning[name] = None
             return reply, "down"
-        if name in self._returning:
-            now = self._clock()
-            since = self._returning[name]
-            if since is None:
-                since = self._returning[name] = now
-            if now - since >= self._return_window:
-                del self._returning[name]
-            elif reply.startswith("up ready "):
-                reply = self._returning_reply(name)
+        member = self._spares.get(name) or name
+        # The window is the name's (HAProxy's server said down) or the member's (a restart between polls).
+        returning = [self._in_return_window(key) for key in {name, member} if key in self._returning]
+        if any(returning) and reply.startswith("up ready "):
+            reply = self._returning_reply(member)
         kind = reply.split(" ", 2)[1]
         return (spare_reply(reply) if name.startswith(SPARE_SERVER_PREFIX) else reply), kind
 
+    def _in_return_window(self, key: str) -> bool:
+        """The window starts at the first up reply after the down, and is forgotten once over."""
+        now = self._clock()
+        since = self._returning[key]
+        if since is None:
+            since = self._returning[key] = now
+        if now - since >= self._return_window:
+            del self._returning[key]
+            return False
+        return True
+
     def _returning_reply(self, name: str) -> str:
-        member = self._model.get(self._spares.get(name) or name)
+        member = self._model.get(name)
         assert member is not None  # reply_for found it
         return agent_reply(member.status, self._largest_slots, self._formula, returning=True)

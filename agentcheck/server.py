@@ -138,6 +138,8 @@ class Agent:
         log.info("management API and dashboard on http://%s/ (operator endpoints %s; picker token %s)",
                  settings.management, "enabled" if settings.operator_token else "disabled: no token configured",
                  "not configured" if self.picker_token == contract.PICKER_TOKEN_UNSET else "configured")
+        self.picker.open()
+
     def reload_fleet(self, fleet: Fleet) -> None:
         """SIGHUP: the fleet file's backends as re-read join or leave; other settings wait for a restart."""
         self.membership.reload(fleet)

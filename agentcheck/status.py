@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 class State(enum.Enum):
@@ -33,6 +33,9 @@ class BackendStatus:
     slot_source: SlotSource | None = None
     model: str | None = None
     sleeping: bool = False
+    # Each slot's last task id from /slots (None: the slot never ran one). Not part of equality: it tells
+    # restarts apart (see restarted), it does not change what the balancer is told.
+    slot_tasks: tuple[int | None, ...] = field(default=(), compare=False)
 
     @property
     def slots_idle(self) -> int:
@@ -44,3 +47,15 @@ class BackendStatus:
 
 
 PENDING = BackendStatus(State.PENDING, "awaiting first poll")
+
+
+def restarted(previous: BackendStatus, current: BackendStatus) -> bool:
+    """llama-server restarted between two ready polls: a slot's task id only grows while one process
+    lives, so a slot that ran a task before and now shows none, or an older one, is a new process. The
+    agent then brings it back as from down (agentcheck.policy), even though no poll saw it down."""
+    if previous.state is not State.READY or current.state is not State.READY:
+        return False
+    for before, now in zip(previous.slot_tasks, current.slot_tasks, strict=False):
+        if before is not None and (now is None or now < before):
+            return True
+    return False

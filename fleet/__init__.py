@@ -11,6 +11,7 @@ from fleet.schema import (
     FleetError,
     StatsdConfig,
     default_fleet,
+    duration,
     load_fleet,
     override_agent,
     parse_address,
@@ -18,6 +19,7 @@ from fleet.schema import (
     parse_duration,
     parse_fleet,
     validate_name,
+    whole_number,
 )
 
 __all__ = [
@@ -31,6 +33,7 @@ __all__ = [
     "FleetError",
     "StatsdConfig",
     "default_fleet",
+    "duration",
     "load_fleet",
     "override_agent",
     "parse_address",
@@ -38,4 +41,5 @@ __all__ = [
     "parse_duration",
     "parse_fleet",
     "validate_name",
+    "whole_number",
 ]

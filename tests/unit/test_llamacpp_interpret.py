@@ -62,6 +62,16 @@ def test_ready_from_old_slot_format_with_numeric_state() -> None:
     assert status.slot_source is SlotSource.SLOTS
 
 
+def test_each_slots_last_task_id_is_read_and_a_missing_or_odd_one_is_none() -> None:
+    body = [{"id": 0, "is_processing": True, "id_task": 41}, {"id": 1, "is_processing": False},
+            {"id": 2, "is_processing": False, "id_task": -1}, {"id": 3, "is_processing": False, "id_task": "7"},
+            {"id": 4, "is_processing": False, "id_task": True}]
+    status = interpret(HEALTH_OK, ok(body))
+
+    assert (status.state, status.slots_processing, status.slot_tasks) == (State.READY, 1, (41, None, None, None, None))
+    assert status == BackendStatus(State.READY, slots_total=5, slots_processing=1, slot_source=SlotSource.SLOTS)
+
+
 def test_configured_slots_override_the_count_from_slots() -> None:
     status = interpret(HEALTH_OK, slots(False, False, False, True), configured_slots=2)
 

@@ -4,6 +4,7 @@ built on it, without sockets."""
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import pytest
 
@@ -184,6 +185,63 @@ def test_after_a_down_reply_ready_replies_say_0_percent_for_the_return_window() 
     clock[0] = 107.5
     assert replies.answer(ask).startswith("up ready 100% ")
     assert replies.served == {"ready": 4, "down": 1}
+
+
+def test_a_server_restarted_between_two_ready_polls_comes_back_at_0_percent() -> None:
+    clock = [100.0]
+    model = FleetModel([GPU1])
+    replies = AgentCheckReplies(model, WeightFormula.IDLE, return_window=2.5, clock=lambda: clock[0])
+    model.subscribe(replies.on_member_change)
+    ask = Request(name="gpu1")
+
+    def poll(*tasks: int | None) -> None:
+        model.record_poll("gpu1", replace(ready(2), slot_tasks=tasks), now=1.0, window=WINDOW)
+
+    poll(None, None)
+    poll(7, None)
+    poll(7, 12)  # task ids grow: the same process
+    assert replies.answer(ask).startswith("up ready 100% ")
+    poll(None, None)  # slots that ran tasks show none: a new process, though no poll saw it down
+    assert replies.answer(ask).startswith("up ready 0% maxconn:2 #back from down, weight follows")
+    clock[0] = 102.5
+    assert replies.answer(ask).startswith("up ready 100% ")
+    poll(3, None)
+    poll(2, None)  # an older task on the same slot: restarted again
+    assert replies.answer(ask).startswith("up ready 0% ")
+
+
+def test_a_spare_carrying_a_server_restarted_between_polls_says_0_percent_too() -> None:
+    clock = [100.0]
+    model = FleetModel([GPU1])
+    replies = AgentCheckReplies(model, WeightFormula.IDLE, return_window=2.5, clock=lambda: clock[0])
+    model.subscribe(replies.on_member_change)
+    model.add(Backend("gpu7", Address("127.0.0.1", 8087)), Origin.REGISTERED)
+    replies.set_spares({"paddler-spare-1": "gpu7"})
+    spare = Request(name="paddler-spare-1")
+    model.record_poll("gpu7", replace(ready(2), slot_tasks=(7, None)), now=1.0, window=WINDOW)
+    assert replies.answer(spare).startswith("up 100% maxconn:2 ")
+    model.record_poll("gpu7", replace(ready(2), slot_tasks=(None, None)), now=2.0, window=WINDOW)
+    assert replies.answer(spare).startswith("up 0% maxconn:2 #back from down")
+    clock[0] = 102.5
+    assert replies.answer(spare).startswith("up 100% maxconn:2 ")
+
+
+def test_an_empty_spare_forgets_the_down_of_the_member_it_carried() -> None:
+    clock = [100.0]
+    model = FleetModel([GPU1])
+    replies = AgentCheckReplies(model, WeightFormula.IDLE, return_window=2.5, clock=lambda: clock[0])
+    model.subscribe(replies.on_member_change)
+    spare = Request(name="paddler-spare-1")
+    model.add(Backend("gpu7", Address("127.0.0.1", 8087)), Origin.REGISTERED)
+    replies.set_spares({"paddler-spare-1": "gpu7"})
+    assert replies.answer(spare) == "down #awaiting first poll\n"  # HAProxy's spare is down (agent)
+    replies.set_spares({})
+    # `up 0%`: HAProxy's spare is up at weight 0 again, so the next member on it needs no 0% window.
+    assert replies.answer(spare) == "up 0% #paddler-agent: empty spare server\n"
+    model.add(Backend("gpu8", Address("127.0.0.1", 8088)), Origin.REGISTERED)
+    model.record_poll("gpu8", ready(2), now=1.0, window=WINDOW)
+    replies.set_spares({"paddler-spare-1": "gpu8"})
+    assert replies.answer(spare).startswith("up 100% maxconn:2 ")
 
 
 def test_a_drained_backend_back_from_down_stays_drained() -> None:

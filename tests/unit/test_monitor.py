@@ -40,6 +40,25 @@ async def test_poll_that_takes_longer_than_poll_timeout_is_unreachable() -> None
     assert monitor.counters.failures == {("gpu1", "unreachable"): 1}
 
 
+async def test_a_ready_backend_is_down_only_after_two_polls_in_a_row_time_out() -> None:
+    answers = ["ready", "slow", "ready", "slow", "slow"]
+
+    async def poll(_backend: Backend) -> BackendStatus:
+        if answers.pop(0) == "slow":
+            await asyncio.sleep(10)
+        return ready(4, 1)
+
+    model = FleetModel([GPU1])
+    monitor = Monitor(model, poll, interval=1.0, poll_timeout=0.05)
+    async with asyncio.timeout(5):
+        seen = [(await monitor.poll_once(GPU1)).state for _ in range(5)]
+
+    assert seen == [State.READY, State.READY, State.READY, State.READY, State.UNREACHABLE]
+    assert model["gpu1"].status == BackendStatus.down(State.UNREACHABLE, "no answer within 0.05s, 2 polls in a row")
+    assert monitor.counters.failures == {("gpu1", "late"): 2, ("gpu1", "unreachable"): 1}
+    assert monitor.counters.polls["gpu1"] == 5
+
+
 async def test_poller_that_raises_becomes_an_error_status_not_an_exception(caplog: pytest.LogCaptureFixture) -> None:
     async def broken(_backend: Backend) -> BackendStatus:
         raise RuntimeError("bug in the poller")

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from agentcheck.model import FleetModel, Origin, PollWindow
-from agentcheck.picker import LEASE_ID_PATTERN, SETTLE_SECONDS, BufferFull, BufferTimeout, Picker
+from agentcheck.picker import LEASE_ID_PATTERN, OPEN_SETTLE_SECONDS, SETTLE_SECONDS, BufferFull, BufferTimeout, Picker
 from agentcheck.status import BackendStatus, SlotSource, State
 from fleet import Address, Backend
 
@@ -71,6 +71,21 @@ async def test_a_backend_that_joins_is_picked_after_its_first_poll_and_one_remov
     model.remove("gpu7")
     assert not picker.release(lease.id)  # its leases went with it
     assert not picker.failed(lease.id, served_by="10.0.0.7:8080")
+
+
+async def test_after_opening_nothing_is_placed_until_a_poll_that_began_later() -> None:
+    model, picker, clock = make()
+    picker.open()  # the agent just started: requests placed without it may still be in transit
+    waiter = asyncio.ensure_future(picker.acquire())
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    poll(model, clock, in_transit=True, small=ready(2, processing=1))  # began too soon after opening
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    clock.now += OPEN_SETTLE_SECONDS
+    poll(model, clock, in_transit=True, small=ready(2, processing=1))
+    lease = await asyncio.wait_for(waiter, 1)
+    assert lease.backend == "small" and picker.free_slots() == {"small": 0}
 
 
 async def test_lease_carries_the_backend_address_for_override_host() -> None:

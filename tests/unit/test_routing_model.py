@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import time
 
 import pytest
 from hypothesis import given, settings
@@ -190,13 +189,12 @@ def test_ideal_is_deterministic() -> None:
     assert ideal(trace, FLEET) == ideal(list(trace), list(reversed(FLEET)))
 
 
-def test_ideal_handles_5000_requests_quickly() -> None:
-    trace = _random_trace(3, 5000, rate=6)  # near the fleet's capacity: long queues, many steps
-    started = time.perf_counter()
+def test_ideal_handles_5000_requests() -> None:
+    # Near the fleet's capacity: long queues, many steps. How fast is bench.routing's to say (it prints
+    # its own timings); a timed assertion here only measured how busy the machine was.
+    trace = _random_trace(3, 5000, rate=6)
     got = ideal(trace, FLEET)
-    elapsed = time.perf_counter() - started
     assert len(got) == 5000
-    assert elapsed < 1.0, f"ideal() took {elapsed:.2f} s for 5000 requests"
 
 
 def test_ideal_rejects_bad_input() -> None:
