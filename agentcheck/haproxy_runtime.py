@@ -103,7 +103,10 @@ class SparePool:
     async def run(self) -> None:
         while True:
             self._wake.clear()
-            await self.reconcile()
+            try:
+                await self.reconcile()
+            except Exception:  # a bug here must not end the loop: the next round may well succeed
+                log.exception("spare servers: reconcile failed")
             try:
                 await asyncio.wait_for(self._wake.wait(), self._interval)
             except TimeoutError:

@@ -145,6 +145,32 @@ async def test_the_loop_reconciles_at_once_when_a_member_joins(haproxy: tuple[Fa
         task.cancel()
 
 
+async def test_a_failing_round_does_not_end_the_loop(haproxy: tuple[FakeHAProxy, str],
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    fake, path = haproxy
+    model, replies = fleet()
+    pool = SparePool(model, replies, RuntimeAPI(path), "llama", ["paddler-spare-1"], interval=0.01)
+    rounds = 0
+    reconcile = pool.reconcile
+
+    async def flaky() -> None:
+        nonlocal rounds
+        rounds += 1
+        if rounds == 1:
+            raise RuntimeError("a bug")
+        await reconcile()
+
+    pool.reconcile = flaky  # type: ignore[method-assign]
+    task = asyncio.create_task(pool.run())
+    try:
+        async with asyncio.timeout(2):
+            while fake.reads == 0:
+                await asyncio.sleep(0.01)
+    finally:
+        task.cancel()
+    assert "spare servers: reconcile failed" in caplog.text
+
+
 @pytest.mark.parametrize(("answer", "failed"), [
     ("\n", False), ("", False),
     ("IP changed from '0.0.0.0' to '127.0.0.1', port changed from '+0' to '8087' by 'stats socket command'\n", False),
