@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 
 from agentcheck.haproxy_runtime import RuntimeAPI, SparePool, command_failed
+from agentcheck.metrics import FleetCollector, build_registry
 from agentcheck.model import FleetModel, Origin, PollWindow
+from agentcheck.monitor import PollCounters
 from agentcheck.protocol import Request
 from agentcheck.replies import AgentCheckReplies
+from agentcheck.snapshot import fleet_snapshot
 from agentcheck.status import BackendStatus, SlotSource, State
 from fleet import Address, Backend
 
@@ -169,6 +173,23 @@ async def test_a_failing_round_does_not_end_the_loop(haproxy: tuple[FakeHAProxy,
     finally:
         task.cancel()
     assert "spare servers: reconcile failed" in caplog.text
+
+
+async def test_spares_show_in_the_snapshot_and_metrics_with_backends_left_without_one(
+        haproxy: tuple[FakeHAProxy, str]) -> None:
+    _, path = haproxy
+    model, replies = fleet()
+    pool = pool_for(path, model, replies)
+    for port in (8087, 8088, 8089):
+        join(model, f"gpu{port}", "127.0.0.1", port)
+    await pool.reconcile()
+    snapshot = fleet_snapshot(model, replies.reply_for, None, pool)
+    assert {row["name"]: row["spare_server"] for row in snapshot["agents"]} == {
+        "gpu1": None, "gpu8087": "paddler-spare-1", "gpu8088": "paddler-spare-2", "gpu8089": None}
+    assert snapshot["spare_servers"] == {"total": 2, "used": 2, "unplaced": ["gpu8089"]}
+    registry = build_registry(FleetCollector(lambda: snapshot, PollCounters(), Counter()))
+    assert registry.get_sample_value("paddler_backends_without_haproxy_server") == 1
+    assert registry.get_sample_value("paddler_spare_servers_used") == 2
 
 
 @pytest.mark.parametrize(("answer", "failed"), [
