@@ -76,6 +76,7 @@ class SparePool:
         self._resolver = resolver
         self._assignment: dict[str, Use] = {}
         self._addresses: dict[str, str] = {}  # member → the IP its spare points at, resolved once
+        self._unresolved: set[str] = set()  # members whose name did not resolve (logged once each)
         self._wake = asyncio.Event()
         self._unreachable = False  # the socket failed last time: log the next failure at debug only
         self.unplaced: list[str] = []  # members with no server line in HAProxy (logged once each)
@@ -86,6 +87,7 @@ class SparePool:
         if previous is None or current is None:
             if current is None and previous is not None:
                 self._addresses.pop(previous.name, None)
+                self._unresolved.discard(previous.name)
             self._wake.set()
         elif (previous.ready != current.ready or previous.drained != current.drained
               or previous.leaving != current.leaving):
@@ -149,8 +151,12 @@ class SparePool:
                 async with asyncio.timeout(COMMAND_TIMEOUT):
                     self._addresses[member.name] = await self._resolver(host, port)
             except (OSError, TimeoutError, IndexError) as exc:
-                if member.name not in self.unplaced:
-                    log.warning("%s: cannot resolve %s for its spare server: %s", member.name, host, _reason(exc))
+                if member.name not in self._unresolved:
+                    log.warning("%s: cannot resolve %s for its spare server (retried every interval): %s",
+                                member.name, host, _reason(exc))
+                self._unresolved.add(member.name)
+            else:
+                self._unresolved.discard(member.name)
 
     async def _send(self, command: str) -> None:
         try:

@@ -128,7 +128,7 @@ def plan(backend: str, members: Iterable[Member], servers: Mapping[str, HAProxyS
     # Still free: a spare that HAProxy already shows carrying a member (an agent restarted under a
     # running HAProxy) goes back to it, so its streams are not moved; then the first free one.
     free = [spare for spare in known if spare not in placed]
-    carried = placed_members(placed)
+    carried = _carried(placed)
     for member in wanted:
         if member.name in carried or not member.ready:
             continue
@@ -162,13 +162,13 @@ def plan(backend: str, members: Iterable[Member], servers: Mapping[str, HAProxyS
             if not server.in_maintenance or server.address != EMPTY_ADDRESS:
                 commands += [f"set server {backend}/{spare} state maint",
                              f"set server {backend}/{spare} addr 0.0.0.0 port 0"]
-    carried = placed_members(placed)
+    carried = _carried(placed)
     unplaced = [member.name for member in by_name.values()
                 if member.ready and member.name not in static and member.name not in carried]
     return Plan(placed, commands, filling, unplaced)
 
 
-def placed_members(assignment: Mapping[str, Use]) -> set[str]:
+def _carried(assignment: Mapping[str, Use]) -> set[str]:
     return {use.member for use in assignment.values() if not use.releasing}
 
 

@@ -112,6 +112,10 @@ async def test_an_unresolvable_name_is_reported_and_retried(haproxy: tuple[FakeH
         await pool.reconcile()
     assert fake.commands == [] and pool.summary()["unplaced"] == ["gpu7"]
     assert "gpu7: cannot resolve gpu7.internal" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="paddler.agent"):
+        await pool.reconcile()
+    assert caplog.text == ""  # once is enough
     resolved["gpu7.internal"] = "10.0.0.7"
     await pool.reconcile()
     assert fake.commands[0] == "set server llama/paddler-spare-1 addr 10.0.0.7 port 8087"
