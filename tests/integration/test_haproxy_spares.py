@@ -2,13 +2,15 @@
 
 Real llama-servers, the real agent (``python -m agentcheck --fleet``, with ``balancer.stats_socket`` and
 three spares) and HAProxy running ``paddler-gen haproxy``'s config. One server is in the fleet file;
-two more register through the management API while streams run, one deregisters while it streams,
-then HAProxy is restarted with the same config and refills its spares from the agent.
+two more register through the management API while streams run, one deregisters while it streams and
+comes back through the fleet file and SIGHUP, then HAProxy is restarted with the same config and the
+agent refills its spares.
 """
 
 from __future__ import annotations
 
 import json
+import signal
 import threading
 import time
 import urllib.request
@@ -16,6 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from devstack.chaos import OK, Outcome, stream_chat
 from devstack.processes import LOOPBACK, LlamaServer, wait_until
@@ -152,30 +155,44 @@ def test_backends_join_and_leave_haproxy_through_spare_servers_without_a_reload(
             # Streams keep flowing over base and gpu-b for a moment after gpu-c is gone.
             settled = len(streams.outcomes)
             wait_until(lambda: len(streams.outcomes) >= settled + 6, timeout=30, what="more streams after the leave")
+
+            # gpu-c comes back through the fleet file and SIGHUP: no server line of its own, so a spare again.
+            fleet = {**stack.fleet, "backends": [*stack.fleet["backends"],
+                                                 {"name": "gpu-c", "address": servers["gpu-c"].address}]}
+            stack.fleet_path.write_text(yaml.safe_dump(fleet, sort_keys=False))
+            assert stack.agent.proc is not None
+            stack.agent.proc.send_signal(signal.SIGHUP)
+            hup = time.monotonic()
+            wait_until(lambda: spare_of(stack, "gpu-c"), timeout=5, what="gpu-c on a spare after SIGHUP")
+            wait_until(lambda: any(o.server == "gpu-c" and o.started > hup for o in list(streams.outcomes))
+                       or servers["gpu-c"].busy_slots(), timeout=5, what="gpu-c serving again after SIGHUP")
+            assert stack.agents()["gpu-c"]["registered"] is False
         outcomes = list(streams.outcomes)
         assert outcomes and all(outcome.kind == OK for outcome in outcomes), \
             [(o.kind, o.status, o.detail) for o in outcomes if o.kind != OK][:5]
-        on_c_after_leave = [o for o in outcomes if o.server == "gpu-c" and o.started > left + INTERVAL]
+        on_c_after_leave = [o for o in outcomes if o.server == "gpu-c" and left + INTERVAL < o.started < hup]
         assert on_c_after_leave == []
         assert streams.served_by("gpu-c"), "gpu-c never served a stream before it left"
         assert min(watch.samples.values()) > 20, watch.samples  # every 50 ms
         assert max(watch.max_deferred.values()) == 0, watch.max_deferred  # nothing waited inside a llama-server
 
-        # HAProxy restarted with the same config: every spare disabled again; the agent refills gpu-b's.
-        spare_b = spare_of(stack, "gpu-b")
-        assert spare_b is not None
+        # HAProxy restarted with the same config: every spare disabled again; the agent refills them.
+        spares = {name: spare_of(stack, name) for name in ("gpu-b", "gpu-c")}
         stack.haproxy.stop()
         stack.haproxy.start()
         restarted = time.monotonic()
-        assert stack.server(spare_b)["status"] == "MAINT" or stack.server(spare_b)["addr"] == servers["gpu-b"].address
+
+        def refilled_with(name: str) -> bool:
+            row = stack.server(str(spares[name]))
+            return (row["addr"] == servers[name].address and row["slim"] == str(SLOTS)
+                    and not row["status"].startswith("MAINT"))
+
         # The agent's part: address and maxconn set, out of maintenance; then HAProxy's next agent-check weighs it.
-        wait_until(lambda: stack.server(spare_b)["addr"] == servers["gpu-b"].address
-                   and stack.server(spare_b)["slim"] == str(SLOTS)
-                   and not stack.server(spare_b)["status"].startswith("MAINT"), timeout=5, interval=0.02,
-                   what=f"{spare_b} refilled with gpu-b after the restart")
+        wait_until(lambda: all(refilled_with(name) for name in spares), timeout=5, interval=0.02,
+                   what=f"{spares} refilled after the restart")
         refilled = time.monotonic() - restarted
-        wait_until(lambda: stack.haproxy.server_takes_requests("llama", spare_b), timeout=5, interval=0.02,
-                   what=f"{spare_b} weighted by the agent after the restart")
+        wait_until(lambda: all(stack.haproxy.server_takes_requests("llama", str(spare)) for spare in spares.values()),
+                   timeout=5, interval=0.02, what=f"{spares} weighted by the agent after the restart")
         weighted = time.monotonic() - restarted
         assert refilled < 2 * INTERVAL, f"refilled after {refilled:.2f}s"
         assert weighted < 4 * INTERVAL, f"weighted after {weighted:.2f}s"
