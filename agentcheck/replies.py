@@ -112,11 +112,12 @@ class AgentCheckReplies:
         if not reply.startswith("up "):
             self._returning[name] = None
             return reply, "down"
-        member = self._spares.get(name) or name
-        # The window is the name's (HAProxy's server said down) or the member's (a restart between polls).
-        returning = [self._in_return_window(key) for key in {name, member} if key in self._returning]
-        if any(returning) and reply.startswith("up ready "):
-            reply = self._returning_reply(member)
+        if self._returning:
+            # The window is the name's (HAProxy's server said down) or its member's (a restart between polls).
+            carried = self._spares.get(name)
+            windows = [self._in_return_window(key) for key in (name, carried) if key in self._returning]
+            if any(windows) and reply.startswith("up ready "):
+                reply = self._returning_reply(carried or name)
         kind = reply.split(" ", 2)[1]
         return (spare_reply(reply) if name.startswith(SPARE_SERVER_PREFIX) else reply), kind
 
