@@ -170,8 +170,8 @@ def test_backends_join_and_leave_haproxy_through_spare_servers_without_a_reload(
         outcomes = list(streams.outcomes)
         assert outcomes and all(outcome.kind == OK for outcome in outcomes), \
             [(o.kind, o.status, o.detail) for o in outcomes if o.kind != OK][:5]
-        on_c_after_leave = [o for o in outcomes if o.server == "gpu-c" and left + INTERVAL < o.started < hup]
-        assert on_c_after_leave == []
+        # Sent after the leave and over before gpu-c came back (a request queued meanwhile may go to it then).
+        assert [o for o in outcomes if o.server == "gpu-c" and o.started > left + INTERVAL and o.ended < hup] == []
         assert streams.served_by("gpu-c"), "gpu-c never served a stream before it left"
         assert min(watch.samples.values()) > 20, watch.samples  # every 50 ms
         assert max(watch.max_deferred.values()) == 0, watch.max_deferred  # nothing waited inside a llama-server
