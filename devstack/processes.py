@@ -19,6 +19,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -91,6 +92,47 @@ def llama_busy_slots(url: str, api_key: str | None = None) -> int | None:
     if status != 200:
         return None
     return sum(1 for slot in json.loads(body) if slot.get("is_processing"))
+
+
+def _unix_command(path: Path, command: str) -> str:
+    """One command on an HAProxy CLI socket: send a line, read until HAProxy closes (the master CLI
+    closes only once it has read the end of the input)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(2.0)
+        sock.connect(str(path))
+        sock.sendall(command.encode() + b"\n")
+        sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks).decode()
+
+
+@dataclass(frozen=True)
+class Workers:
+    """HAProxy's worker processes as the master lists them: the current one and the old ones."""
+
+    current: int | None
+    old: tuple[int, ...]
+
+
+def parse_show_proc(text: str) -> Workers:
+    """The master CLI's ``show proc``: rows of ``<pid> <type> <reloads> ...`` under ``# workers``
+    and ``# old workers`` headings (the master's own row comes first)."""
+    section, current, old = "master", None, []
+    for line in text.splitlines():
+        if line.startswith("#"):
+            heading = line.lstrip("# ").strip()
+            section = {"workers": "current", "old workers": "old"}.get(heading, section)
+            continue
+        fields = line.split()
+        if len(fields) < 2 or fields[1] != "worker" or not fields[0].isdigit():
+            continue
+        if section == "current":
+            current = int(fields[0])
+        elif section == "old":
+            old.append(int(fields[0]))
+    return Workers(current, tuple(old))
 
 
 class _Process:
@@ -208,23 +250,56 @@ class HAProxy(_Process):
     """Real HAProxy running ``config_text``.
 
     Readiness is its stats socket at ``workdir/haproxy.sock`` answering, or, for configs
-    without one, any HTTP answer from ``ready_url``.
+    without one, any HTTP answer from ``ready_url``. ``master_worker`` runs it as systemd
+    does (``-W``, with a master CLI at ``workdir/master.sock``), so that ``reload`` works.
     """
 
     name = "haproxy"
 
-    def __init__(self, config_text: str, workdir: Path, ready_url: str | None = None) -> None:
+    def __init__(self, config_text: str, workdir: Path, ready_url: str | None = None,
+                 master_worker: bool = False) -> None:
         super().__init__(workdir)
         self.config_path = self.workdir / "haproxy.cfg"
         self.stats_socket = self.workdir / "haproxy.sock"
+        self.master_socket = self.workdir / "master.sock"
         self.ready_url = ready_url
+        self.master_worker = master_worker
         self.config_path.write_text(config_text)
 
     def command(self) -> list[str]:
         binary = haproxy_binary()
         if binary is None:
             raise StartError("haproxy not found: apt-get install haproxy")
+        if self.master_worker:
+            return [binary, "-W", "-db", "-S", str(self.master_socket), "-f", str(self.config_path)]
         return [binary, "-db", "-f", str(self.config_path)]
+
+    def reload(self, config_text: str, timeout: float = 30.0) -> Workers:
+        """Write the new config and reload as ``systemctl reload haproxy`` does (SIGUSR2 to the master);
+        return once a new worker runs it. The previous workers go on finishing their requests."""
+        if not self.master_worker or self.proc is None:
+            raise RuntimeError("reload needs a running HAProxy started with master_worker=True")
+        before = self.workers()
+        self.config_path.write_text(config_text)
+        self.proc.send_signal(signal.SIGUSR2)
+        workers = wait_until(lambda: self._reloaded(before), timeout=timeout, what="a new HAProxy worker")
+        assert workers is not None  # wait_until returns only a truthy value
+        return workers
+
+    def _reloaded(self, before: Workers) -> Workers | None:
+        try:
+            workers = self.workers()
+        except OSError:
+            return None
+        return workers if workers.current and workers.current != before.current else None
+
+    def workers(self) -> Workers:
+        """The master's ``show proc``: the current worker and the old ones still finishing."""
+        return parse_show_proc(self.master_command("show proc"))
+
+    def master_command(self, command: str) -> str:
+        """One command on the master CLI (``-S``); ``@!<pid> show stat`` reaches one worker."""
+        return _unix_command(self.master_socket, command)
 
     def ready(self) -> bool:
         if self.ready_url is not None:
@@ -236,14 +311,7 @@ class HAProxy(_Process):
 
     def runtime(self, command: str) -> str:
         """One command on the runtime API (stats socket)."""
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(2.0)
-            sock.connect(str(self.stats_socket))
-            sock.sendall(command.encode() + b"\n")
-            chunks = []
-            while chunk := sock.recv(65536):
-                chunks.append(chunk)
-        return b"".join(chunks).decode()
+        return _unix_command(self.stats_socket, command)
 
     def stats(self) -> list[dict[str, str]]:
         """``show stat`` as rows keyed by column name (pxname, svname, status, qcur, scur, ...)."""

@@ -29,7 +29,8 @@ class BalancerStack:
     def __init__(self, workdir: Path, backends: dict[str, str], standby: dict[str, str] | None = None,
                  balancer: dict[str, Any] | None = None, interval: str = "500ms",
                  agent: dict[str, Any] | None = None, statsd: dict[str, Any] | None = None,
-                 agent_env: dict[str, str] | None = None, kind: str = "haproxy") -> None:
+                 agent_env: dict[str, str] | None = None, kind: str = "haproxy",
+                 master_worker: bool = False) -> None:
         self.kind = kind
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -55,7 +56,7 @@ class BalancerStack:
         self.config = generate_config(kind, self.fleet_path)
         self.proxy: HAProxy | EnvoyProcess
         if kind == "haproxy":
-            self.haproxy = self.proxy = HAProxy(self.config, self.workdir)
+            self.haproxy = self.proxy = HAProxy(self.config, self.workdir, master_worker=master_worker)
         else:
             self.envoy = self.proxy = EnvoyProcess(self.config, self.workdir, f"http://{LOOPBACK}:{self.admin_port}")
 

@@ -15,6 +15,9 @@
 --   lua.paddler_route   sample fetch: the request as llama-server will route it, "METHOD:path",
 --                       the path decoded the way llama-server's HTTP library does it (see
 --                       route_key below). haproxy.cfg's allow-list ACLs match it exactly.
+--   handover task       only in a worker started by a reload (master-worker mode, SIGUSR2): the
+--                       old worker still runs its streams, and feeds its queue to the same
+--                       llama-servers, while this one starts counting from zero. See "Handover".
 --
 -- haproxy.cfg lines (paddler-gen haproxy writes them; the names are the fleet file's, and each
 -- is required: HAProxy refuses to start when one is missing or not a number):
@@ -44,6 +47,38 @@ local settings = {
 -- kills its stream without running Lua cleanup, so entries also expire at their deadline.
 local held = {}
 local next_id = 0
+
+-- Handover. A reload forks a new worker while the old one finishes its streams and its queue on the
+-- same llama-servers; each counts only its own requests against maxconn, so together they can send a
+-- server twice its slots. Neither can see the other, so the new worker asks each llama-server how many
+-- slots are busy (GET /slots) and takes only the rest: room = slots - (busy - its own requests there).
+-- The old worker's share never grows (its checks stop with it, so its maxconn is frozen, it gets no new
+-- requests, and a queued request only replaces one of its own that ended), so a count it has shown is
+-- an upper bound from then on. A count can still read low for a moment (a request between HAProxy and
+-- a slot), so room grows only after `window` samples in a row agree; it shrinks at once. Meanwhile the
+-- agent's checks are off for those servers (its maxconn:<slots> would undo the limit); they come back
+-- when no other requests are left there. A worker that is itself stopping (a reload during a handover)
+-- reacts faster than the newest one, so slots freed by the oldest go to the older waiting requests.
+-- HAPROXY_MWORKER_REEXEC is set while a master reloads; lua-load runs there, before the fork.
+--
+-- Bypass traffic that never stops would keep the agent's checks off for good: a handover ends after
+-- max_ms whatever it sees. A handover task that stops answering (an error in HAProxy's Lua) is ended
+-- by the next request after stale_ms, so servers never stay at weight 0 without the agent.
+local handover = {
+  reloaded = os.getenv("HAPROXY_MWORKER_REEXEC") ~= nil,
+  gate_until = 0,   -- admit holds requests until then (ms), or until the first /slots answers are in
+  gate_max_ms = 5000,
+  poll_ms = 50,
+  probe_timeout_ms = 1000,
+  window = 5,       -- samples in a row before room grows, in the newest worker
+  stopping_window = 2,
+  max_ms = 600000,
+  stale_ms = 3000,
+  active = false,
+  entries = {},
+  heartbeat = 0,
+  ends_at = 0,
+}
 
 local function now_ms()
   local now = core.now()
@@ -100,27 +135,55 @@ local function server_stats()
   for _, server in pairs(backend.servers) do
     local stats = server:get_stats()
     servers[#servers + 1] = { status = stats.status, slim = tonumber(stats.slim) or 0,
-                              scur = tonumber(stats.scur) or 0, bck = tonumber(stats.bck) or 0 }
+                              scur = tonumber(stats.scur) or 0, bck = tonumber(stats.bck) or 0,
+                              weight = tonumber(stats.weight) or 0 }
   end
   return servers
 end
 
+-- Servers that would take a request: up and weighted above 0. Each item: {status=, weight=}.
+function paddler.usable_count(servers)
+  local count = 0
+  for _, server in ipairs(servers) do
+    if paddler.is_usable(server.status) and (server.weight or 0) > 0 then
+      count = count + 1
+    end
+  end
+  return count
+end
+
+-- nbsrv, except in a worker that is stopping after a reload: there nbsrv is 0 (be_usable_srv counts
+-- no server of a stopped backend) although its servers still serve the requests it has, so a request
+-- held there would wait for nothing until it timed out. Asked only when nbsrv is 0.
+local function usable_servers(txn, backend)
+  local count = tonumber(txn.f:nbsrv(backend)) or 0
+  if count == 0 and tonumber(core.get_info().Stopping) == 1 then
+    count = paddler.usable_count(server_stats())
+  end
+  return count
+end
+
+local handover_end
+
 function paddler.admit(txn)
   local backend = settings.backend
   local now = now_ms()
+  if handover.active and now - handover.heartbeat > handover.stale_ms then
+    handover_end("the handover task stopped answering")
+  end
   local buffered = (tonumber(txn.f:queue(backend)) or 0) + paddler.held_count(now)
   if buffered >= settings.max_buffered_requests then
     txn:set_var("txn.paddler_verdict", "overflow")
     return
   end
-  if (tonumber(txn.f:nbsrv(backend)) or 0) > 0 then
+  if now >= handover.gate_until and usable_servers(txn, backend) > 0 then
     return -- HAProxy places it now, or queues it until a slot frees
   end
   next_id = next_id + 1
   local id = next_id
   local deadline = now + settings.buffered_request_timeout_ms
   held[id] = deadline
-  while (tonumber(txn.f:nbsrv(backend)) or 0) == 0 do
+  while now_ms() < handover.gate_until or usable_servers(txn, backend) == 0 do
     if now_ms() >= deadline then
       held[id] = nil
       txn:set_var("txn.paddler_verdict", "timeout")
@@ -198,6 +261,169 @@ function paddler.health(applet)
   applet:send(body)
 end
 
+-- llama-server's GET /slots: a JSON list with one "is_processing" per slot. Returns slots, busy
+-- (nil when the body has no slot at all: not a llama-server, or an error page).
+function paddler.count_slots(body)
+  local total, busy = 0, 0
+  for value in string.gmatch(body or "", '"is_processing"%s*:%s*(%a+)') do
+    total = total + 1
+    if value == "true" then
+      busy = busy + 1
+    end
+  end
+  if total == 0 then
+    return nil
+  end
+  return total, busy
+end
+
+-- "http://host:port/slots" from Server:get_addr() ("1.2.3.4:80", or "::1:80" for IPv6).
+function paddler.slots_url(addr)
+  local host, port = string.match(addr or "", "^(.*):(%d+)$")
+  if host == nil or host == "" then
+    return nil
+  end
+  if string.find(host, ":", 1, true) then
+    host = "[" .. host .. "]"
+  end
+  return "http://" .. host .. ":" .. port .. "/slots"
+end
+
+-- Requests on a server that are not this worker's: busy slots less its own. `own` is the smaller of
+-- its count before and after the /slots answer, so a request of its own that started or ended
+-- meanwhile is never taken for someone else's room.
+function paddler.others(busy, own_before, own_after)
+  return math.max(0, busy - math.min(own_before, own_after))
+end
+
+-- Keeps the last `window` samples (newest last) and returns the room they leave: slots less the
+-- highest of them. So room shrinks with one high sample and grows only when `window` agree.
+function paddler.handover_room(samples, sample, window, slots)
+  samples[#samples + 1] = sample
+  while #samples > window do
+    table.remove(samples, 1)
+  end
+  local highest = 0
+  for _, value in ipairs(samples) do
+    highest = math.max(highest, value)
+  end
+  return math.max(0, slots - highest), highest
+end
+
+local function probe_slots(server)
+  local url = paddler.slots_url(server:get_addr())
+  if url == nil then
+    return nil
+  end
+  local response = core.httpclient():get({ url = url, timeout = handover.probe_timeout_ms })
+  if response == nil or response.status ~= 200 then
+    return nil
+  end
+  return paddler.count_slots(response.body)
+end
+
+local function own_requests(server)
+  return tonumber(server:get_stats().scur) or 0
+end
+
+-- maxconn 0 would mean unlimited, so a server with no room is weighted 0 instead (not used while the
+-- others are; paddler_admit holds requests when none is). Setting maxconn again after the weight
+-- hands it queued requests through HAProxy's counted path.
+local function apply_room(entry, room)
+  if room == entry.room then
+    return
+  end
+  core.log(core.notice, string.format("paddler handover (pid %s): %s room %d of %d slots", core.get_info().Pid,
+                                      entry.name, room, entry.slots))
+  if room == 0 then
+    entry.server:set_weight("0")
+  else
+    entry.server:set_maxconn(tostring(room))
+    if entry.room == nil or entry.room == 0 then
+      entry.server:set_weight(tostring(entry.weight))
+      entry.server:set_maxconn(tostring(room))
+    end
+  end
+  entry.room = room
+end
+
+local function sample(entry, window)
+  local before = own_requests(entry.server)
+  local slots, busy = probe_slots(entry.server)
+  if slots == nil or not handover.active then
+    return nil -- no answer: keep the last limit (or the handover ended while this one waited)
+  end
+  entry.slots = slots
+  local room, highest = paddler.handover_room(entry.samples, paddler.others(busy, before, own_requests(entry.server)),
+                                              window, slots)
+  apply_room(entry, room)
+  return highest
+end
+
+-- Back to the agent: its next reply sets its own limit again; until then, the slots llama-server reports.
+handover_end = function(reason)
+  handover.active = false
+  for _, entry in pairs(handover.entries) do
+    entry.server:set_maxconn(tostring(entry.slots))
+    entry.server:set_weight(tostring(entry.weight))
+    entry.server:agent_enable()
+  end
+  core.log(core.notice, string.format("paddler handover (pid %s): %s, the agent's checks are back",
+                                      core.get_info().Pid, reason))
+end
+
+-- Done when no server has anyone else's requests: each answered 0 `window` times in a row, or does not
+-- answer and HAProxy has it down (a dead server must not keep the agent off the live ones).
+local function nothing_left(entries, highest)
+  for name, entry in pairs(entries) do
+    if highest[name] ~= 0 and (highest[name] ~= nil or paddler.is_usable(entry.server:get_stats().status)) then
+      return false
+    end
+  end
+  return true
+end
+
+local function handover_task()
+  local entries, someone_else = {}, false
+  for name, server in pairs(core.backends[settings.backend].servers) do
+    local before = own_requests(server)
+    local slots, busy = probe_slots(server)
+    if slots ~= nil then
+      entries[name] = { name = name, server = server, samples = {}, slots = slots, weight = server:get_weight() }
+      someone_else = someone_else or paddler.others(busy, before, own_requests(server)) > 0
+    end
+  end
+  if not someone_else then
+    handover.gate_until = 0
+    return -- nothing runs on these servers: nothing to hand over
+  end
+  handover.entries, handover.active = entries, true
+  handover.heartbeat = now_ms()
+  handover.ends_at = handover.heartbeat + handover.max_ms
+  -- One answer may read low (see above): every slot counts as taken until `window` answers agree.
+  for _, entry in pairs(entries) do
+    entry.server:agent_disable()
+    apply_room(entry, paddler.handover_room(entry.samples, entry.slots, handover.window, entry.slots))
+  end
+  handover.gate_until = 0
+  while handover.active do
+    core.msleep(handover.poll_ms)
+    local window = tonumber(core.get_info().Stopping) == 1 and handover.stopping_window or handover.window
+    local highest = {}
+    for name, entry in pairs(entries) do
+      handover.heartbeat = now_ms()
+      highest[name] = handover.active and sample(entry, window)
+    end
+    if not handover.active then
+      return -- ended by admit's watchdog meanwhile
+    elseif nothing_left(entries, highest) then
+      handover_end("done")
+    elseif now_ms() >= handover.ends_at then
+      handover_end("still busy after " .. handover.max_ms // 1000 .. " s, given up")
+    end
+  end
+end
+
 -- Each setting is required: a config that lacks one must fail at load, not run on a guess.
 function paddler.required_env(getenv, name, kind)
   local value = getenv(name)
@@ -229,6 +455,10 @@ if core ~= nil and core.register_action ~= nil then
   core.register_action("paddler_admit", { "http-req" }, paddler.admit, 0)
   core.register_service("paddler_health", "http", paddler.health)
   core.register_fetches("paddler_route", paddler.route)
+  if handover.reloaded then
+    handover.gate_until = now_ms() + handover.gate_max_ms
+    core.register_task(handover_task)
+  end
 end
 
 return paddler
