@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -23,6 +24,9 @@ from agentcheck.spares import Use, is_ip, parse_show_stat, plan
 log = logging.getLogger("paddler.agent")
 
 COMMAND_TIMEOUT = 2.0
+# A spare lost by a reload waits for its llama-server's other streams (the old worker's) at most this
+# long, like paddler.lua's handover: traffic that bypasses HAProxy must not keep it empty for good.
+REFILL_WAIT = 600.0
 MAX_ANSWER_BYTES = 8 * 1024 * 1024  # show stat for a 1,000-server backend is about 1.5 MB
 
 Resolver = Callable[[str, int], Awaitable[str]]
@@ -66,7 +70,8 @@ class SparePool:
     """Owns which spare server carries which member; the replies and the snapshot read it."""
 
     def __init__(self, model: FleetModel, replies: AgentCheckReplies, api: RuntimeAPI, backend: str,
-                 spares: Sequence[str], interval: float, resolver: Resolver = resolve) -> None:
+                 spares: Sequence[str], interval: float, resolver: Resolver = resolve,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._model = model
         self._replies = replies
         self._api = api
@@ -77,20 +82,23 @@ class SparePool:
         self._assignment: dict[str, Use] = {}
         self._addresses: dict[str, str] = {}  # member → the IP its spare points at, resolved once
         self._unresolved: set[str] = set()  # members whose name did not resolve (logged once each)
+        self._held_since: dict[str, float] = {}  # spare → when its refill began to wait for busy slots
+        self._clock = clock
         self._wake = asyncio.Event()
         self._unreachable = False  # the socket failed last time: log the next failure at debug only
         self.unplaced: list[str] = []  # members with no server line in HAProxy (logged once each)
 
     def on_member_change(self, previous: Member | None, current: Member | None) -> None:
-        """The model's subscription: a join, a first ready poll, a removal, a drain or a leaving is
-        reconciled now, not at the next interval."""
+        """The model's subscription: a join, a first ready poll, a removal, a drain, a leaving, or slots
+        freed while a refill waits for them, is reconciled now, not at the next interval."""
         if previous is None or current is None:
             if current is None and previous is not None:
                 self._addresses.pop(previous.name, None)
                 self._unresolved.discard(previous.name)
             self._wake.set()
         elif (previous.ready != current.ready or previous.drained != current.drained
-              or previous.leaving != current.leaving):
+              or previous.leaving != current.leaving
+              or (self._held_since and current.status.slots_processing < previous.status.slots_processing)):
             self._wake.set()
 
     def server_of(self, member: str) -> str | None:
@@ -100,7 +108,8 @@ class SparePool:
 
     def summary(self) -> dict[str, Any]:
         """For the snapshot: how many spares are in use, and who has no server line in HAProxy."""
-        return {"total": len(self._spares), "used": len(self._assignment), "unplaced": list(self.unplaced)}
+        return {"total": len(self._spares), "used": len(self._assignment), "unplaced": list(self.unplaced),
+                "waiting_for_other_requests": sorted(self._held_since)}
 
     async def run(self) -> None:
         while True:
@@ -128,7 +137,14 @@ class SparePool:
             self._unreachable = False
         members = list(self._model)
         await self._resolve([member for member in members if member.name not in servers])
-        result = plan(self._backend, members, servers, self._spares, self._assignment, self._addresses)
+        now = self._clock()
+        overdue = {spare for spare, since in self._held_since.items() if now - since >= REFILL_WAIT}
+        result = plan(self._backend, members, servers, self._spares, self._assignment, self._addresses, overdue)
+        for spare in result.held:
+            if spare not in self._held_since:
+                log.info("%s: %s is refilled once the requests another HAProxy process runs there end "
+                         "(at most %gs)", result.assignment[spare].member, spare, REFILL_WAIT)
+        self._held_since = {spare: self._held_since.get(spare, now) for spare in result.held}
         self._log_changes(result.assignment, result.unplaced)
         self._assignment = result.assignment
         answered = {spare: None if use.releasing else use.member for spare, use in result.assignment.items()}

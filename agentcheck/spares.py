@@ -22,14 +22,17 @@ does the I/O (docs/haproxy.md, "Servers that join without a reload", has the mea
 * Releasing one (its member removed, or given its own line by a reload): ``state drain`` while
   HAProxy shows sessions on it, then ``state maint`` and address 0.0.0.0:0, the look of an unused spare.
 * Any difference between what HAProxy shows and the assignment is repaired the same way, so a
-  reloaded HAProxy (all spares disabled again) is refilled at the next reconcile.
+  reloaded HAProxy (all spares disabled again) is refilled at the next reconcile, but only once its
+  llama-server reports no busy slot (or the wait is ``overdue``): after a reload the old worker still
+  runs its streams there, and the new one, counting from zero, would fill the slots beside them
+  (paddler.lua's handover does the same for the servers it has lines for).
 """
 
 from __future__ import annotations
 
 import csv
 import ipaddress
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from agentcheck.model import Member, Role
@@ -69,6 +72,7 @@ class Plan:
     assignment: dict[str, Use]  # spare → use; spares not listed are free
     commands: list[str]
     filling: list[str]  # spares the commands fill: answered as empty until they are sent
+    held: list[str]  # spares to refill once their llama-server has no busy slot (another process's streams)
     # Ready members with no server line in HAProxy: all spares taken, the address not resolved, or standby.
     unplaced: list[str]
 
@@ -107,11 +111,11 @@ def is_ip(host: str) -> bool:
 
 
 def plan(backend: str, members: Iterable[Member], servers: Mapping[str, HAProxyServer], spares: Sequence[str],
-         assignment: Mapping[str, Use], addresses: Mapping[str, str | None]) -> Plan:
+         assignment: Mapping[str, Use], addresses: Mapping[str, str | None], overdue: Collection[str] = ()) -> Plan:
     """The next assignment and the commands that bring HAProxy to it.
 
     ``addresses``: each member's host as an IP (None: not resolved yet); ``spares`` in the order
-    free ones are handed out.
+    free ones are handed out; ``overdue``: held spares to refill now, busy or not.
     """
     by_name = {member.name: member for member in members}
     static = {name for name in servers if not name.startswith(SPARE_SERVER_PREFIX)}
@@ -141,6 +145,7 @@ def plan(backend: str, members: Iterable[Member], servers: Mapping[str, HAProxyS
         carried.add(member.name)
     commands = []
     filling = []
+    held = []
     for spare in known:
         server = servers[spare]
         current = placed.get(spare)
@@ -148,6 +153,10 @@ def plan(backend: str, members: Iterable[Member], servers: Mapping[str, HAProxyS
             member = by_name[current.member]
             drain = member.drained or member.leaving
             if server.address != target[current.member] or server.in_maintenance:
+                if (assignment.get(spare) == current and member.ready and member.status.slots_processing > 0
+                        and spare not in overdue):
+                    held.append(spare)
+                    continue
                 filling.append(spare)
                 commands += _fill(backend, spare, server, addresses[current.member] or "",
                                   member.backend.address.port, member.status.slots_total if member.ready else 0,
@@ -165,7 +174,7 @@ def plan(backend: str, members: Iterable[Member], servers: Mapping[str, HAProxyS
     carried = _carried(placed)
     unplaced = [member.name for member in by_name.values()
                 if member.ready and member.name not in static and member.name not in carried]
-    return Plan(placed, commands, filling, unplaced)
+    return Plan(placed, commands, filling, held, unplaced)
 
 
 def _carried(assignment: Mapping[str, Use]) -> set[str]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from agentcheck.haproxy_runtime import RuntimeAPI, SparePool, command_failed
+from agentcheck.haproxy_runtime import REFILL_WAIT, RuntimeAPI, SparePool, command_failed
 from agentcheck.metrics import FleetCollector, build_registry
 from agentcheck.model import FleetModel, Origin, PollWindow
 from agentcheck.monitor import PollCounters
@@ -98,7 +98,7 @@ async def test_a_registered_member_is_filled_and_its_spare_answered_for_it(hapro
                              "set server llama/paddler-spare-1 state ready"]
     assert replies.answer(Request(name="paddler-spare-1")) == "up 100% maxconn:2 #idle=2 processing=0 via slots\n"
     assert pool.server_of("gpu7") == "paddler-spare-1"
-    assert pool.summary() == {"total": 2, "used": 1, "unplaced": []}
+    assert pool.summary() == {"total": 2, "used": 1, "unplaced": [], "waiting_for_other_requests": []}
 
 
 async def test_an_unresolvable_name_is_reported_and_retried(haproxy: tuple[FakeHAProxy, str],
@@ -190,10 +190,33 @@ async def test_spares_show_in_the_snapshot_and_metrics_with_backends_left_withou
     snapshot = fleet_snapshot(model, replies.reply_for, None, pool)
     assert {row["name"]: row["spare_server"] for row in snapshot["agents"]} == {
         "gpu1": None, "gpu8087": "paddler-spare-1", "gpu8088": "paddler-spare-2", "gpu8089": None}
-    assert snapshot["spare_servers"] == {"total": 2, "used": 2, "unplaced": ["gpu8089"]}
+    assert snapshot["spare_servers"] == {"total": 2, "used": 2, "unplaced": ["gpu8089"],
+                                         "waiting_for_other_requests": []}
     registry = build_registry(FleetCollector(lambda: snapshot, PollCounters(), Counter()))
     assert registry.get_sample_value("paddler_backends_without_haproxy_server") == 1
     assert registry.get_sample_value("paddler_spare_servers_used") == 2
+
+
+async def test_a_spare_lost_by_a_reload_waits_for_busy_slots_at_most_refill_wait(
+        haproxy: tuple[FakeHAProxy, str]) -> None:
+    fake, path = haproxy
+    model, replies = fleet()
+    clock = [1000.0]
+    pool = SparePool(model, replies, RuntimeAPI(path), "llama", ["paddler-spare-1"], interval=1.0,
+                     clock=lambda: clock[0])
+    join(model, "gpu7", "127.0.0.1", 8087)
+    await pool.reconcile()
+    fake.commands.clear()
+    # A reload: the new worker's spare is disabled again, while the old worker's streams keep both slots busy.
+    fake.servers["paddler-spare-1"] = ("MAINT", "0.0.0.0:0", 0)
+    model.record_poll("gpu7", BackendStatus(State.READY, slots_total=2, slots_processing=2,
+                                            slot_source=SlotSource.SLOTS), now=2.0, window=PollWindow(1.0, 1.1))
+    await pool.reconcile()
+    assert fake.commands == [] and pool.summary()["waiting_for_other_requests"] == ["paddler-spare-1"]
+    clock[0] += REFILL_WAIT
+    await pool.reconcile()
+    assert fake.commands[-1] == "set server llama/paddler-spare-1 state ready"
+    assert pool.summary()["waiting_for_other_requests"] == []
 
 
 @pytest.mark.parametrize(("answer", "failed"), [

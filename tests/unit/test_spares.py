@@ -13,8 +13,9 @@ SPARES = ["paddler-spare-1", "paddler-spare-2"]
 
 
 def member(name: str, port: int, slots: int = 0, role: Role = Role.PRIMARY, leaving: bool = False,
-           host: str = "127.0.0.1", drained: bool = False) -> Member:
-    status = (BackendStatus(State.READY, slots_total=slots, slot_source=SlotSource.SLOTS) if slots
+           host: str = "127.0.0.1", drained: bool = False, busy: int = 0) -> Member:
+    status = (BackendStatus(State.READY, slots_total=slots, slots_processing=busy, slot_source=SlotSource.SLOTS)
+              if slots
               else BackendStatus(State.PENDING))
     return Member(Backend(name, Address(host, port)), role, status=status, origin=Origin.REGISTERED, leaving=leaving,
                   drained=drained)
@@ -124,6 +125,24 @@ def test_a_reloaded_haproxy_with_every_spare_disabled_again_is_refilled() -> Non
     result = plan("llama", [gpu7], haproxy(), SPARES, {"paddler-spare-2": Use("gpu7")}, addresses(gpu7))
     assert result.assignment == {"paddler-spare-2": Use("gpu7")}
     assert result.commands == fill("paddler-spare-2", 8087, 4)
+
+
+def test_after_a_reload_a_busy_members_spare_waits_for_the_old_workers_streams_to_end() -> None:
+    busy = member("gpu7", 8087, 2, busy=2)  # the old worker's streams, which the new one cannot count
+    assignment = {"paddler-spare-2": Use("gpu7")}
+    result = plan("llama", [busy], haproxy(), SPARES, assignment, addresses(busy))
+    assert result.assignment == assignment and result.commands == [] and result.held == ["paddler-spare-2"]
+    assert result.unplaced == []
+    overdue = plan("llama", [busy], haproxy(), SPARES, assignment, addresses(busy), overdue={"paddler-spare-2"})
+    assert overdue.commands == fill("paddler-spare-2", 8087, 2) and overdue.held == []
+    idle = member("gpu7", 8087, 2)
+    assert plan("llama", [idle], haproxy(), SPARES, assignment, addresses(idle)).commands == fill(
+        "paddler-spare-2", 8087, 2)
+
+
+def test_a_first_fill_does_not_wait_for_busy_slots() -> None:
+    busy = member("gpu7", 8087, 2, busy=1)  # traffic that does not pass through HAProxy
+    assert plan("llama", [busy], haproxy(), SPARES, {}, addresses(busy)).commands == fill("paddler-spare-1", 8087, 2)
 
 
 def test_a_spare_out_of_maintenance_at_the_wrong_address_goes_through_maintenance_first() -> None:
