@@ -145,6 +145,10 @@ class SparePool:
                 log.info("%s: %s is refilled once the requests another HAProxy process runs there end "
                          "(at most %gs)", result.assignment[spare].member, spare, REFILL_WAIT)
         self._held_since = {spare: self._held_since.get(spare, now) for spare in result.held}
+        for spare in result.filling:
+            if self._assignment.get(spare) == result.assignment[spare]:
+                log.info("%s: refilling %s, which HAProxy shows empty (reloaded or restarted)",
+                         result.assignment[spare].member, spare)
         self._log_changes(result.assignment, result.unplaced)
         self._assignment = result.assignment
         answered = {spare: None if use.releasing else use.member for spare, use in result.assignment.items()}

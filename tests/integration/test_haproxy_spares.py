@@ -23,7 +23,7 @@ import yaml
 from devstack.chaos import OK, Outcome, stream_chat
 from devstack.processes import LOOPBACK, LlamaServer, wait_until
 from devstack.sampling import DeferralWatch
-from devstack.stack import BalancerStack
+from devstack.stack import BalancerStack, generate_config
 
 pytestmark = pytest.mark.real
 
@@ -37,15 +37,16 @@ MAX_TOKENS = 300
 class Streams:
     """``CLIENTS`` closed-loop streaming chats through the balancer until stopped."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, max_tokens: int = MAX_TOKENS) -> None:
         self.port = port
+        self.max_tokens = max_tokens
         self.outcomes: list[Outcome] = []
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._client, args=(index,), daemon=True) for index in range(CLIENTS)]
 
     def _client(self, index: int) -> None:
         while not self._stop.is_set():
-            self.outcomes.append(stream_chat(LOOPBACK, self.port, MAX_TOKENS, index, read_timeout=30.0))
+            self.outcomes.append(stream_chat(LOOPBACK, self.port, self.max_tokens, index, read_timeout=30.0))
 
     def __enter__(self) -> Streams:
         for thread in self._threads:
@@ -198,3 +199,40 @@ def test_backends_join_and_leave_haproxy_through_spare_servers_without_a_reload(
         assert weighted < 4 * INTERVAL, f"weighted after {weighted:.2f}s"
         answers = [stream_chat(LOOPBACK, stack.port, 16, index, read_timeout=30.0) for index in range(6)]
         assert all(answer.kind == OK for answer in answers)
+
+
+def test_a_reload_under_load_refills_a_busy_spare_only_once_the_old_workers_streams_end(
+        servers: dict[str, LlamaServer], haproxy_available: None, tmp_path: Path) -> None:
+    """HAProxy in master-worker mode reloads (SIGUSR2, as ``systemctl reload``) while a registered server's
+    slots are busy with the old worker's streams: the new worker's spare for it is empty, and the agent
+    refills it only once those streams end, so no llama-server gets more requests than it has slots."""
+    stack = BalancerStack(tmp_path / "stack", {"base": servers["base"].address},
+                          balancer={"spare_servers": 2, "max_buffered_requests": 100,
+                                    "buffered_request_timeout": "60s"},
+                          agent={"operator_token": TOKEN, "registration_timeout": "1h"},
+                          interval=f"{int(INTERVAL * 1000)}ms", master_worker=True)
+    watched = {name: servers[name] for name in ("base", "gpu-b")}
+    with stack, DeferralWatch(watched, interval=0.05) as watch:
+        stack.wait_slots({"base": SLOTS})
+        assert management(stack, "PUT", "gpu-b", {"address": servers["gpu-b"].address}) == 201
+        spare = wait_until(lambda: spare_of(stack, "gpu-b"), timeout=5, what="gpu-b on a spare")
+        wait_until(lambda: stack.haproxy.server_takes_requests("llama", spare), timeout=5, what=f"{spare} weighted")
+        # Streams of a few seconds, so gpu-b's outlast the reload (about 2 s here).
+        with Streams(stack.port, max_tokens=2000) as streams:
+            wait_until(lambda: stack.server(spare)["scur"] == str(SLOTS)
+                       and int(backend_rows(stack)["BACKEND"]["qcur"] or 0) > 0,
+                       timeout=20, what="gpu-b's slots busy and requests queued")
+            stack.haproxy.reload(generate_config("haproxy", stack.fleet_path))
+            reloaded = time.monotonic()
+            # The new worker's spare stays empty while gpu-b runs the old worker's streams, then is refilled.
+            wait_until(lambda: stack.haproxy.server_takes_requests("llama", spare), timeout=60, interval=0.02,
+                       what=f"{spare} refilled in the new worker")
+            wait_until(lambda: any(o.server == "gpu-b" and o.started > reloaded for o in list(streams.outcomes)),
+                       timeout=30, what="gpu-b serving the new worker's requests")
+        log = stack.agent.log_path.read_text(errors="replace")
+    outcomes = list(streams.outcomes)
+    assert outcomes and all(outcome.kind == OK for outcome in outcomes), \
+        [(o.kind, o.status, o.detail) for o in outcomes if o.kind != OK][:5]
+    assert f"gpu-b: {spare} is refilled once the requests another HAProxy process runs there end" in log
+    assert max(watch.max_deferred.values()) == 0, watch.max_deferred
+    assert min(watch.samples.values()) > 20, watch.samples
