@@ -13,7 +13,10 @@ Two guards against callers other than the operator's tools and Envoy's filter:
   ``agent.picker_token_env``, or a fixed marker when none is configured. A custom header cannot be
   sent cross-origin without a CORS preflight, which this server never grants, so even the marker
   stops a web page's ``text/plain`` POST; the token also stops other hosts that can reach the port.
-  Lease ids are random tokens, so a lease is released only by the request it was given to.
+  Lease ids are random tokens, so a lease is released only by the request it was given to. Envoy's
+  REST xDS client sends no header of ours, so its endpoint requests carry the same secret in the
+  bootstrap's node metadata, which is in every DiscoveryRequest; only such a request's word on what
+  Envoy has applied counts.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
+import logging
 from collections.abc import Awaitable, Callable, Iterable
 from importlib import resources
 
@@ -30,6 +34,7 @@ from aiohttp.typedefs import Middleware
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import CollectorRegistry
 
+from agentcheck.eds import EndpointDiscovery
 from agentcheck.membership import Membership, Refused
 from agentcheck.model import FleetModel, Origin
 from agentcheck.picker import LEASE_ID_PATTERN, BufferFull, BufferTimeout, Picker
@@ -38,6 +43,8 @@ from agentcheck.reporting import PICKER_SOURCE_HEADER
 from agentcheck.snapshot import Snapshot, health
 from fleet import contract
 
+log = logging.getLogger("paddler.agent")
+
 MODEL_KEY = web.AppKey("model", FleetModel)
 REPLIES_KEY = web.AppKey("replies", AgentCheckReplies)
 SNAPSHOT_KEY: web.AppKey[Snapshot] = web.AppKey("snapshot")
@@ -45,14 +52,18 @@ REGISTRY_KEY = web.AppKey("registry", CollectorRegistry)
 TOKEN_KEY = web.AppKey("operator_token", str)
 PICKER_KEY = web.AppKey("picker", Picker)
 PICKER_TOKEN_KEY = web.AppKey("picker_token", str)
+DISCOVERY_KEY = web.AppKey("discovery", EndpointDiscovery)
 MEMBERSHIP_KEY = web.AppKey("membership", Membership)
 MAX_BODY_BYTES = 64 * 1024  # registrations and picker calls are a few hundred bytes
+# Envoy's DiscoveryRequest names every extension Envoy was built with (about 80 KB for 1.40): read past
+# MAX_BODY_BYTES, up to this.
+EDS_MAX_BODY_BYTES = 1024 * 1024
 Handler = Callable[[web.Request], Awaitable[web.Response]]
 ENDPOINT_HEADER = "x-paddler-endpoint"  # the header Envoy's override_host policy reads
 LEASE_HEADER = "x-paddler-lease"
 VERDICT_HEADER = "x-paddler-verdict"
 AGENT_AUTHORITY = "paddler-agent"  # the :authority paddler.lua and Envoy's /health route send here
-LOCAL_HOST_NAMES = ("localhost", AGENT_AUTHORITY)
+LOCAL_HOST_NAMES = ("localhost", AGENT_AUTHORITY, contract.AGENT_CLUSTER)  # the last: Envoy's xDS requests
 
 
 def _same_secret(given: str, expected: str) -> bool:
@@ -247,6 +258,41 @@ async def picker_health(request: web.Request) -> web.Response:
     return web.json_response(body, status=status, headers={PICKER_SOURCE_HEADER: "picker"})
 
 
+async def discover_endpoints(request: web.Request) -> web.Response:
+    """Envoy's REST EDS: the llama cluster's endpoints, or 304 once the held request saw no change. The
+    request's version_info is what Envoy has applied, which gates the picker (agentcheck.eds), so it counts
+    only with the picker token in the node metadata: nobody else can hold the picker back. Without the token
+    the endpoints are still served (they are no secret: /api/v1/agents lists them), so that a token slip
+    costs the picker, as on its own endpoints, and never Envoy's cluster."""
+    body = bytearray()
+    while chunk := await request.content.read(EDS_MAX_BODY_BYTES):
+        body += chunk
+        if len(body) > EDS_MAX_BODY_BYTES:
+            return _error(413, f"the body is over {EDS_MAX_BODY_BYTES} bytes")
+    try:
+        discovery_request = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return _error(400, "a DiscoveryRequest is a JSON object")
+    if not isinstance(discovery_request, dict):
+        return _error(400, "a DiscoveryRequest is a JSON object")
+    node = discovery_request.get("node")
+    metadata = node.get("metadata") if isinstance(node, dict) else None
+    given = metadata.get(contract.EDS_TOKEN_METADATA_KEY) if isinstance(metadata, dict) else None
+    version_info = discovery_request.get("version_info", "")
+    if not isinstance(version_info, str):
+        return _error(400, "version_info is a string")
+    discovery = request.app[DISCOVERY_KEY]
+    if isinstance(given, str) and _same_secret(given, request.app[PICKER_TOKEN_KEY]):
+        discovery.record_request(version_info, error_detail=bool(discovery_request.get("error_detail")))
+    else:
+        log.warning("endpoint request without the right node.metadata.%s: served, but what it says Envoy has "
+                    "applied is ignored (paddler-gen envoy and paddler-agent must read the same "
+                    "agent.picker_token_env)", contract.EDS_TOKEN_METADATA_KEY)
+    if not await discovery.wait_for_change(version_info, contract.EDS_HOLD_SECONDS):
+        return web.Response(status=304)
+    return web.Response(body=discovery.body, content_type="application/json")
+
+
 def _host_guard(names: Iterable[str]) -> Middleware:
     served = (*LOCAL_HOST_NAMES, *names)
 
@@ -261,7 +307,8 @@ def _host_guard(names: Iterable[str]) -> Middleware:
 
 def create_app(model: FleetModel, replies: AgentCheckReplies, snapshot: Snapshot, registry: CollectorRegistry,
                operator_token: str | None, picker: Picker, membership: Membership, *,
-               picker_token: str = contract.PICKER_TOKEN_UNSET, host_names: Iterable[str] = ()) -> web.Application:
+               picker_token: str = contract.PICKER_TOKEN_UNSET, host_names: Iterable[str] = (),
+               discovery: EndpointDiscovery) -> web.Application:
     """``host_names``: DNS names this server answers to besides localhost and the filter's name (IP
     addresses are always served)."""
     app = web.Application(middlewares=[_host_guard(host_names)], client_max_size=MAX_BODY_BYTES)
@@ -273,6 +320,7 @@ def create_app(model: FleetModel, replies: AgentCheckReplies, snapshot: Snapshot
     app[TOKEN_KEY] = operator_token or ""
     app[PICKER_KEY] = picker
     app[PICKER_TOKEN_KEY] = picker_token
+    app[DISCOVERY_KEY] = discovery
     app.router.add_get("/", dashboard)
     app.router.add_get("/api/v1/agents", agents)
     app.router.add_get("/health", fleet_health)
@@ -287,4 +335,5 @@ def create_app(model: FleetModel, replies: AgentCheckReplies, snapshot: Snapshot
     app.router.add_post("/api/v1/picker/release/{lease}", release)
     app.router.add_post("/api/v1/picker/failed/{lease}", failed)
     app.router.add_get("/api/v1/picker/health", picker_health)
+    app.router.add_post(contract.EDS_PATH, discover_endpoints)
     return app

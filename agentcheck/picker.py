@@ -20,7 +20,8 @@ connection: others with a slot free that no other request in transit to the same
 offered, idle standby first (nothing is placed there while primaries serve), so a retry does
 not land on a full server. A backend the filter saw refuse a connection is placed nothing until
 a poll that started after the refusal: a killed server would otherwise look free (its requests
-ended) until the next poll.
+ended) until the next poll. Behind Envoy, a backend that joined gets requests once Envoy has applied the
+endpoint list that names it (agentcheck.eds).
 """
 
 from __future__ import annotations
@@ -47,7 +48,9 @@ LEASE_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{22}")
 MAX_ALTERNATES = 2  # the llama routes' num_retries: one alternate per retry
 # When the picker opens (agent start), requests Envoy's fallback placed while the agent was away may still
 # be on their way to a slot; llama.cpp lists one as processing once its task is picked up, a few hundred
-# ms later on a busy host. Nothing is placed on a backend until a poll that began this long after opening.
+# ms later on a busy host. Nothing is placed until every usable backend has had a poll that began this
+# long after opening (or one poll interval more has passed): placing on each as its poll comes would
+# send the first requests to whichever backend is polled first, not to the one with most room.
 OPEN_SETTLE_SECONDS = 0.3
 
 
@@ -80,8 +83,12 @@ class Lease:
 
 class Picker:
     def __init__(self, model: FleetModel, max_buffered_requests: int, buffered_request_timeout: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 in_balancer: Callable[[str], bool] = lambda name: True) -> None:
+        """``in_balancer(name)``: whether Envoy has this backend's endpoint yet (agentcheck.eds); override_host
+        ignores an address its cluster does not have, so nothing is placed on a backend before that."""
         self._model = model
+        self._in_balancer = in_balancer
         self._max_buffered_requests = max_buffered_requests
         self._buffered_request_timeout = buffered_request_timeout
         self._clock = clock
@@ -93,6 +100,7 @@ class Picker:
         self._refused: dict[str, float] = {}  # backend → when the filter last saw it refuse a connection
         self._names = {str(member.backend.address): member.name for member in model}
         self._trusted_from = float("-inf")  # polls that began before this may miss running requests
+        self._settled_by = float("-inf")  # after opening: place nothing before every backend's poll, or this
         # (issued_at, backend, alternates) of recent leases: what a retry from that backend may land on
         self._offered: deque[tuple[float, str, tuple[str, ...]]] = deque()
 
@@ -126,20 +134,30 @@ class Picker:
 
     def candidates(self) -> list[str]:
         """Backends that may get new requests: ready, not drained primaries; else such standby ones."""
-        usable = [member for member in self._model if member.usable and not self._refusing(member)]
+        usable = [member for member in self._model if self._placeable(member)]
         primaries = [member.name for member in usable if member.role is Role.PRIMARY]
         return primaries or [member.name for member in usable]
 
-    def open(self) -> None:
+    def open(self, poll_interval: float) -> None:
         """The agent starts answering Envoy's filter: see OPEN_SETTLE_SECONDS."""
         self._trusted_from = self._clock() + OPEN_SETTLE_SECONDS
+        self._settled_by = self._trusted_from + poll_interval
 
     def free_slots(self) -> dict[str, int]:
-        return {name: self._model[name].status.slots_total - self.busy(name) for name in self.candidates()
-                if self._seen_since_open(self._model[name])}
+        candidates = self.candidates()
+        if not self._settled(candidates):
+            return {}
+        return {name: self._model[name].status.slots_total - self.busy(name) for name in candidates}
 
-    def _seen_since_open(self, member: Member) -> bool:
-        return member.poll is not None and member.poll.started >= self._trusted_from
+    def _settled(self, candidates: list[str]) -> bool:
+        if self._trusted_from == float("-inf"):
+            return True
+        polls = [self._model[name].poll for name in candidates]
+        if self._clock() < self._settled_by and not all(poll and poll.started >= self._trusted_from
+                                                       for poll in polls):
+            return False
+        self._trusted_from = float("-inf")  # once settled, for good
+        return True
 
     def _try_lease(self) -> Lease | None:
         free = self.free_slots()
@@ -166,8 +184,7 @@ class Picker:
             self._offered.popleft()
         offered = Counter(name for _, placed, names in self._offered if placed == chosen for name in names)
         free = {member.name: member.status.slots_total - self.busy(member.name) - offered[member.name]
-                for member in self._model
-                if member.usable and member.name != chosen and not self._refusing(member)}
+                for member in self._model if member.name != chosen and self._placeable(member)}
         return tuple(heapq.nlargest(MAX_ALTERNATES, (name for name in free if free[name] > 0),
                                     key=lambda n: (self._model[n].role is Role.STANDBY, free[n], n)))
 
@@ -225,6 +242,9 @@ class Picker:
             lease.backend, lease.address, lease.issued_at = moved_to, str(self._model[moved_to].backend.address), now
             self._leases.setdefault(moved_to, {})[lease.id] = lease
         return True
+
+    def _placeable(self, member: Member) -> bool:
+        return member.usable and self._in_balancer(member.name) and not self._refusing(member)
 
     def _refusing(self, member: Member) -> bool:
         refused_at = self._refused.get(member.name)

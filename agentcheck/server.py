@@ -17,6 +17,7 @@ import aiohttp
 from aiohttp import web
 
 from agentcheck.config import AgentSettings
+from agentcheck.eds import EndpointDiscovery
 from agentcheck.haproxy_runtime import RuntimeAPI, SparePool
 from agentcheck.llamacpp import LlamaCppClient
 from agentcheck.management import create_app
@@ -39,7 +40,8 @@ SHUTDOWN_TIMEOUT = 2.0
 class Agent:
     """The parts of the agent and their wiring. Each part owns its state: the model the fleet's,
     the replies their cache and counts, the monitor its poll counters, the picker its leases and
-    queue, the probe HAProxy's queue length. Parts hear of fleet changes through the model's
+    queue, the discovery the endpoint list Envoy is served and what it has applied, the probe HAProxy's
+    queue length. Parts hear of fleet changes through the model's
     subscriptions, made here in ``start`` and nowhere else."""
 
     def __init__(self, settings: AgentSettings) -> None:
@@ -48,8 +50,10 @@ class Agent:
         self.membership = Membership(self.model, settings.fleet)
         self.replies = AgentCheckReplies(self.model, settings.weight,
                                          return_window=contract.agent_return_window(settings.interval))
+        self.discovery = EndpointDiscovery(self.model)
         self.picker = Picker(self.model, settings.fleet.balancer.max_buffered_requests,
-                             settings.fleet.balancer.buffered_request_timeout)
+                             settings.fleet.balancer.buffered_request_timeout,
+                             in_balancer=self.discovery.acknowledged)
         balancer = settings.fleet.balancer
         self.spares = (SparePool(self.model, self.replies, RuntimeAPI(balancer.stats_socket), contract.HAPROXY_BACKEND,
                                  contract.spare_server_names(balancer.spare_servers), settings.interval)
@@ -85,12 +89,15 @@ class Agent:
         return haproxy + self.picker.waiting
 
     def snapshot(self) -> dict[str, Any]:
-        return fleet_snapshot(self.model, self.replies.reply_for, self.requests_buffered(), self.spares)
+        return fleet_snapshot(self.model, self.replies.reply_for, self.requests_buffered(),
+                              self.discovery.acknowledged, self.spares)
 
     async def start(self) -> None:
         settings = self.settings
         self.model.subscribe(self.replies.on_member_change)
         self.model.subscribe(self.picker.on_member_change)
+        self.model.subscribe(self.discovery.on_member_change)
+        self.discovery.when_acknowledged(self.picker.wake)
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=60),
             cookie_jar=aiohttp.DummyCookieJar(),
@@ -129,8 +136,8 @@ class Agent:
         assert settings.management is not None and self.monitor is not None
         registry = build_registry(FleetCollector(self.snapshot, self.monitor.counters, self.replies.served))
         app = create_app(self.model, self.replies, self.snapshot, registry, settings.operator_token, self.picker,
-                         self.membership,
-                         picker_token=self.picker_token, host_names=(settings.management.host,))
+                         self.membership, picker_token=self.picker_token,
+                         host_names=(settings.management.host,), discovery=self.discovery)
         # handler_cancellation: a request that gives up while queued in the picker leaves the queue.
         self._management = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await self._management.setup()
@@ -138,7 +145,7 @@ class Agent:
         log.info("management API and dashboard on http://%s/ (operator endpoints %s; picker token %s)",
                  settings.management, "enabled" if settings.operator_token else "disabled: no token configured",
                  "not configured" if self.picker_token == contract.PICKER_TOKEN_UNSET else "configured")
-        self.picker.open()
+        self.picker.open(settings.interval)
 
     def reload_fleet(self, fleet: Fleet) -> None:
         """SIGHUP: the fleet file's backends as re-read join or leave; other settings wait for a restart."""
@@ -179,6 +186,7 @@ class Agent:
         except TimeoutError:
             log.warning("%d agent-check connection(s) still open at shutdown", len(self._connections))
         if self._management is not None:
+            self.discovery.close()
             await self._management.cleanup()
         for task in self._tasks:
             task.cancel()

@@ -11,11 +11,13 @@ from agentcheck.model import FleetModel, Origin, Role
 Snapshot = Callable[[], dict[str, Any]]
 
 
-def fleet_snapshot(model: FleetModel, reply_for: Callable[[str], str | None],
-                   requests_buffered: int | None, spares: SparePool | None = None) -> dict[str, Any]:
+def fleet_snapshot(model: FleetModel, reply_for: Callable[[str], str | None], requests_buffered: int | None,
+                   in_balancer: Callable[[str], bool], spares: SparePool | None = None) -> dict[str, Any]:
     """Per-backend rows plus fleet totals over ready backends (a drained or leaving backend's idle
-    slots do not count: nothing new will be sent there); with HAProxy's spare servers, which one
-    each backend is on (None: its own server line, or none, see ``spare_servers.unplaced``)."""
+    slots do not count: nothing new will be sent there). ``in_balancer``: whether Envoy has applied an
+    endpoint list naming the backend (agentcheck.eds); until then the picker sends it nothing. With
+    HAProxy's spare servers, which one each backend is on (None: its own server line, or none, see
+    ``spare_servers.unplaced``)."""
     agents = []
     totals = {"slots_idle": 0, "slots_processing": 0, "slots_total": 0}
     for member in model:
@@ -30,6 +32,7 @@ def fleet_snapshot(model: FleetModel, reply_for: Callable[[str], str | None],
             "drained": member.drained,
             "leaving": member.leaving,
             "registered": member.origin is Origin.REGISTERED,
+            "in_balancer": in_balancer(member.name),
             "slots_idle": status.slots_idle if ready else 0,
             "slots_processing": status.slots_processing if ready else 0,
             "slots_total": status.slots_total if ready else 0,

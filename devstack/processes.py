@@ -434,6 +434,19 @@ class EnvoyProcess(_Process):
                 flags[parts[1]] = parts[3]
         return flags
 
+    def endpoint_stats(self) -> dict[str, dict[str, int]]:
+        """llama cluster endpoint (host:port) → Envoy's counters for it (admin /clusters): the endpoints
+        Envoy has now, and the connections and requests each got."""
+        status, body = http_get(self.admin_url + "/clusters")
+        stats: dict[str, dict[str, int]] = {}
+        for line in body.decode().splitlines() if status == 200 else []:
+            cluster, _, rest = line.partition("::")
+            address, _, counter = rest.partition("::")
+            name, _, value = counter.partition("::")
+            if cluster == "llama" and value.isdigit():
+                stats.setdefault(address, {})[name] = int(value)
+        return stats
+
     def stats(self) -> dict[str, int]:
         status, body = http_get(self.admin_url + "/stats")
         values = {}

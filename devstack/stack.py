@@ -97,11 +97,11 @@ class BalancerStack:
 
     def is_up(self, name: str) -> bool:
         """Would the proxy send new requests to this backend? HAProxy: its server state; Envoy: the
-        picker's view (the agent's), which is what routes."""
+        picker's view (the agent's), which is what routes, once Envoy has applied its endpoint."""
         if self.kind == "haproxy":
             return self.haproxy.server_takes_requests(BACKEND_NAME, name)
         row = self.agents().get(name)
-        return bool(row) and row["state"] == "ready" and not row["drained"]
+        return bool(row) and row["state"] == "ready" and not row["drained"] and row["in_balancer"]
 
     def wait_slots(self, slots: dict[str, int], timeout: float = 10.0) -> None:
         """Wait until the proxy routes to each server knowing its real slot count."""

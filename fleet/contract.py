@@ -87,6 +87,22 @@ def resolve_picker_token(fleet: Fleet, environ: Mapping[str, str] = os.environ) 
     return value
 
 
+# The agent serves the llama cluster's endpoints to Envoy over REST xDS (agentcheck/eds.py). Envoy's REST
+# client sends no custom header, only the DiscoveryRequest, whose ``node`` is the bootstrap's: the picker
+# token travels in its metadata under this key. A request that has the current version is held until the
+# fleet changes, at most EDS_HOLD_SECONDS, so Envoy's request_timeout must be longer.
+EDS_PATH = "/v3/discovery:endpoints"
+EDS_CLUSTER = "llama"
+EDS_TOKEN_METADATA_KEY = "paddler_picker_token"
+EDS_HOLD_SECONDS = 10.0
+EDS_REQUEST_TIMEOUT_SECONDS = EDS_HOLD_SECONDS + 5.0
+# Envoy asks again 1-2 refresh delays after each answer, and that request is the acknowledgement the picker
+# waits for before it places anything on a new member.
+EDS_REFRESH_SECONDS = 0.25
+# Envoy's REST client names the xDS cluster in Host: the agent must serve that name.
+AGENT_CLUSTER = "paddler_agent"
+
+
 _WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1"}
 
 

@@ -12,12 +12,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from fleet import Address, Fleet, FleetError, contract
+from fleet import Fleet, FleetError, contract
 from generator.templates import comment_text, lua_file, render, validate
 
 LUA_FILE = "paddler.lua"
 DEFAULT_LUA_DIR = "/etc/envoy/paddler"
 PICKER_GRACE_MS = 1000  # the Lua filter waits this much longer than the picker's own timeout
+# How long a starting Envoy waits for the agent's first endpoint list before it serves with none.
+EDS_INITIAL_FETCH_SECONDS = 5.0
 # Sent to the picker when agent.picker_token_env is not configured; equals agentcheck.management's.
 
 
@@ -29,14 +31,16 @@ def envoy_duration(seconds: float) -> str:
     return f"{seconds:.3f}".rstrip("0").rstrip(".") + "s"
 
 
-def _endpoint(fleet: Fleet, group: str, index: int, name: str, address: Address) -> dict[str, Any]:
-    try:
-        ipaddress.ip_address(address.host)
-    except ValueError:
-        raise FleetError(fleet.source, f"{group}[{index}].address",
-                         f"Envoy needs an IP address here, not {address.host!r}: override_host matches "
-                         "endpoints by IP:port") from None
-    return {"name": name, "host": address.host, "port": address.port}
+def _require_ip_addresses(fleet: Fleet) -> None:
+    """The agent serves these addresses to Envoy as they are, and override_host matches them by IP:port."""
+    for group, backends in (("backends", fleet.backends), ("standby", fleet.standby)):
+        for index, backend in enumerate(backends):
+            try:
+                ipaddress.ip_address(backend.address.host)
+            except ValueError:
+                raise FleetError(fleet.source, f"{group}[{index}].address",
+                                 f"Envoy needs an IP address here, not {backend.address.host!r}: override_host "
+                                 "matches endpoints by IP:port") from None
 
 
 def envoy_lua_path(lua_dir: str = DEFAULT_LUA_DIR) -> str:
@@ -60,12 +64,7 @@ def fallback_per_host(fleet: Fleet) -> tuple[int, str]:
 
 
 def envoy_context(fleet: Fleet, lua_dir: str = DEFAULT_LUA_DIR) -> dict[str, Any]:
-    groups = []
-    for priority, (group, backends) in enumerate((("backends", fleet.backends), ("standby", fleet.standby))):
-        endpoints = [_endpoint(fleet, group, index, backend.name, backend.address)
-                     for index, backend in enumerate(backends)]
-        if endpoints:
-            groups.append({"priority": priority, "endpoints": endpoints})
+    _require_ip_addresses(fleet)
     balancer = fleet.balancer
     agent = contract.client_address(fleet.agent.management)
     limit, reason = fallback_per_host(fleet)
@@ -76,7 +75,11 @@ def envoy_context(fleet: Fleet, lua_dir: str = DEFAULT_LUA_DIR) -> dict[str, Any
         "admin": ({"host": balancer.metrics_listen.host, "port": balancer.metrics_listen.port}
                   if balancer.metrics_listen else None),
         "listen": {"host": balancer.listen.host, "port": balancer.listen.port},
-        "endpoint_groups": groups,
+        "eds_token_key": contract.EDS_TOKEN_METADATA_KEY,
+        "eds_refresh_delay": envoy_duration(contract.EDS_REFRESH_SECONDS),
+        "eds_request_timeout": envoy_duration(contract.EDS_REQUEST_TIMEOUT_SECONDS),
+        "eds_hold": envoy_duration(contract.EDS_HOLD_SECONDS),
+        "eds_initial_fetch_timeout": envoy_duration(EDS_INITIAL_FETCH_SECONDS),
         "max_buffered_requests": balancer.max_buffered_requests,
         "fallback_per_host": limit,
         "fallback_per_host_reason": reason,

@@ -52,30 +52,40 @@ def test_rendered_config_passes_envoy_validate(name: str) -> None:
     assert check_envoy(FLEETS[name]()) == envoy_binary()
 
 
-def test_standby_endpoints_are_priority_1_after_the_primaries() -> None:
+def test_the_llama_cluster_takes_its_endpoints_from_the_agent() -> None:
     text = rendered("standby")
-    assert ('      - priority: 0\n'
-            '        lb_endpoints:\n'
-            '        - endpoint: {address: {socket_address: {address: "10.0.0.11", port_value: 8080}}}\n'
-            '          metadata: {filter_metadata: {paddler: {name: "eu-1"}}}\n'
-            '        - endpoint: {address: {socket_address: {address: "fd00::12", port_value: 8080}}}\n'
-            '          metadata: {filter_metadata: {paddler: {name: "eu-2"}}}\n'
-            '      - priority: 1\n'
-            '        lb_endpoints:\n'
-            '        - endpoint: {address: {socket_address: {address: "10.1.0.11", port_value: 8080}}}\n'
-            '          metadata: {filter_metadata: {paddler: {name: "us-backup-1"}}}\n'
-            '        - endpoint: {address: {socket_address: {address: "10.1.0.12", port_value: 8080}}}\n'
-            '          metadata: {filter_metadata: {paddler: {name: "us-backup-2"}}}\n') in text
+    assert ('    type: EDS\n'
+            '    eds_cluster_config:\n'
+            '      eds_config:\n'
+            '        resource_api_version: V3\n'
+            '        initial_fetch_timeout: 5s\n'
+            '        api_config_source:\n'
+            '          api_type: REST\n'
+            '          transport_api_version: V3\n'
+            '          cluster_names: [paddler_agent]\n'
+            '          refresh_delay: 0.25s\n'
+            '          request_timeout: 15s\n'
+            '    # The agent removes a member') in text
+    assert "    ignore_health_on_host_removal: true\n" in text
+    # No endpoint is written here: the agent serves them all (agentcheck/eds.py), standby at priority 1.
+    assert "load_assignment" not in text.split("- name: llama\n")[1].split("- name: paddler_agent")[0]
+    assert "10.0.0.11" not in text
     # expose_slots: true puts /slots on the allow-list; admin endpoints stay refused.
     assert '"GET:/slots": "forward"' in text
     assert '"POST:/slots/{id}": "forward"' in text
     assert '"GET:/metrics": "admin"' in text
 
 
-def test_fleet_without_standby_has_one_priority() -> None:
-    text = rendered("three-backends")
-    assert text.count("- priority: ") == 1
-    assert "- priority: 0\n" in text
+def test_the_picker_token_reaches_the_agent_in_the_nodes_metadata(monkeypatch: pytest.MonkeyPatch,
+                                                                  tmp_path: Path) -> None:
+    # Envoy's REST xDS client sends no header of ours; the node is in every DiscoveryRequest.
+    monkeypatch.setenv("PICKER", "a-picker-token-of-enough-length")
+    fleet_path = tmp_path / "fleet.yaml"
+    fleet_path.write_text("backends: [{name: a, address: '127.0.0.1:8080'}]\n"
+                          "agent: {picker_token_env: PICKER}\n")
+    config = yaml.safe_load(render_envoy(load_fleet(fleet_path)))
+    assert config["node"] == {"id": "paddler-envoy", "cluster": "paddler",
+                              "metadata": {"paddler_picker_token": "a-picker-token-of-enough-length"}}
 
 
 def test_agent_listening_everywhere_is_reached_on_loopback() -> None:

@@ -118,7 +118,7 @@ def test_a_fleet_path_with_line_breaks_stays_one_comment_line_and_the_proxy_sees
     if proxy == "haproxy":
         assert [line for line in result.stdout.split("\n") if "stats socket" in line] == [first]
     else:
-        assert set(yaml.safe_load(result.stdout)) == {"static_resources"}
+        assert set(yaml.safe_load(result.stdout)) == {"node", "static_resources"}
 
 
 @pytest.mark.parametrize("proxy", PROXIES)

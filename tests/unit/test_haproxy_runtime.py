@@ -187,7 +187,7 @@ async def test_spares_show_in_the_snapshot_and_metrics_with_backends_left_withou
     for port in (8087, 8088, 8089):
         join(model, f"gpu{port}", "127.0.0.1", port)
     await pool.reconcile()
-    snapshot = fleet_snapshot(model, replies.reply_for, None, pool)
+    snapshot = fleet_snapshot(model, replies.reply_for, None, lambda name: True, pool)
     assert {row["name"]: row["spare_server"] for row in snapshot["agents"]} == {
         "gpu1": None, "gpu8087": "paddler-spare-1", "gpu8088": "paddler-spare-2", "gpu8089": None}
     assert snapshot["spare_servers"] == {"total": 2, "used": 2, "unplaced": ["gpu8089"],

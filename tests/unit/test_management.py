@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import socket
 from collections import Counter
@@ -13,10 +14,11 @@ import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
+from agentcheck.eds import TYPE_URL, EndpointDiscovery
 from agentcheck.management import create_app, host_refusal, token_refusal
 from agentcheck.membership import Membership
 from agentcheck.metrics import FleetCollector, build_registry
-from agentcheck.model import FleetModel, PollWindow
+from agentcheck.model import FleetModel, Origin, PollWindow
 from agentcheck.monitor import PollCounters
 from agentcheck.picker import Picker
 from agentcheck.replies import AgentCheckReplies
@@ -62,7 +64,7 @@ class Fleet:
             "agent": {"max_registered_backends": 2}}))
 
     def snapshot(self) -> dict:
-        return fleet_snapshot(self.model, self.replies.reply_for, 3)
+        return fleet_snapshot(self.model, self.replies.reply_for, 3, lambda name: True)
 
     def reply_for(self, name: str) -> str | None:
         return self.replies.reply_for(name)
@@ -105,10 +107,15 @@ async def serve(state: Fleet, token: str | None, checks: Counter[str] | None = N
                 picker_token: str = PICKER_TOKEN, host_names: tuple[str, ...] = ()) -> tuple[web.AppRunner, str]:
     snapshot: Snapshot = state.snapshot
     registry = build_registry(FleetCollector(snapshot, state.polls, checks or Counter()))
-    picker = Picker(state.model, max_buffered_requests=2, buffered_request_timeout=0.2)
+    discovery = EndpointDiscovery(state.model)
+    picker = Picker(state.model, max_buffered_requests=2, buffered_request_timeout=0.2,
+                    in_balancer=discovery.acknowledged)
     state.model.subscribe(picker.on_member_change)
+    state.model.subscribe(discovery.on_member_change)
+    discovery.when_acknowledged(picker.wake)
     runner = web.AppRunner(create_app(state.model, state.replies, snapshot, registry, token, picker,
-                                      state.membership, picker_token=picker_token, host_names=host_names),
+                                      state.membership, picker_token=picker_token, host_names=host_names,
+                                      discovery=discovery),
                            handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -149,8 +156,8 @@ async def test_agents_lists_every_backend_with_its_state_and_reply(api: tuple[Ap
     rows = {row["name"]: row for row in body["agents"]}
     assert rows["gpu1"] == {
         "name": "gpu1", "address": "127.0.0.1:9001", "standby": False, "state": "ready", "reason": "",
-        "drained": False, "leaving": False, "registered": False, "slots_idle": 3, "slots_processing": 1,
-        "slots_total": 4, "slot_source": "slots",
+        "drained": False, "leaving": False, "registered": False, "in_balancer": True, "slots_idle": 3,
+        "slots_processing": 1, "slots_total": 4, "slot_source": "slots",
         "model": "/models/m.gguf", "last_update": 1000.0, "poll_seconds": pytest.approx(0.002),
         "agent_check_reply": "up ready 75% maxconn:4 #idle=3 processing=1 via slots", "spare_server": None}
     assert rows["gpu2"]["state"] == "unreachable" and rows["gpu2"]["reason"] == "connection failed"
@@ -423,6 +430,71 @@ def test_the_rendered_envoy_route_carries_the_token(monkeypatch: pytest.MonkeyPa
                          "agent": {"picker_token_env": "PADDLER_TEST_PICKER_TOKEN"}})
     assert '\n                      picker_token: "picker-secret-from-the-environment"\n' in \
         render_envoy(fleet)
+
+
+# Envoy's REST EDS: the picker token in the node's metadata, the request held while nothing changes.
+
+def discovery_request(version: str = "", token: object = PICKER_TOKEN) -> dict:
+    return {"version_info": version, "node": {"id": "paddler-envoy", "metadata": {"paddler_picker_token": token}},
+            "resource_names": ["llama"], "type_url": TYPE_URL}
+
+
+async def discover(client: Api, body: object) -> tuple[int, dict | None]:
+    # Envoy names its xDS cluster in Host.
+    async with client.session.post(client.base + "/v3/discovery:endpoints", data=io.BytesIO(json.dumps(body).encode()),
+                                   headers={"Host": "paddler_agent", "Content-Type": "application/json"}) as response:
+        return response.status, (await response.json() if response.status in (200, 400, 403) else None)
+
+
+async def test_envoy_gets_every_endpoint_then_waits_for_a_change(api: tuple[Api, Fleet],
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    client, state = api
+    status, response = await discover(client, discovery_request())
+    assert status == 200 and response is not None
+    assert [endpoint["metadata"]["filter_metadata"]["paddler"]["name"]
+            for group in response["resources"][0]["endpoints"] for endpoint in group["lb_endpoints"]] == [
+        "gpu1", "gpu2", "backup"]
+    version = response["version_info"]
+    monkeypatch.setattr("fleet.contract.EDS_HOLD_SECONDS", 0.05)
+    assert await discover(client, discovery_request(version)) == (304, None)
+    monkeypatch.setattr("fleet.contract.EDS_HOLD_SECONDS", 5.0)
+    held = asyncio.create_task(discover(client, discovery_request(version)))
+    await asyncio.sleep(0.05)
+    assert not held.done()
+    state.model.add(Backend("gpu3", Address("127.0.0.1", 9004)), Origin.REGISTERED)
+    status, response = await asyncio.wait_for(held, 2.0)
+    assert status == 200 and response is not None and response["version_info"] != version
+    assert "9004" in json.dumps(response)
+
+
+async def test_envoys_request_is_read_whole_though_its_node_lists_every_extension(api: tuple[Api, Fleet]) -> None:
+    client, _ = api
+    request = discovery_request()
+    request["node"]["extensions"] = [{"name": f"envoy.extension.{n}", "category": "envoy.filters"}
+                                     for n in range(2000)]  # about 130 KB, more than registrations may send
+    assert (await discover(client, request))[0] == 200
+    request["node"]["extensions"] *= 10
+    status, response = await discover(client, request)
+    assert status == 413 and response is None
+
+
+@pytest.mark.parametrize("body", [discovery_request(token=None), discovery_request(token="wrong-picker-token"),
+                                  discovery_request(token=7), {"version_info": ""}])
+async def test_without_the_picker_token_envoy_gets_the_endpoints_but_cannot_hold_the_picker_back(
+        api: tuple[Api, Fleet], body: dict) -> None:
+    client, state = api
+    status, response = await discover(client, body)  # a token slip must not empty Envoy's cluster
+    assert status == 200 and response is not None
+    state.model.add(Backend("gpu3", Address("127.0.0.1", 9004)), Origin.REGISTERED)
+    # Its version_info ("", older) would say Envoy has nothing yet: not believed, the picker still places.
+    assert await client.slots_idle() == 3
+
+
+@pytest.mark.parametrize("body", [[], "text", {**discovery_request(), "version_info": 3}])
+async def test_a_request_that_is_no_discovery_request_is_400(api: tuple[Api, Fleet], body: object) -> None:
+    client, _ = api
+    status, response = await discover(client, body)
+    assert status == 400 and response is not None and response["error"]["code"] == 400
 
 
 # Host names: a page whose DNS name was rebound to the agent's address sends its own name and is refused.

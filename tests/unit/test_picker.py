@@ -73,19 +73,31 @@ async def test_a_backend_that_joins_is_picked_after_its_first_poll_and_one_remov
     assert not picker.failed(lease.id, served_by="10.0.0.7:8080")
 
 
-async def test_after_opening_nothing_is_placed_until_a_poll_that_began_later() -> None:
+async def test_after_opening_nothing_is_placed_until_every_backend_had_a_poll_that_began_later() -> None:
     model, picker, clock = make()
-    picker.open()  # the agent just started: requests placed without it may still be in transit
+    picker.open(poll_interval=1.0)  # the agent just started: requests placed without it may still be in transit
     waiter = asyncio.ensure_future(picker.acquire())
     await asyncio.sleep(0)
-    assert not waiter.done()
-    poll(model, clock, in_transit=True, small=ready(2, processing=1))  # began too soon after opening
+    poll(model, clock, in_transit=True, small=ready(2, processing=1), large=ready(4))  # began too soon
     await asyncio.sleep(0)
     assert not waiter.done()
     clock.now += OPEN_SETTLE_SECONDS
     poll(model, clock, in_transit=True, small=ready(2, processing=1))
+    await asyncio.sleep(0)
+    assert not waiter.done()  # large's count is not trusted yet: placing on small alone would skew
+    poll(model, clock, in_transit=True, large=ready(4, processing=3))
     lease = await asyncio.wait_for(waiter, 1)
-    assert lease.backend == "small" and picker.free_slots() == {"small": 0}
+    assert lease.backend == "large" and picker.free_slots() == {"small": 1, "large": 0}
+
+
+async def test_after_opening_a_backend_that_is_never_polled_again_holds_nothing_past_one_interval() -> None:
+    model, picker, clock = make()
+    picker.open(poll_interval=1.0)
+    clock.now += OPEN_SETTLE_SECONDS
+    poll(model, clock, in_transit=True, large=ready(4))
+    assert picker.free_slots() == {}
+    clock.now += 1.0
+    assert picker.free_slots() == {"small": 2, "large": 4}
 
 
 async def test_lease_carries_the_backend_address_for_override_host() -> None:
