@@ -4,7 +4,8 @@ Real llama-servers, the real agent (``python -m agentcheck --fleet``, with ``bal
 three spares) and HAProxy running ``paddler-gen haproxy``'s config. One server is in the fleet file;
 two more register through the management API while streams run, one deregisters while it streams and
 comes back through the fleet file and SIGHUP, then HAProxy is restarted with the same config and the
-agent refills its spares.
+agent refills its spares. A second test reloads HAProxy in master-worker mode under load: a spare whose
+server still runs the old worker's streams is refilled only once they end.
 """
 
 from __future__ import annotations
@@ -32,10 +33,11 @@ INTERVAL = 0.5  # the agent's poll interval and HAProxy's agent-inter (200ms: po
 SLOTS = 2
 CLIENTS = 8  # more streams than the 6 slots of all three servers: the excess waits in HAProxy's queue
 MAX_TOKENS = 300
+LOAD_SECONDS = 120  # a bound on the load, whatever happens to the test
 
 
 class Streams:
-    """``CLIENTS`` closed-loop streaming chats through the balancer until stopped."""
+    """``CLIENTS`` closed-loop streaming chats through the balancer until stopped (or ``LOAD_SECONDS``)."""
 
     def __init__(self, port: int, max_tokens: int = MAX_TOKENS) -> None:
         self.port = port
@@ -45,7 +47,8 @@ class Streams:
         self._threads = [threading.Thread(target=self._client, args=(index,), daemon=True) for index in range(CLIENTS)]
 
     def _client(self, index: int) -> None:
-        while not self._stop.is_set():
+        deadline = time.monotonic() + LOAD_SECONDS
+        while not self._stop.is_set() and time.monotonic() < deadline:
             self.outcomes.append(stream_chat(LOOPBACK, self.port, self.max_tokens, index, read_timeout=30.0))
 
     def __enter__(self) -> Streams:
