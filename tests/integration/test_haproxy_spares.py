@@ -114,6 +114,14 @@ def test_backends_join_and_leave_haproxy_through_spare_servers_without_a_reload(
         return True
 
     watch.add("haproxy", sample_haproxy)
+    deferred_at: list[float] = []  # when a deferral was first seen: which step of the test it belongs to
+
+    def note_deferral() -> bool:
+        if not deferred_at and max(watch.max_deferred.values()) > 0:
+            deferred_at.append(time.monotonic())
+        return True
+
+    watch.add("deferral-time", note_deferral)
     with stack, watch:
         stack.wait_slots({"base": SLOTS})
         with Streams(stack.port) as streams:
@@ -178,7 +186,9 @@ def test_backends_join_and_leave_haproxy_through_spare_servers_without_a_reload(
         assert [o for o in outcomes if o.server == "gpu-c" and o.started > left + INTERVAL and o.ended < hup] == []
         assert streams.served_by("gpu-c"), "gpu-c never served a stream before it left"
         assert min(watch.samples.values()) > 20, watch.samples  # every 50 ms
-        assert max(watch.max_deferred.values()) == 0, watch.max_deferred  # nothing waited inside a llama-server
+        steps = {"joined": min(joined.values()), "left": left, "back": hup}
+        assert max(watch.max_deferred.values()) == 0, (  # nothing waited inside a llama-server
+            watch.max_deferred, {step: round(deferred_at[0] - at, 2) for step, at in steps.items()})
 
         # HAProxy restarted with the same config: every spare disabled again; the agent refills them.
         spares = {name: spare_of(stack, name) for name in ("gpu-b", "gpu-c")}
@@ -205,26 +215,28 @@ def test_backends_join_and_leave_haproxy_through_spare_servers_without_a_reload(
 
 
 def test_a_reload_under_load_refills_a_busy_spare_only_once_the_old_workers_streams_end(
-        servers: dict[str, LlamaServer], haproxy_available: None, tmp_path: Path) -> None:
+        make_llama: Callable[..., LlamaServer], haproxy_available: None, tmp_path: Path) -> None:
     """HAProxy in master-worker mode reloads (SIGUSR2, as ``systemctl reload``) while a registered server's
     slots are busy with the old worker's streams: the new worker's spare for it is empty, and the agent
     refills it only once those streams end, so no llama-server gets more requests than it has slots."""
+    # Room for streams of several seconds, longer than a reload takes (about 2 s here).
+    servers = {name: make_llama(name, slots=SLOTS, ctx_per_slot=4096).start() for name in ("base", "gpu-b")}
     stack = BalancerStack(tmp_path / "stack", {"base": servers["base"].address},
                           balancer={"spare_servers": 2, "max_buffered_requests": 100,
                                     "buffered_request_timeout": "60s"},
                           agent={"operator_token": TOKEN, "registration_timeout": "1h"},
                           interval=f"{int(INTERVAL * 1000)}ms", master_worker=True)
-    watched = {name: servers[name] for name in ("base", "gpu-b")}
-    with stack, DeferralWatch(watched, interval=0.05) as watch:
+    with stack, DeferralWatch(servers, interval=0.05) as watch:
         stack.wait_slots({"base": SLOTS})
         assert management(stack, "PUT", "gpu-b", {"address": servers["gpu-b"].address}) == 201
         spare = wait_until(lambda: spare_of(stack, "gpu-b"), timeout=5, what="gpu-b on a spare")
         wait_until(lambda: stack.haproxy.server_takes_requests("llama", spare), timeout=5, what=f"{spare} weighted")
-        # Streams of a few seconds, so gpu-b's outlast the reload (about 2 s here).
-        with Streams(stack.port, max_tokens=2000) as streams:
-            wait_until(lambda: stack.server(spare)["scur"] == str(SLOTS)
+        with Streams(stack.port, max_tokens=1200) as streams:  # about 4 s each here
+            # Reload just after gpu-b took a new stream, so one of its streams surely outlasts the reload.
+            before = int(stack.server(spare)["stot"])
+            wait_until(lambda: int(stack.server(spare)["stot"]) > before and stack.server(spare)["scur"] == str(SLOTS)
                        and int(backend_rows(stack)["BACKEND"]["qcur"] or 0) > 0,
-                       timeout=20, what="gpu-b's slots busy and requests queued")
+                       timeout=30, interval=0.01, what="a new stream on gpu-b, its slots busy and requests queued")
             stack.haproxy.reload(generate_config("haproxy", stack.fleet_path))
             reloaded = time.monotonic()
             # The new worker's spare stays empty while gpu-b runs the old worker's streams, then is refilled.
