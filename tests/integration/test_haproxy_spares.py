@@ -105,7 +105,7 @@ def test_backends_join_and_leave_haproxy_through_spare_servers_without_a_reload(
     def sample_haproxy() -> bool:
         try:
             rows = backend_rows(stack)
-        except OSError:  # HAProxy is being restarted
+        except (OSError, IndexError):  # HAProxy is being restarted: no answer, or an empty one
             return False
         queued[phase[0]] = max(queued[phase[0]], int(rows["BACKEND"]["qcur"] or 0))
         for row in rows.values():
