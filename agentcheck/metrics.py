@@ -59,6 +59,15 @@ class FleetCollector(Collector):
             failures.add_metric([name, state_value], count)
         yield from per_backend.values()
         yield from (states, drained, poll_seconds, polls, failures)
+        if "spare_servers" in snapshot:
+            spares = snapshot["spare_servers"]
+            yield GaugeMetricFamily("paddler_spare_servers_used", "HAProxy spare servers carrying a backend",
+                                    value=spares["used"])
+            yield GaugeMetricFamily("paddler_spare_servers_total", "HAProxy spare servers (balancer.spare_servers)",
+                                    value=spares["total"])
+            # Alert on this one: ready backends that HAProxy sends nothing (no spare left, or unresolved).
+            yield GaugeMetricFamily("paddler_backends_without_haproxy_server",
+                                    "Ready backends with no server line in HAProxy", value=len(spares["unplaced"]))
         served = CounterMetricFamily("paddler_agent_checks", "Agent-check replies served, by kind", labels=["reply"])
         for kind, count in sorted(self._checks_served.items()):
             served.add_metric([kind], count)

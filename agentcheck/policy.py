@@ -93,6 +93,21 @@ def agent_reply(status: BackendStatus, fleet_max_slots: int,
     return f"down #{_comment(text)}\n"
 
 
+# Replies for HAProxy's spare servers (agentcheck.spares) that carry no member. HAProxy 2.6 agent-checks a
+# disabled server too, and an agent's `ready` or `drain` sets a server's admin state, so a spare's replies
+# never say them (agentcheck.replies strips them from a member's reply): the spare pool alone sets its
+# admin state, on the runtime API. At 0% an empty or released spare takes nothing new.
+EMPTY_SPARE_REPLY = "up 0% #paddler-agent: empty spare server\n"
+RELEASED_SPARE_REPLY = "up 0% #paddler-agent: spare server released, its sessions are ending\n"
+
+
+def spare_reply(reply: str) -> str:
+    """A member's reply for the spare server carrying it: the same, without the admin words."""
+    if reply.startswith(("up ready ", "up drain ")):
+        return "up " + reply[len("up ready "):]
+    return reply
+
+
 def unknown_backend_reply(name: str) -> str:
     """agent-send names no backend of this fleet: down, with the misconfiguration in HAProxy's stats."""
     return f"down #paddler-agent: unknown backend {_comment(name)!r}, check agent-send\n"

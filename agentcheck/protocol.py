@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
-from fleet import validate_name
+from fleet.schema import NAME_PATTERN
 
 MAX_REQUEST_BYTES = 256
 
@@ -42,10 +42,10 @@ def parse_request(data: bytes, complete: bool) -> Request:
         return Request()
     if not complete:
         return Request(problem="agent-send line not terminated in time")
-    try:
-        return Request(name=validate_name(text))
-    except ValueError:
+    # The charset of fleet names, which also covers HAProxy's spare servers (paddler-spare-K), no fleet name.
+    if not NAME_PATTERN.fullmatch(text):
         return Request(problem="agent-send is not a valid backend name")
+    return Request(name=text)
 
 
 class AgentCheckProtocol(asyncio.Protocol):

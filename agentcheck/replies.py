@@ -6,6 +6,8 @@ Weights are relative to the largest backend ever seen ready; a new maximum resca
 A backend back from a ``down`` reply, or restarted between two polls that both found it ready, is
 answered 0% for ``return_window`` seconds (agentcheck.policy says why): the replies remember what they
 last said, so the window starts at the first ready one.
+A spare server's name (agentcheck.spares) is answered with the reply of the member it carries, minus
+the admin words (policy.spare_reply says why).
 """
 
 from __future__ import annotations
@@ -13,18 +15,22 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from agentcheck.model import FleetModel, Member
 from agentcheck.policy import (
     DEFAULT_WEIGHT_FORMULA,
+    EMPTY_SPARE_REPLY,
+    RELEASED_SPARE_REPLY,
     WeightFormula,
     agent_reply,
     invalid_request_reply,
+    spare_reply,
     unknown_backend_reply,
 )
 from agentcheck.protocol import Request
 from agentcheck.status import restarted
+from fleet import SPARE_SERVER_PREFIX
 
 log = logging.getLogger("paddler.agent")
 
@@ -40,7 +46,8 @@ class AgentCheckReplies:
         self._cache: dict[str, str] = {}
         # Backends back from a down reply → when their first reply after it was up (None: not yet).
         self._returning: dict[str, float | None] = {}
-        self.served: Counter[str] = Counter()  # replies by kind: ready, drain, down, unknown, invalid
+        self._spares: dict[str, str | None] = {}  # spare server → the member it carries (None: released)
+        self.served: Counter[str] = Counter()  # replies by kind: ready, drain, down, unknown, invalid, spare
 
     def on_member_change(self, previous: Member | None, current: Member | None) -> None:
         """The model's subscription: drop what the change made stale."""
@@ -62,8 +69,18 @@ class AgentCheckReplies:
               or previous.leaving != current.leaving):
             self._cache.pop(current.name, None)
 
+    def set_spares(self, assignment: Mapping[str, str | None]) -> None:
+        """Whom each spare server's checks are answered for, from the spare pool (agentcheck.haproxy_runtime);
+        None: released, its sessions ending. A spare not listed is empty."""
+        self._spares = dict(assignment)
+
     def reply_for(self, name: str) -> str | None:
-        """The agent-check line for a backend, or None when the name is not in the fleet."""
+        """The agent-check line for a backend or a spare server, or None when the name is neither."""
+        if name.startswith(SPARE_SERVER_PREFIX):
+            if name not in self._spares:
+                return EMPTY_SPARE_REPLY
+            carried = self._spares[name]
+            return (self.reply_for(carried) if carried is not None else None) or RELEASED_SPARE_REPLY
         reply = self._cache.get(name)
         if reply is None:
             member = self._model.get(name)
@@ -89,19 +106,31 @@ class AgentCheckReplies:
         reply = self.reply_for(name)
         if reply is None:
             return unknown_backend_reply(name), "unknown"
+        if reply in (EMPTY_SPARE_REPLY, RELEASED_SPARE_REPLY):
+            self._returning.pop(name, None)  # `up` at 0%: whoever the spare carries next comes UP unweighted
+            return reply, "spare"
         if not reply.startswith("up "):
             self._returning[name] = None
             return reply, "down"
-        if name in self._returning:
-            now = self._clock()
-            since = self._returning[name]
-            if since is None:
-                since = self._returning[name] = now
-            if now - since >= self._return_window:
-                del self._returning[name]
-            elif reply.startswith("up ready "):
-                reply = self._returning_reply(name)
-        return reply, reply.split(" ", 2)[1]
+        if self._returning:
+            # The window is the name's (HAProxy's server said down) or its member's (a restart between polls).
+            carried = self._spares.get(name)
+            windows = [self._in_return_window(key) for key in (name, carried) if key in self._returning]
+            if any(windows) and reply.startswith("up ready "):
+                reply = self._returning_reply(carried or name)
+        kind = reply.split(" ", 2)[1]
+        return (spare_reply(reply) if name.startswith(SPARE_SERVER_PREFIX) else reply), kind
+
+    def _in_return_window(self, key: str) -> bool:
+        """The window starts at the first up reply after the down, and is forgotten once over."""
+        now = self._clock()
+        since = self._returning[key]
+        if since is None:
+            since = self._returning[key] = now
+        if now - since >= self._return_window:
+            del self._returning[key]
+            return False
+        return True
 
     def _returning_reply(self, name: str) -> str:
         member = self._model.get(name)

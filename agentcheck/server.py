@@ -18,6 +18,7 @@ from aiohttp import web
 
 from agentcheck.config import AgentSettings
 from agentcheck.eds import EndpointDiscovery
+from agentcheck.haproxy_runtime import RuntimeAPI, SparePool
 from agentcheck.llamacpp import LlamaCppClient
 from agentcheck.management import create_app
 from agentcheck.membership import Membership
@@ -53,6 +54,10 @@ class Agent:
         self.picker = Picker(self.model, settings.fleet.balancer.max_buffered_requests,
                              settings.fleet.balancer.buffered_request_timeout,
                              in_balancer=self.discovery.acknowledged)
+        balancer = settings.fleet.balancer
+        self.spares = (SparePool(self.model, self.replies, RuntimeAPI(balancer.stats_socket), contract.HAPROXY_BACKEND,
+                                 contract.spare_server_names(balancer.spare_servers), settings.interval)
+                       if balancer.stats_socket and balancer.spare_servers else None)
         # Read before anything starts: a configured but missing token stops the agent.
         self.picker_token = contract.resolve_picker_token(settings.fleet)
         self.monitor: Monitor | None = None
@@ -84,7 +89,8 @@ class Agent:
         return haproxy + self.picker.waiting
 
     def snapshot(self) -> dict[str, Any]:
-        return fleet_snapshot(self.model, self.replies.reply_for, self.requests_buffered(), self.discovery.acknowledged)
+        return fleet_snapshot(self.model, self.replies.reply_for, self.requests_buffered(),
+                              self.discovery.acknowledged, self.spares)
 
     async def start(self) -> None:
         settings = self.settings
@@ -105,6 +111,12 @@ class Agent:
         await self.monitor.poll_all()
         self._background(self.monitor.run(), "monitor")
         self._background(self._sweep_membership(), "membership")
+        if self.spares is not None:
+            self.model.subscribe(self.spares.on_member_change)
+            self._background(self.spares.run(), "spare-servers")
+        elif settings.fleet.balancer.spare_servers:
+            log.info("HAProxy's spare servers stay empty (no balancer.stats_socket): backends that join at run "
+                     "time reach HAProxy after paddler-gen haproxy and a reload")
         self._probe = BalancerProbe(self._session, settings.balancer_health_url, settings.interval)
         self._background(self._probe.run(), "balancer-probe")
         if settings.fleet.statsd is not None:

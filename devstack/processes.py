@@ -8,6 +8,7 @@ Tests, benchmarks and the demo share these, so all of them exercise the same sta
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -317,7 +318,8 @@ class HAProxy(_Process):
         text = self.runtime("show stat")
         lines = [line for line in text.splitlines() if line]
         header = lines[0].lstrip("# ").split(",")
-        return [dict(zip(header, line.split(","), strict=False)) for line in lines[1:]]
+        # csv, not split(","): HAProxy quotes fields with commas, such as an agent's comment in last_agt.
+        return [dict(zip(header, row, strict=False)) for row in csv.reader(lines[1:])]
 
     def server(self, backend: str, server: str) -> dict[str, str]:
         for row in self.stats():

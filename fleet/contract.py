@@ -6,6 +6,7 @@
 * The names of the settings the generated configs hand to the Lua bridges. Each keeps the
   fleet file's name end to end; the Lua side refuses to load without them.
 * The address rule for clients: a service listening on every address is reached on loopback.
+* HAProxy's backend and spare-server names, which the agent fills through the runtime API.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import os
 import re
 from collections.abc import Mapping
 
-from fleet.schema import Address, Fleet, FleetError
+from fleet.schema import SPARE_SERVER_PREFIX, Address, Fleet, FleetError
 
 RETRY_AFTER_SECONDS = 1
 
@@ -28,6 +29,15 @@ BUFFER_FULL = _error(503, "buffer_full", "all llama.cpp slots are busy and the r
 BUFFER_TIMEOUT = _error(503, "buffer_timeout", "no llama.cpp slot became free within buffered_request_timeout")
 SLOTS_FORBIDDEN = _error(403, "forbidden", "/slots is not exposed through the balancer")
 ADMIN_FORBIDDEN = _error(403, "forbidden", "admin endpoints are not exposed through the balancer")
+
+# The generated haproxy.cfg's one backend, whose spare servers (balancer.spare_servers) the agent fills.
+HAPROXY_BACKEND = "llama"
+
+
+def spare_server_names(count: int) -> list[str]:
+    """The spare servers' names, as rendered and as the agent fills them: paddler-spare-1 .. -count."""
+    return [f"{SPARE_SERVER_PREFIX}{index}" for index in range(1, count + 1)]
+
 
 # HAProxy: `setenv` lines in the global section, read by configs/haproxy/paddler.lua at load.
 HAPROXY_LUA_ENV = {

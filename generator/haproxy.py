@@ -15,7 +15,7 @@ from typing import Any
 from fleet import Fleet, contract
 from generator.templates import comment_text, lua_file, render, validate
 
-BACKEND_NAME = "llama"
+BACKEND_NAME = contract.HAPROXY_BACKEND
 LUA_FILE = "paddler.lua"
 DEFAULT_LUA_DIR = "/etc/haproxy/paddler"
 GLOBAL_MAXCONN = 4096
@@ -63,6 +63,7 @@ def haproxy_context(fleet: Fleet, lua_dir: str = DEFAULT_LUA_DIR) -> dict[str, A
         "check_timeout": haproxy_duration(CHECK_TIMEOUT),
         "backend_name": BACKEND_NAME,
         "servers": servers,
+        "spares": contract.spare_server_names(balancer.spare_servers),
         "listen": str(balancer.listen),
         "max_buffered_requests": balancer.max_buffered_requests,
         "buffered_request_timeout": haproxy_duration(balancer.buffered_request_timeout),

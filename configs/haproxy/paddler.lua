@@ -277,10 +277,11 @@ function paddler.count_slots(body)
   return total, busy
 end
 
--- "http://host:port/slots" from Server:get_addr() ("1.2.3.4:80", or "::1:80" for IPv6).
+-- "http://host:port/slots" from Server:get_addr() ("1.2.3.4:80", or "::1:80" for IPv6). None for an empty
+-- spare server (0.0.0.0:0, port 0): probing it would only wait out the timeout while requests are gated.
 function paddler.slots_url(addr)
   local host, port = string.match(addr or "", "^(.*):(%d+)$")
-  if host == nil or host == "" then
+  if host == nil or host == "" or tonumber(port) == 0 then
     return nil
   end
   if string.find(host, ":", 1, true) then

@@ -55,6 +55,29 @@ def test_agent_listening_everywhere_is_reached_on_loopback() -> None:
     assert "agent-addr 127.0.0.1 agent-port 5555 agent-inter 500ms" in rendered("three-backends")
 
 
+def test_spare_servers_are_disabled_lines_after_the_fleets_that_name_themselves_to_the_agent() -> None:
+    lines = rendered("three-backends").splitlines()
+    servers = [line.split()[1] for line in lines if line.startswith("    server ")]
+    assert servers == ["gpu1", "gpu2", "gpu3.rack-b", "paddler-spare-1", "paddler-spare-2"]
+    spare = next(line for line in lines if line.startswith("    server paddler-spare-2 "))
+    # The fleet's servers' check settings (default-server, agent-check) and a safe starting maxconn.
+    assert spare == ("    server paddler-spare-2 0.0.0.0:0 disabled weight 100 maxconn 1 agent-check "
+                     "agent-addr 127.0.0.1 agent-port 5555 "
+                     'agent-inter 500ms agent-send "paddler-spare-2\\n"')
+    assert "the agent cannot fill them" not in "\n".join(lines)  # this fleet has a stats socket
+
+
+def test_spares_without_a_stats_socket_are_rendered_and_the_config_says_they_stay_empty() -> None:
+    text = rendered("default")
+    assert text.count(" disabled weight 100 maxconn 1 ") == 8  # balancer.spare_servers' default
+    assert "balancer.stats_socket is not set: the agent cannot fill them" in text
+    assert "stats socket" not in text
+
+
+def test_no_spare_servers_render_no_spare_lines() -> None:
+    assert "paddler-spare-" not in rendered("standby")
+
+
 @pytest.mark.parametrize(("seconds", "text"), [(10, "10s"), (0.5, "500ms"), (60, "60s"), (1.25, "1250ms")])
 def test_durations_use_haproxy_syntax(seconds: float, text: str) -> None:
     assert haproxy_duration(seconds) == text

@@ -159,7 +159,7 @@ async def test_agents_lists_every_backend_with_its_state_and_reply(api: tuple[Ap
         "drained": False, "leaving": False, "registered": False, "in_balancer": True, "slots_idle": 3,
         "slots_processing": 1, "slots_total": 4, "slot_source": "slots",
         "model": "/models/m.gguf", "last_update": 1000.0, "poll_seconds": pytest.approx(0.002),
-        "agent_check_reply": "up ready 75% maxconn:4 #idle=3 processing=1 via slots"}
+        "agent_check_reply": "up ready 75% maxconn:4 #idle=3 processing=1 via slots", "spare_server": None}
     assert rows["gpu2"]["state"] == "unreachable" and rows["gpu2"]["reason"] == "connection failed"
     assert rows["gpu2"]["agent_check_reply"] == "down #unreachable: connection failed"
     assert rows["backup"]["standby"] is True

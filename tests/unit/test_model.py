@@ -210,6 +210,40 @@ def test_a_server_restarted_between_two_ready_polls_comes_back_at_0_percent() ->
     assert replies.answer(ask).startswith("up ready 0% ")
 
 
+def test_a_spare_carrying_a_server_restarted_between_polls_says_0_percent_too() -> None:
+    clock = [100.0]
+    model = FleetModel([GPU1])
+    replies = AgentCheckReplies(model, WeightFormula.IDLE, return_window=2.5, clock=lambda: clock[0])
+    model.subscribe(replies.on_member_change)
+    model.add(Backend("gpu7", Address("127.0.0.1", 8087)), Origin.REGISTERED)
+    replies.set_spares({"paddler-spare-1": "gpu7"})
+    spare = Request(name="paddler-spare-1")
+    model.record_poll("gpu7", replace(ready(2), slot_tasks=(7, None)), now=1.0, window=WINDOW)
+    assert replies.answer(spare).startswith("up 100% maxconn:2 ")
+    model.record_poll("gpu7", replace(ready(2), slot_tasks=(None, None)), now=2.0, window=WINDOW)
+    assert replies.answer(spare).startswith("up 0% maxconn:2 #back from down")
+    clock[0] = 102.5
+    assert replies.answer(spare).startswith("up 100% maxconn:2 ")
+
+
+def test_an_empty_spare_forgets_the_down_of_the_member_it_carried() -> None:
+    clock = [100.0]
+    model = FleetModel([GPU1])
+    replies = AgentCheckReplies(model, WeightFormula.IDLE, return_window=2.5, clock=lambda: clock[0])
+    model.subscribe(replies.on_member_change)
+    spare = Request(name="paddler-spare-1")
+    model.add(Backend("gpu7", Address("127.0.0.1", 8087)), Origin.REGISTERED)
+    replies.set_spares({"paddler-spare-1": "gpu7"})
+    assert replies.answer(spare) == "down #awaiting first poll\n"  # HAProxy's spare is down (agent)
+    replies.set_spares({})
+    # `up 0%`: HAProxy's spare is up at weight 0 again, so the next member on it needs no 0% window.
+    assert replies.answer(spare) == "up 0% #paddler-agent: empty spare server\n"
+    model.add(Backend("gpu8", Address("127.0.0.1", 8088)), Origin.REGISTERED)
+    model.record_poll("gpu8", ready(2), now=1.0, window=WINDOW)
+    replies.set_spares({"paddler-spare-1": "gpu8"})
+    assert replies.answer(spare).startswith("up 100% maxconn:2 ")
+
+
 def test_a_drained_backend_back_from_down_stays_drained() -> None:
     model = FleetModel([GPU1])
     replies = AgentCheckReplies(model, WeightFormula.IDLE, return_window=2.5, clock=lambda: 0.0)
@@ -219,6 +253,42 @@ def test_a_drained_backend_back_from_down_stays_drained() -> None:
     model.set_drained("gpu1", True)
 
     assert replies.answer(Request(name="gpu1")).startswith("up drain maxconn:2 ")
+
+
+def test_a_spare_server_is_answered_for_the_member_it_carries_without_admin_words() -> None:
+    model, replies = wired(GPU1)
+    gpu7 = Backend("gpu7", Address("127.0.0.1", 8087))
+    model.add(gpu7, Origin.REGISTERED)
+    model.record_poll("gpu7", ready(2), now=1.0, window=WINDOW)
+    spare = Request(name="paddler-spare-3")
+    # HAProxy applies `ready`/`drain` to a disabled spare too: only the spare pool sets a spare's admin state.
+    assert replies.answer(spare) == "up 0% #paddler-agent: empty spare server\n"
+    replies.set_spares({"paddler-spare-3": "gpu7"})
+    assert replies.reply_for("gpu7") == "up ready 100% maxconn:2 #idle=2 processing=0 via slots\n"
+    assert replies.answer(spare) == "up 100% maxconn:2 #idle=2 processing=0 via slots\n"
+    model.set_leaving("gpu7", True, "deregistered")
+    assert replies.answer(spare) == "up maxconn:2 #leaving the fleet, idle=2 processing=0 via slots\n"
+    model.remove("gpu7")  # before the pool hears of it
+    released = "up 0% #paddler-agent: spare server released, its sessions are ending\n"
+    assert replies.answer(spare) == released
+    replies.set_spares({"paddler-spare-3": None})
+    assert replies.answer(spare) == released
+    assert replies.served == {"spare": 3, "ready": 1, "drain": 1}
+
+
+def test_a_spare_whose_member_was_down_comes_back_at_0_percent_like_any_server() -> None:
+    clock = [100.0]
+    model = FleetModel([GPU1])
+    replies = AgentCheckReplies(model, WeightFormula.IDLE, return_window=2.5, clock=lambda: clock[0])
+    model.subscribe(replies.on_member_change)
+    model.add(Backend("gpu7", Address("127.0.0.1", 8087)), Origin.REGISTERED)
+    replies.set_spares({"paddler-spare-1": "gpu7"})
+    spare = Request(name="paddler-spare-1")
+    assert replies.answer(spare) == "down #awaiting first poll\n"
+    model.record_poll("gpu7", ready(2), now=1.0, window=WINDOW)
+    assert replies.answer(spare).startswith("up 0% maxconn:2 #back from down")
+    clock[0] = 102.5
+    assert replies.answer(spare).startswith("up 100% maxconn:2 ")
 
 
 @pytest.mark.parametrize(("backends", "request_", "reply", "kind"), [

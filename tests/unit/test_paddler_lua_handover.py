@@ -34,6 +34,7 @@ def test_count_slots_reads_llama_servers_slots_list(body: str, expected: str) ->
     ("127.0.0.1:8080", "http://127.0.0.1:8080/slots"),
     ("::1:8080", "http://[::1]:8080/slots"),
     ("<unknown>", "nil"),
+    ("0.0.0.0:0", "nil"),  # an empty spare server
 ])
 def test_slots_url_from_haproxys_server_address(addr: str, url: str) -> None:
     assert run_lua(f"print(paddler.slots_url({json.dumps(addr)}) or 'nil')") == url

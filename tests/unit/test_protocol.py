@@ -30,6 +30,7 @@ TOO_LONG = Request(problem="agent-send longer than 256 bytes")
         pytest.param(b"a" * (MAX_REQUEST_BYTES + 1), True, TOO_LONG, id="oversized"),
         pytest.param(b"gpu\xc3\xa91", True, Request(problem="agent-send is not ASCII text"), id="non-ascii"),
         pytest.param(b"\xff\xfe\x00", True, Request(problem="agent-send is not ASCII text"), id="binary"),
+        pytest.param(b"paddler-spare-3\n", True, Request(name="paddler-spare-3"), id="spare-server"),
         pytest.param(b"gpu#1", True, Request(problem="agent-send is not a valid backend name"), id="hash-in-name"),
         pytest.param(b"gpu 1", True, Request(problem="agent-send is not a valid backend name"), id="space-in-name"),
         pytest.param(b"gpu1 8080 0 ", True, Request(problem="agent-send is not a valid backend name"),
