@@ -70,7 +70,7 @@ class SparePool:
     """Owns which spare server carries which member; the replies and the snapshot read it."""
 
     def __init__(self, model: FleetModel, replies: AgentCheckReplies, api: RuntimeAPI, backend: str,
-                 spares: Sequence[str], interval: float, resolver: Resolver = resolve,
+                 spares: Sequence[str], interval: float, adopt_for: float = 0.0, resolver: Resolver = resolve,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._model = model
         self._replies = replies
@@ -84,6 +84,9 @@ class SparePool:
         self._unresolved: set[str] = set()  # members whose name did not resolve (logged once each)
         self._held_since: dict[str, float] = {}  # spare → when its refill began to wait for busy slots
         self._clock = clock
+        # After a start, registrations come back with their next heartbeat: until then a spare that HAProxy
+        # shows carrying someone is kept for them (agentcheck.spares, ``adopting``).
+        self._adopt_until = clock() + adopt_for
         self._wake = asyncio.Event()
         self._unreachable = False  # the socket failed last time: log the next failure at debug only
         self.unplaced: list[str] = []  # members with no server line in HAProxy (logged once each)
@@ -139,7 +142,8 @@ class SparePool:
         await self._resolve([member for member in members if member.name not in servers])
         now = self._clock()
         overdue = {spare for spare, since in self._held_since.items() if now - since >= REFILL_WAIT}
-        result = plan(self._backend, members, servers, self._spares, self._assignment, self._addresses, overdue)
+        result = plan(self._backend, members, servers, self._spares, self._assignment, self._addresses, overdue,
+                      adopting=now < self._adopt_until)
         for spare in result.held:
             if spare not in self._held_since:
                 log.info("%s: %s is refilled once the requests another HAProxy process runs there end "

@@ -56,7 +56,8 @@ class Agent:
                              in_balancer=self.discovery.acknowledged)
         balancer = settings.fleet.balancer
         self.spares = (SparePool(self.model, self.replies, RuntimeAPI(balancer.stats_socket), contract.HAPROXY_BACKEND,
-                                 contract.spare_server_names(balancer.spare_servers), settings.interval)
+                                 contract.spare_server_names(balancer.spare_servers), settings.interval,
+                                 adopt_for=settings.fleet.agent.registration_timeout)
                        if balancer.stats_socket and balancer.spare_servers else None)
         # Read before anything starts: a configured but missing token stops the agent.
         self.picker_token = contract.resolve_picker_token(settings.fleet)

@@ -111,11 +111,14 @@ def is_ip(host: str) -> bool:
 
 
 def plan(backend: str, members: Iterable[Member], servers: Mapping[str, HAProxyServer], spares: Sequence[str],
-         assignment: Mapping[str, Use], addresses: Mapping[str, str | None], overdue: Collection[str] = ()) -> Plan:
+         assignment: Mapping[str, Use], addresses: Mapping[str, str | None], overdue: Collection[str] = (),
+         adopting: bool = False) -> Plan:
     """The next assignment and the commands that bring HAProxy to it.
 
     ``addresses``: each member's host as an IP (None: not resolved yet); ``spares`` in the order
-    free ones are handed out; ``overdue``: held spares to refill now, busy or not.
+    free ones are handed out; ``overdue``: held spares to refill now, busy or not; ``adopting``: the
+    agent has just started, and a spare HAProxy shows carrying an address no member has yet is left as
+    it is, for its member to take back when it registers again (its streams keep their count there).
     """
     by_name = {member.name: member for member in members}
     static = {name for name in servers if not name.startswith(SPARE_SERVER_PREFIX)}
@@ -166,6 +169,8 @@ def plan(backend: str, members: Iterable[Member], servers: Mapping[str, HAProxyS
         elif current is not None and server.sessions > 0 and not server.in_maintenance:
             if not server.draining:
                 commands.append(f"set server {backend}/{spare} state drain")
+        elif adopting and current is None and not server.in_maintenance and server.address != EMPTY_ADDRESS:
+            continue
         else:
             placed.pop(spare, None)
             if not server.in_maintenance or server.address != EMPTY_ADDRESS:

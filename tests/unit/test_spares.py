@@ -160,6 +160,16 @@ def test_a_restarted_agent_takes_back_the_spare_haproxy_shows_carrying_the_membe
     assert result.assignment == {"paddler-spare-2": Use("gpu7")} and result.commands == []
 
 
+def test_a_just_started_agent_keeps_a_carrying_spare_for_its_member_to_register_again() -> None:
+    servers = haproxy(paddler_spare_2=("UP", "127.0.0.1:8087", 1))
+    waiting = plan("llama", [], servers, SPARES, {}, {}, adopting=True)
+    assert waiting.assignment == {} and waiting.commands == []  # streams on it keep running, counted there
+
+    gpu7 = member("gpu7", 8087, 2)
+    back = plan("llama", [gpu7], servers, SPARES, waiting.assignment, addresses(gpu7), adopting=True)
+    assert back.assignment == {"paddler-spare-2": Use("gpu7")} and back.commands == []
+
+
 def test_a_spare_no_one_uses_is_put_back_to_maintenance_at_the_empty_address() -> None:
     result = plan("llama", [], haproxy(paddler_spare_2=("UP", "127.0.0.1:8087", 0)), SPARES, {}, {})
     assert result.commands == release("paddler-spare-2")
