@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from devstack.chaos import OK, Outcome, stream_chat
-from devstack.processes import LOOPBACK, LlamaServer, wait_until
+from devstack.processes import LOOPBACK, LlamaServer, RegisterProcess, wait_until
 from devstack.sampling import DeferralWatch
 from devstack.stack import BalancerStack, generate_config
 
@@ -251,3 +251,65 @@ def test_a_reload_under_load_refills_a_busy_spare_only_once_the_old_workers_stre
     assert f"gpu-b: {spare} is refilled once the requests another HAProxy process runs there end" in log
     assert max(watch.max_deferred.values()) == 0, watch.max_deferred
     assert min(watch.samples.values()) > 20, watch.samples
+
+
+def test_a_killed_agent_gets_its_registrations_back_within_two_heartbeats_and_traffic_never_stops(
+        servers: dict[str, LlamaServer], haproxy_available: None, tmp_path: Path) -> None:
+    heartbeat = 0.5
+    stack = BalancerStack(tmp_path / "stack", {"base": servers["base"].address},
+                          balancer={"spare_servers": 3, "max_buffered_requests": 100,
+                                    "buffered_request_timeout": "60s"},
+                          agent={"operator_token": TOKEN, "registration_timeout": "5s"},
+                          interval=f"{int(INTERVAL * 1000)}ms")
+    watch = DeferralWatch(servers, interval=0.05)
+    watched: dict[str, str] = {}  # registered server → the spare carrying it, once known
+    statuses: set[str] = set()  # what HAProxy showed for those spares from then on
+
+    def sample_spares() -> bool:
+        rows = backend_rows(stack)
+        statuses.update(rows[spare]["status"].split()[0] for spare in watched.values())
+        return True
+
+    watch.add("spares", sample_spares)
+    with stack, watch:
+        stack.wait_slots({"base": SLOTS})
+        registers = [RegisterProcess(tmp_path, stack.agent.management_url, name, servers[name].address, TOKEN,
+                                     heartbeat=f"{int(heartbeat * 1000)}ms") for name in ("gpu-b", "gpu-c")]
+        try:
+            for process in registers:
+                process.start(timeout=10)
+            before = {name: wait_until(lambda name=name: spare_of(stack, name), timeout=5, what=f"{name} on a spare")
+                      for name in ("gpu-b", "gpu-c")}
+            watched.update(before)
+            with Streams(stack.port) as streams:
+                wait_until(lambda: all(len(streams.served_by(name)) >= 2 for name in servers), timeout=30,
+                           what="every server streaming")
+                stack.agent.kill()
+                served_while_away = len(streams.outcomes)
+                wait_until(lambda: len(streams.outcomes) >= served_while_away + 4, timeout=30,
+                           what="streams completing while the agent is away")
+                stack.agent.start()
+                back = time.monotonic()
+                after = {name: wait_until(lambda name=name: spare_of(stack, name), timeout=2 * heartbeat + 2,
+                                          what=f"{name} registered again") for name in ("gpu-b", "gpu-c")}
+                registered_after = time.monotonic() - back
+                for name in ("gpu-b", "gpu-c"):
+                    wait_until(lambda name=name: stack.haproxy.server_takes_requests("llama", str(after[name])),
+                               timeout=10, what=f"{name}'s spare weighted again")
+                resumed = len(streams.outcomes)
+                wait_until(lambda: len(streams.served_by("gpu-b")) + len(streams.served_by("gpu-c"))
+                           >= sum(1 for o in list(streams.outcomes)[:resumed] if o.server in ("gpu-b", "gpu-c")) + 4,
+                           timeout=30, what="the registered servers streaming again")
+        finally:
+            for process in registers:
+                process.stop()
+        print(f"registrations back {registered_after:.2f}s after the agent answered again; spares {before} -> {after}")
+        assert after == before  # each took back the spare it had: its running streams stayed counted there
+        # Never released meanwhile (DRAIN is weight 0: the agent answers an unclaimed spare 0%, so it takes nothing new).
+        assert "MAINT" not in statuses, statuses
+        assert registered_after <= 2 * heartbeat + INTERVAL
+        outcomes = list(streams.outcomes)
+        assert outcomes and all(outcome.kind == OK for outcome in outcomes), \
+            [(o.kind, o.status, o.detail) for o in outcomes if o.kind != OK][:5]
+        assert min(watch.samples.values()) > 20, watch.samples
+        assert max(watch.max_deferred.values()) == 0, watch.max_deferred
