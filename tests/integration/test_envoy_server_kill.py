@@ -73,16 +73,8 @@ def llama_stats(stack: BalancerStack) -> dict[str, int]:
 
 
 def endpoint_stats(stack: BalancerStack) -> dict[str, dict[str, int]]:
-    """Envoy's counters per llama cluster endpoint (host:port, from admin /clusters): connections, requests."""
-    status, body = http_get(f"http://{LOOPBACK}:{stack.admin_port}/clusters")
-    assert status == 200, "Envoy's admin did not answer"
-    stats: dict[str, dict[str, int]] = {}
-    for row in body.decode().splitlines():
-        cluster, _, rest = row.partition("::")
-        address, _, counter = rest.partition("::")
-        name, _, value = counter.partition("::")
-        if cluster == "llama" and value.isdigit():
-            stats.setdefault(address, {})[name] = int(value)
+    stats = stack.envoy.endpoint_stats()
+    assert stats, "Envoy's admin did not answer"
     return stats
 
 
