@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from devstack.chaos import Outcome, stream_chat
-from devstack.processes import LOOPBACK, LlamaServer, http_get, wait_until
+from devstack.processes import LOOPBACK, LlamaServer, wait_until
 from devstack.sampling import DeferralWatch
 from devstack.stack import BalancerStack
 

@@ -305,7 +305,7 @@ def test_a_killed_agent_gets_its_registrations_back_within_two_heartbeats_and_tr
                 process.stop()
         print(f"registrations back {registered_after:.2f}s after the agent answered again; spares {before} -> {after}")
         assert after == before  # each took back the spare it had: its running streams stayed counted there
-        # Never released meanwhile (DRAIN is weight 0: the agent answers an unclaimed spare 0%, so it takes nothing new).
+        # Never released meanwhile (DRAIN is weight 0: an unclaimed spare is answered 0%, so it takes nothing new).
         assert "MAINT" not in statuses, statuses
         assert registered_after <= 2 * heartbeat + INTERVAL
         outcomes = list(streams.outcomes)
