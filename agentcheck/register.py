@@ -39,7 +39,8 @@ class Next(enum.Enum):
 
 def after_answer(status: int) -> Next:
     """What a registration's HTTP status means for the loop. A 409 can clear by itself (the maximum, a
-    name whose old registration is still leaving), so it is retried; 400, 401 and 403 cannot."""
+    name whose old registration is still leaving), and so can 5xx or no answer: retried. A refused body or
+    token (400, 401, 403, 413), or a URL that is not an agent's (404, 405), cannot."""
     return Next.GIVE_UP if status in (400, 401, 403, 404, 405, 413) else Next.KEEP
 
 
