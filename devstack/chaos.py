@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
-from devstack.processes import AgentProcess, HAProxy, LlamaServer
+from devstack.processes import LOOPBACK, AgentProcess, HAProxy, LlamaServer
 from devstack.sampling import BackgroundSampler
 
 SERVER, AGENT, STANDBY = "server", "agent", "standby"
@@ -172,6 +172,49 @@ def stream_chat(host: str, port: int, max_tokens: int, index: int, read_timeout:
         outcome.ended = time.monotonic()
         conn.close()
     return outcome
+
+
+class Streams:
+    """``clients`` closed-loop streaming chats through a balancer while the ``with`` block runs, every one
+    recorded; bounded by ``max_seconds`` and ``max_requests`` whatever happens to the caller."""
+
+    def __init__(self, port: int, clients: int, max_tokens: int, max_seconds: float = 120.0,
+                 max_requests: int = 3000, read_timeout: float = 30.0) -> None:
+        self.port, self.max_tokens, self.read_timeout = port, max_tokens, read_timeout
+        self.max_seconds, self.max_requests = max_seconds, max_requests
+        self.outcomes: list[Outcome] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._client, args=(index,), daemon=True) for index in range(clients)]
+
+    def _client(self, index: int) -> None:
+        deadline = time.monotonic() + self.max_seconds
+        while not self._stop.is_set() and time.monotonic() < deadline and self.finished < self.max_requests:
+            outcome = stream_chat(LOOPBACK, self.port, self.max_tokens, index, self.read_timeout)
+            with self._lock:
+                self.outcomes.append(outcome)
+
+    @property
+    def finished(self) -> int:
+        return len(self.outcomes)
+
+    def served_by(self, name: str) -> list[Outcome]:
+        with self._lock:
+            return [outcome for outcome in self.outcomes if outcome.server == name]
+
+    def statuses(self) -> Counter[str]:
+        with self._lock:
+            return Counter(outcome.label() for outcome in self.outcomes)
+
+    def __enter__(self) -> Streams:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=60)
 
 
 class Load:

@@ -12,6 +12,7 @@ import functools
 import json
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,15 @@ class BalancerStack:
 
     def server(self, name: str) -> dict[str, str]:
         return self.haproxy.server(BACKEND_NAME, name)
+
+    def backends_api(self, method: str, name: str, token: str, body: dict[str, str] | None = None) -> int:
+        """The agent's membership API (``/api/v1/backends/<name>``) as an operator's script calls it: the status."""
+        request = urllib.request.Request(f"{self.agent.management_url}/api/v1/backends/{name}", method=method,
+                                         data=json.dumps(body).encode() if body is not None else None,
+                                         headers={"Authorization": f"Bearer {token}",
+                                                  "Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return int(response.status)
 
     def agents(self) -> dict[str, dict[str, Any]]:
         status, body = http_get(self.agent.management_url + "/api/v1/agents")

@@ -12,18 +12,14 @@ server, stays 0. And an Envoy started before the agent serves as soon as the age
 from __future__ import annotations
 
 import functools
-import json
-import threading
 import time
-import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from devstack.chaos import Outcome, stream_chat
+from devstack.chaos import Streams, stream_chat
 from devstack.processes import LOOPBACK, LlamaServer, wait_until
 from devstack.sampling import DeferralWatch
 from devstack.stack import BalancerStack
@@ -35,56 +31,6 @@ STREAMS = 8
 MAX_TOKENS = 48
 MAX_REQUESTS = 3000  # a bound on the load, far above what the scenario needs
 JOIN_WITHIN = 2.0
-
-
-class Streams:
-    """``STREAMS`` streaming chats at a time through the balancer until stopped, every one recorded."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.outcomes: list[Outcome] = []
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._worker, daemon=True) for _ in range(STREAMS)]
-
-    def _worker(self) -> None:
-        while not self._stop.is_set() and self.finished < MAX_REQUESTS:
-            outcome = stream_chat(LOOPBACK, self.port, MAX_TOKENS, 0, read_timeout=30)
-            with self._lock:
-                self.outcomes.append(outcome)
-
-    @property
-    def finished(self) -> int:
-        return len(self.outcomes)
-
-    def served_by(self, name: str) -> list[Outcome]:
-        with self._lock:
-            return [outcome for outcome in self.outcomes if outcome.server == name]
-
-    def statuses(self) -> Counter[str]:
-        with self._lock:
-            return Counter(outcome.label() for outcome in self.outcomes)
-
-    @contextmanager
-    def running(self) -> Iterator[Streams]:
-        for thread in self._threads:
-            thread.start()
-        try:
-            yield self
-        finally:
-            self._stop.set()
-            for thread in self._threads:
-                thread.join(60)
-
-
-def operator(stack: BalancerStack, method: str, name: str, body: dict[str, str] | None = None) -> int:
-    """The agent's membership API, as an operator's script calls it."""
-    request = urllib.request.Request(f"{stack.agent.management_url}/api/v1/backends/{name}", method=method,
-                                     data=json.dumps(body).encode() if body is not None else None,
-                                     headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=5) as response:
-        status: int = response.status
-        return status
 
 
 def envoy_counter(stack: BalancerStack, server: LlamaServer, counter: str) -> int | None:
@@ -108,13 +54,14 @@ def test_servers_join_and_leave_a_running_envoy_with_no_restart(make_llama: Call
         stack.wait_slots({"first": 2})
         envoy_pid = stack.envoy.proc.pid  # type: ignore[union-attr]
         joined_after: dict[str, float] = {}
-        with DeferralWatch(servers, interval=0.05) as watch, Streams(stack.port).running() as streams:
+        with DeferralWatch(servers, interval=0.05) as watch, \
+                Streams(stack.port, STREAMS, MAX_TOKENS, max_requests=MAX_REQUESTS) as streams:
             wait_until(lambda: streams.finished >= STREAMS, timeout=30, what="streams through the first server")
 
             for name in ("joiner", "leaver"):
                 joining = servers[name]
                 registered_at = time.monotonic()
-                assert operator(stack, "PUT", name, {"address": joining.address}) == 201
+                assert stack.backends_api("PUT", name, TOKEN, {"address": joining.address}) == 201
                 wait_until(functools.partial(takes_requests, stack, joining), timeout=JOIN_WITHIN, interval=0.02,
                            what=f"{name} to take requests through Envoy")
                 joined_after[name] = time.monotonic() - registered_at
@@ -122,7 +69,7 @@ def test_servers_join_and_leave_a_running_envoy_with_no_restart(make_llama: Call
             leaver = servers["leaver"]
             wait_until(lambda: envoy_counter(stack, leaver, "rq_active") == leaver.slots, timeout=10, interval=0.01,
                        what="the leaver to run a stream in each slot")
-            assert operator(stack, "DELETE", "leaver") == 202
+            assert stack.backends_api("DELETE", "leaver", TOKEN) == 202
             left_at = time.monotonic()
             requests_when_left = envoy_counter(stack, leaver, "rq_total") or 0
             # A slot that freed just before DELETE may have been given to a request still on its way to Envoy:

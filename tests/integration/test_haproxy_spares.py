@@ -10,18 +10,15 @@ server still runs the old worker's streams is refilled only once they end.
 
 from __future__ import annotations
 
-import json
 import signal
-import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 
-from devstack.chaos import OK, Outcome, stream_chat
+from devstack.chaos import OK, Streams, stream_chat
 from devstack.processes import LOOPBACK, LlamaServer, RegisterProcess, wait_until
 from devstack.sampling import DeferralWatch
 from devstack.stack import BalancerStack, generate_config
@@ -34,43 +31,6 @@ SLOTS = 2
 CLIENTS = 8  # more streams than the 6 slots of all three servers: the excess waits in HAProxy's queue
 MAX_TOKENS = 300
 LOAD_SECONDS = 120  # a bound on the load, whatever happens to the test
-
-
-class Streams:
-    """``CLIENTS`` closed-loop streaming chats through the balancer until stopped (or ``LOAD_SECONDS``)."""
-
-    def __init__(self, port: int, max_tokens: int = MAX_TOKENS) -> None:
-        self.port = port
-        self.max_tokens = max_tokens
-        self.outcomes: list[Outcome] = []
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._client, args=(index,), daemon=True) for index in range(CLIENTS)]
-
-    def _client(self, index: int) -> None:
-        deadline = time.monotonic() + LOAD_SECONDS
-        while not self._stop.is_set() and time.monotonic() < deadline:
-            self.outcomes.append(stream_chat(LOOPBACK, self.port, self.max_tokens, index, read_timeout=30.0))
-
-    def __enter__(self) -> Streams:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=60)
-
-    def served_by(self, name: str) -> list[Outcome]:
-        return [outcome for outcome in list(self.outcomes) if outcome.server == name]
-
-
-def management(stack: BalancerStack, method: str, name: str, body: dict[str, str] | None = None) -> int:
-    request = urllib.request.Request(f"{stack.agent.management_url}/api/v1/backends/{name}", method=method,
-                                     data=json.dumps(body).encode() if body is not None else None,
-                                     headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=5) as response:
-        return int(response.status)
 
 
 def spare_of(stack: BalancerStack, name: str) -> str | None:
@@ -124,14 +84,14 @@ def test_backends_join_and_leave_haproxy_through_spare_servers_without_a_reload(
     watch.add("deferral-time", note_deferral)
     with stack, watch:
         stack.wait_slots({"base": SLOTS})
-        with Streams(stack.port) as streams:
+        with Streams(stack.port, CLIENTS, MAX_TOKENS, max_seconds=LOAD_SECONDS) as streams:
             wait_until(lambda: queued["before"] > 0, timeout=20, what="requests waiting in HAProxy's queue")
 
             # Two servers register while streams run: each is on a spare and gets requests within 2 s.
             joined: dict[str, float] = {}
             for name in ("gpu-b", "gpu-c"):
                 joined[name] = time.monotonic()
-                assert management(stack, "PUT", name, {"address": servers[name].address}) == 201
+                assert stack.backends_api("PUT", name, TOKEN, {"address": servers[name].address}) == 201
             for name in ("gpu-b", "gpu-c"):
                 spare = wait_until(lambda name=name: spare_of(stack, name), timeout=2, what=f"{name} on a spare")
                 address = servers[name].address
@@ -154,7 +114,7 @@ def test_backends_join_and_leave_haproxy_through_spare_servers_without_a_reload(
             wait_until(lambda: servers["gpu-c"].busy_slots(), timeout=10, what="gpu-c streaming")
             leaving_spare = spare_of(stack, "gpu-c")
             assert leaving_spare is not None
-            assert management(stack, "DELETE", "gpu-c") == 202
+            assert stack.backends_api("DELETE", "gpu-c", TOKEN) == 202
             left = time.monotonic()
             wait_until(lambda: stack.server(leaving_spare)["status"].startswith(("DRAIN", "MAINT")), timeout=2,
                        interval=0.01, what=f"{leaving_spare} draining")
@@ -228,10 +188,10 @@ def test_a_reload_under_load_refills_a_busy_spare_only_once_the_old_workers_stre
                           interval=f"{int(INTERVAL * 1000)}ms", master_worker=True)
     with stack, DeferralWatch(servers, interval=0.05) as watch:
         stack.wait_slots({"base": SLOTS})
-        assert management(stack, "PUT", "gpu-b", {"address": servers["gpu-b"].address}) == 201
+        assert stack.backends_api("PUT", "gpu-b", TOKEN, {"address": servers["gpu-b"].address}) == 201
         spare = wait_until(lambda: spare_of(stack, "gpu-b"), timeout=5, what="gpu-b on a spare")
         wait_until(lambda: stack.haproxy.server_takes_requests("llama", spare), timeout=5, what=f"{spare} weighted")
-        with Streams(stack.port, max_tokens=1200) as streams:  # about 4 s each here
+        with Streams(stack.port, CLIENTS, max_tokens=1200, max_seconds=LOAD_SECONDS) as streams:  # about 4 s each here
             # Reload just after gpu-b took a new stream, so one of its streams surely outlasts the reload.
             before = int(stack.server(spare)["stot"])
             wait_until(lambda: int(stack.server(spare)["stot"]) > before and stack.server(spare)["scur"] == str(SLOTS)
@@ -281,7 +241,7 @@ def test_a_killed_agent_gets_its_registrations_back_within_two_heartbeats_and_tr
             before = {name: wait_until(lambda name=name: spare_of(stack, name), timeout=5, what=f"{name} on a spare")
                       for name in ("gpu-b", "gpu-c")}
             watched.update(before)
-            with Streams(stack.port) as streams:
+            with Streams(stack.port, CLIENTS, MAX_TOKENS, max_seconds=LOAD_SECONDS) as streams:
                 wait_until(lambda: all(len(streams.served_by(name)) >= 2 for name in servers), timeout=30,
                            what="every server streaming")
                 stack.agent.kill()
