@@ -156,6 +156,8 @@ class Picker:
         """How many may wait. While the opening settles, requests that would have got a slot wait too,
         so the slots free by the polls so far are room on top of the buffer: a burst then is refused
         exactly as it would be a moment later."""
+        if self._trusted_from == float("-inf"):  # settled: no need to list the candidates
+            return self._max_buffered_requests
         candidates = self.candidates()
         if self._settled(candidates):
             return self._max_buffered_requests
