@@ -24,6 +24,29 @@ class SlotSource(enum.Enum):
     CONFIGURED = "configured"  # /slots and /metrics disabled; busy slots unknown
 
 
+class ModelLoad(enum.Enum):
+    """A model's state on its server; only a llama.cpp router (``--models-dir``) has models that are not loaded."""
+
+    LOADED = "loaded"
+    LOADING = "loading"
+    UNLOADED = "unloaded"  # a request naming it loads it (a cold load: slow, and counted)
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    """One model a backend serves, with the slots that serve it: a plain llama-server's own slots, or, in
+    router mode, those of the child llama-server running this model (0 while it is not loaded)."""
+
+    name: str
+    load: ModelLoad = ModelLoad.LOADED
+    slots_total: int = 0
+    slots_processing: int = 0
+
+    @property
+    def slots_idle(self) -> int:
+        return max(0, self.slots_total - self.slots_processing)
+
+
 @dataclass(frozen=True)
 class BackendStatus:
     state: State
@@ -33,6 +56,10 @@ class BackendStatus:
     slot_source: SlotSource | None = None
     model: str | None = None
     sleeping: bool = False
+    # What the server serves, discovered (/v1/models, or /models in router mode), each with its own slots; a
+    # router's slots_total and slots_processing are the sums over its loaded models.
+    models: tuple[ModelStatus, ...] = ()
+    router: bool = False
     # Each slot's last task id from /slots (None: the slot never ran one). Not part of equality: it tells
     # restarts apart (see restarted), it does not change what the balancer is told.
     slot_tasks: tuple[int | None, ...] = field(default=(), compare=False)

@@ -9,6 +9,7 @@ from fleet.schema import (
     BalancerConfig,
     Fleet,
     FleetError,
+    ModelLimits,
     StatsdConfig,
     default_fleet,
     duration,
@@ -18,6 +19,7 @@ from fleet.schema import (
     parse_backend,
     parse_duration,
     parse_fleet,
+    validate_model_name,
     validate_name,
     whole_number,
 )
@@ -31,6 +33,7 @@ __all__ = [
     "BalancerConfig",
     "Fleet",
     "FleetError",
+    "ModelLimits",
     "StatsdConfig",
     "default_fleet",
     "duration",
@@ -40,6 +43,7 @@ __all__ = [
     "parse_backend",
     "parse_duration",
     "parse_fleet",
+    "validate_model_name",
     "validate_name",
     "whole_number",
 ]

@@ -25,6 +25,9 @@ from typing import Any, ClassVar, TypeVar
 import yaml
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+# A model name reaches HAProxy backend names (`llama.<model>`), setenv lines and Envoy's metadata: the
+# characters HAProxy allows in a proxy name. llama.cpp's own names (aliases, router-mode file names) fit.
+MODEL_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
 _HOSTNAME_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _HOSTNAME_PATTERN = re.compile(rf"{_HOSTNAME_LABEL}(\.{_HOSTNAME_LABEL})*")
 _IPV6_TEXT_PATTERN = re.compile(r"[0-9A-Fa-f:.]+")
@@ -200,6 +203,26 @@ def validate_name(value: Any) -> str:
     return value
 
 
+def validate_model_name(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a model name, got {_kind(value)}")
+    if not MODEL_NAME_PATTERN.fullmatch(value):
+        raise ValueError(f"{_show(value)} is not allowed as a model name: use 1-128 characters from "
+                         "A-Z a-z 0-9 _ . : - , starting with a letter or digit")
+    return value
+
+
+def _model_names(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"expected a list of at least one model name, got {_kind(value)}")
+    if len(value) > MAX_MODELS:
+        raise ValueError(f"at most {MAX_MODELS} models, got {len(value)}")
+    names = tuple(validate_model_name(item) for item in value)
+    if len(set(names)) != len(names):
+        raise ValueError(f"lists a model twice: {_show(sorted(name for name in set(names) if names.count(name) > 1))}")
+    return names
+
+
 def _secret(value: Any) -> str:
     if not isinstance(value, str) or len(value) < 16 or not value.isprintable() or " " in value:
         raise ValueError("expected a single-word token of at least 16 characters")
@@ -257,6 +280,8 @@ class Backend:
     # llama-server's --parallel; HAProxy uses it as the server's maxconn, which it takes modulo
     # 2^32 (0 meaning unlimited), so it is bounded well below that. 1024 is far above any GPU's.
     slots: int | None = key(whole_number(1, 1024), None)
+    # The models this server serves, overriding what the agent discovers (/v1/models, router mode's /models).
+    models: tuple[str, ...] | None = key(_model_names, None)
 
     exclusive: ClassVar[tuple[tuple[str, str], ...]] = (("api_key", "api_key_env"),)
 
@@ -329,6 +354,16 @@ class BalancerConfig:
 
 
 @dataclass(frozen=True)
+class ModelLimits:
+    """One model's own request buffer (``models.<name>``); unset keys take the balancer's."""
+
+    max_buffered_requests: int | None = key(whole_number(1, 100_000), None)
+    buffered_request_timeout: float | None = key(duration(0.1, 86400), None)
+
+    exclusive: ClassVar[tuple[tuple[str, str], ...]] = ()
+
+
+@dataclass(frozen=True)
 class Fleet:
     backends: tuple[Backend, ...]
     standby: tuple[Backend, ...] = ()
@@ -336,9 +371,36 @@ class Fleet:
     balancer: BalancerConfig = field(default_factory=BalancerConfig)
     statsd: StatsdConfig | None = None
     source: str = "<fleet>"
+    # Model-aware routing (docs/models.md): per-model limits, and the model of a request that names none.
+    models: Mapping[str, ModelLimits] = field(default_factory=dict)
+    default_model: str | None = None
 
     def all_backends(self) -> tuple[Backend, ...]:
         return self.backends + self.standby
+
+    def model_names(self) -> tuple[str, ...]:
+        """Every model the balancer routes, in the order the file first names them: ``models:`` keys,
+        then each backend's ``models:``, then ``default_model``. Empty: a one-model fleet, routed as before."""
+        names = dict.fromkeys(self.models)
+        for backend in self.all_backends():
+            names.update(dict.fromkeys(backend.models or ()))
+        if self.default_model is not None:
+            names[self.default_model] = None
+        return tuple(names)
+
+    def routes_by_model(self) -> bool:
+        return bool(self.model_names())
+
+    def request_default_model(self) -> str | None:
+        """Where a request that names no model goes: ``default_model``, or the fleet's only model."""
+        names = self.model_names()
+        return self.default_model or (names[0] if len(names) == 1 else None)
+
+    def limits(self, model: str) -> tuple[int, float]:
+        """(max_buffered_requests, buffered_request_timeout) of one model's queue."""
+        own = self.models.get(model, ModelLimits())
+        return (own.max_buffered_requests or self.balancer.max_buffered_requests,
+                own.buffered_request_timeout or self.balancer.buffered_request_timeout)
 
 
 DEFAULT_FLEET_YAML = """\
@@ -348,7 +410,9 @@ backends:
     address: 127.0.0.1:8080
 """
 
-_TOP_LEVEL = ("backends", "standby", "agent", "balancer", "statsd")
+_TOP_LEVEL = ("backends", "standby", "agent", "balancer", "statsd", "models", "default_model")
+# One HAProxy backend (a queue) per model: a bound on the generated config's size.
+MAX_MODELS = 64
 
 
 def default_fleet() -> Fleet:
@@ -461,9 +525,35 @@ def parse_fleet(data: Any, source: str = "<fleet>") -> Fleet:
         balancer=_read_section(source, BalancerConfig, top.get("balancer", {}), "balancer"),
         statsd=_read_section(source, StatsdConfig, top["statsd"], "statsd") if "statsd" in top else None,
         source=source,
+        models=_model_limits(source, top.get("models", {})),
+        default_model=_default_model(source, top.get("default_model")),
     )
     _refuse_shared_addresses(fleet)
+    if len(fleet.model_names()) > MAX_MODELS:
+        raise FleetError(source, "models", f"at most {MAX_MODELS} models in a fleet, got {len(fleet.model_names())}")
     return fleet
+
+
+def _model_limits(source: str, value: Any) -> dict[str, ModelLimits]:
+    if not isinstance(value, dict):
+        raise FleetError(source, "models", f"expected a mapping of model name to limits, got {_kind(value)}")
+    limits = {}
+    for name, section in value.items():
+        try:
+            validate_model_name(name)
+        except ValueError as exc:
+            raise FleetError(source, f"models.{name}", str(exc)) from None
+        limits[name] = _read_section(source, ModelLimits, {} if section is None else section, f"models.{name}")
+    return limits
+
+
+def _default_model(source: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    try:
+        return validate_model_name(value)
+    except ValueError as exc:
+        raise FleetError(source, "default_model", str(exc)) from None
 
 
 def override_agent(fleet: Fleet, overrides: Mapping[str, tuple[str, str]]) -> Fleet:
@@ -521,7 +611,7 @@ def _refuse_shared_addresses(fleet: Fleet) -> None:
             taken[socket_key(backend.address)] = path
 
 
-_Section = TypeVar("_Section", Backend, AgentConfig, StatsdConfig, BalancerConfig)
+_Section = TypeVar("_Section", Backend, AgentConfig, StatsdConfig, BalancerConfig, ModelLimits)
 
 
 def _read_section(source: str, section: type[_Section], value: Any, path: str) -> _Section:
