@@ -207,13 +207,15 @@ class _Process:
 class LlamaServer(_Process):
     """A real llama-server serving ``model`` with ``slots`` parallel slots.
 
-    Its ``name`` is also the model alias, so every answer says which server produced it.
+    Its ``name`` is also the model alias, so every answer says which server produced it, unless ``alias``
+    names the model (model-aware routing: several servers serve one model, and their logs tell them apart).
     """
 
     def __init__(self, binary: Path, model: Path, workdir: Path, slots: int = 2, port: int | None = None,
                  ctx_per_slot: int = 1024, api_key: str | None = None, extra_args: list[str] | None = None,
-                 name: str | None = None) -> None:
+                 name: str | None = None, alias: str | None = None) -> None:
         self.name = name or f"llama-server-{slots}slots"
+        self.alias = alias or self.name
         super().__init__(workdir)
         self.binary, self.model, self.slots = binary, model, slots
         self.port = port or free_port()
@@ -231,7 +233,7 @@ class LlamaServer(_Process):
     def command(self) -> list[str]:
         cmd = [str(self.binary), "-m", str(self.model), "--host", LOOPBACK, "--port", str(self.port),
                "-np", str(self.slots), "-c", str(self.slots * self.ctx_per_slot), "--metrics",
-               "-t", "1", "--no-warmup", "--alias", self.name]
+               "-t", "1", "--no-warmup", "--alias", self.alias]
         if self.api_key:
             cmd += ["--api-key", self.api_key]
         return cmd + self.extra_args

@@ -35,9 +35,10 @@ def make_llama(llama_binary: Path, tiny_model: Path, tmp_path: Path) -> Iterator
     """Build real llama-servers (not started); every one is stopped when the test ends."""
     made: list[LlamaServer] = []
 
-    def make(name: str, slots: int = 1, ctx_per_slot: int = 2048, port: int | None = None) -> LlamaServer:
+    def make(name: str, slots: int = 1, ctx_per_slot: int = 2048, port: int | None = None,
+             alias: str | None = None) -> LlamaServer:
         server = LlamaServer(llama_binary, tiny_model, tmp_path, slots=slots, name=name, port=port,
-                             ctx_per_slot=ctx_per_slot)
+                             ctx_per_slot=ctx_per_slot, alias=alias)
         made.append(server)
         return server
 
