@@ -217,3 +217,66 @@ def decide(method: str, target: str, expose_slots: bool = False, expose_admin: b
 
 def _is_hex(text: bytes, length: int) -> bool:
     return len(text) == length and all(char in b"0123456789abcdefABCDEF" for char in text)
+
+
+# --- Which model a request names (model-aware routing, docs/models.md) ------------------------
+#
+# The balancer reads the model the way llama-server's JSON parser (nlohmann::json) reads the body:
+# a JSON object in UTF-8 (no NaN or Infinity, no lone surrogate escape, no trailing text), and of two
+# top-level "model" members the last (keys compared after unescaping). Both Lua bridges implement
+# ``request_model``; tests/unit run them against this reference.
+
+MODEL_NAMED = "model"
+MODEL_ABSENT = "absent"  # no top-level "model", or "model": null
+MODEL_MALFORMED = "malformed"  # not a JSON object, or "model" is not a string
+MAX_JSON_DEPTH = 128  # deeper bodies are refused: the Lua scanners keep an explicit stack, bounded here
+# JSON-bodied inference routes carry a model; the others (multipart audio, GET /props) go to the default model.
+MODEL_ROUTES = tuple(f"POST:{path}" for method, path, category in ENDPOINTS
+                     if method == "POST" and category == INFERENCE and "/audio/" not in path)
+
+
+class _NotJson(ValueError):
+    pass
+
+
+def _no_constant(name: str) -> float:
+    raise _NotJson(f"{name} is not JSON")
+
+
+def _last_wins(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    return dict(pairs)
+
+
+def _well_formed(value: object) -> bool:
+    """Nested at most MAX_JSON_DEPTH deep, and no string or key holding a lone surrogate (an escape
+    such as \\ud800, which Python decodes and nlohmann::json refuses). Walked without recursion."""
+    todo = [(value, 1)]
+    while todo:
+        item, depth = todo.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return False
+        elif isinstance(item, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                return False
+            children = [*item.keys(), *item.values()] if isinstance(item, dict) else item
+            todo.extend((child, depth + 1) for child in children)
+    return True
+
+
+def request_model(body: bytes) -> tuple[str, str | None]:
+    """(MODEL_NAMED, name), (MODEL_ABSENT, None) or (MODEL_MALFORMED, None) for a request body."""
+    try:
+        data = json.loads(body.decode("utf-8"), object_pairs_hook=_last_wins, parse_constant=_no_constant)
+    except (ValueError, RecursionError):
+        return MODEL_MALFORMED, None
+    if not isinstance(data, dict) or not _well_formed(data):
+        return MODEL_MALFORMED, None
+    model = data.get("model")
+    if model is None:
+        return MODEL_ABSENT, None
+    if not isinstance(model, str):
+        return MODEL_MALFORMED, None
+    return MODEL_NAMED, model

@@ -261,6 +261,198 @@ function paddler.health(applet)
   applet:send(body)
 end
 
+-- Model-aware routing. The model a request names, read the way llama-server's JSON parser reads the body
+-- (fleet/contract.py's request_model is the reference): a JSON object in UTF-8, no NaN, no lone surrogate
+-- escape, no trailing text, nested at most MAX_JSON_DEPTH deep; of two top-level "model" members the last.
+-- Returns "model", name | "absent" (none, or null) | "malformed" (anything else). It scans, jumping with
+-- string.find over runs of ordinary characters, and builds no table for the document.
+local MAX_JSON_DEPTH = 128
+local JSON_ESCAPES = { ['"'] = '"', ["\\"] = "\\", ["/"] = "/", b = "\b", f = "\f", n = "\n", r = "\r", t = "\t" }
+
+local function skip_space(body, i)
+  return select(2, string.find(body, "^[ \t\n\r]*", i)) + 1
+end
+
+-- UTF-8 that nlohmann::json accepts: utf8.len refuses overlong forms; no code point above U+10FFFF,
+-- and no surrogate encoded as UTF-8.
+local function valid_utf8(body, first, last)
+  if last < first or not string.find(body, "[\128-\255]", first) then
+    return true
+  end
+  local text = string.sub(body, first, last)
+  return utf8.len(text) ~= nil and not string.find(text, "[\245-\255]") and not string.find(text, "\244[\144-\191]")
+         and not string.find(text, "\237[\160-\191]")
+end
+
+-- The string whose opening quote is at i: the index after its closing quote, and its text when decode is
+-- true; nil when it is not a valid JSON string.
+local function scan_string(body, i, decode)
+  local parts, pos = decode and {} or nil, i + 1
+  while true do
+    local j = string.find(body, '[%z\1-\31"\\]', pos)
+    if j == nil then
+      return nil
+    end
+    local byte = string.byte(body, j)
+    if byte < 32 then
+      return nil
+    end
+    if decode and j > pos then
+      parts[#parts + 1] = string.sub(body, pos, j - 1)
+    end
+    if byte == 34 then
+      if not valid_utf8(body, i + 1, j - 1) then
+        return nil
+      end
+      return j + 1, decode and table.concat(parts) or nil
+    end
+    local escape = string.sub(body, j + 1, j + 1)
+    if escape == "u" then
+      local code = tonumber(string.match(body, "^%x%x%x%x", j + 2) or "", 16)
+      pos = j + 6
+      if code == nil or (code >= 0xDC00 and code < 0xE000) then
+        return nil
+      elseif code >= 0xD800 and code < 0xDC00 then
+        local low = tonumber(string.match(body, "^\\u(%x%x%x%x)", pos) or "", 16)
+        if low == nil or low < 0xDC00 or low >= 0xE000 then
+          return nil
+        end
+        code, pos = 0x10000 + (code - 0xD800) * 0x400 + (low - 0xDC00), pos + 6
+      end
+      if decode then
+        parts[#parts + 1] = utf8.char(code)
+      end
+    elseif JSON_ESCAPES[escape] then
+      if decode then
+        parts[#parts + 1] = JSON_ESCAPES[escape]
+      end
+      pos = j + 2
+    else
+      return nil
+    end
+  end
+end
+
+-- The number at i: the index after it, or nil.
+local function scan_number(body, i)
+  local j = string.sub(body, i, i) == "-" and i + 1 or i
+  local whole = string.match(body, "^0", j) or string.match(body, "^[1-9]%d*", j)
+  if whole == nil then
+    return nil
+  end
+  j = j + #whole
+  local fraction = string.match(body, "^%.%d+", j)
+  if fraction then
+    j = j + #fraction
+  elseif string.sub(body, j, j) == "." then
+    return nil
+  end
+  local exponent = string.match(body, "^[eE][-+]?%d+", j)
+  if exponent then
+    return j + #exponent
+  end
+  return not string.match(body, "^[eE]", j) and j or nil
+end
+
+local JSON_LITERALS = { t = "true", f = "false", n = "null" }
+
+-- One scalar at i (string, number, literal): the index after it, and its kind and text ("string", text),
+-- ("null"), ("other"); nil when invalid.
+local function scan_scalar(body, i, decode)
+  local char = string.sub(body, i, i)
+  if char == '"' then
+    local after, text = scan_string(body, i, decode)
+    return after, "string", text
+  end
+  local literal = JSON_LITERALS[char]
+  if literal then
+    if string.sub(body, i, i + #literal - 1) ~= literal then
+      return nil
+    end
+    return i + #literal, literal == "null" and "null" or "other"
+  end
+  return scan_number(body, i), "other"
+end
+
+function paddler.request_model(body)
+  local i = skip_space(body, 1)
+  if string.sub(body, i, i) ~= "{" then
+    return "malformed"
+  end
+  local stack, verdict, model = {}, "absent", nil
+  -- state: what may come next. "key": a key, or "}" right after "{"; "value": a value, or "]" right after
+  -- "["; "next": "," or the end of the container on top of the stack.
+  local state, first, is_model = "key", true, false
+  stack[1], i = "{", i + 1
+  while true do
+    i = skip_space(body, i)
+    local char = string.sub(body, i, i)
+    if char == "" then
+      return "malformed"
+    end
+    local top = stack[#stack]
+    if state == "next" then
+      if char == "," then
+        state, first, i = top == "{" and "key" or "value", false, i + 1
+      elseif (char == "}" and top == "{") or (char == "]" and top == "[") then
+        stack[#stack], i = nil, i + 1
+        if #stack == 0 then
+          if skip_space(body, i) <= #body then
+            return "malformed"
+          end
+          return verdict, model
+        end
+      else
+        return "malformed"
+      end
+    elseif state == "key" then
+      if char == "}" and first then
+        state = "next"
+      else
+        if char ~= '"' then
+          return "malformed"
+        end
+        local after, key = scan_string(body, i, #stack == 1)
+        if after == nil then
+          return "malformed"
+        end
+        i = skip_space(body, after)
+        if string.sub(body, i, i) ~= ":" then
+          return "malformed"
+        end
+        state, is_model, i = "value", key == "model", i + 1
+      end
+    elseif char == "]" and first and top == "[" then
+      state = "next"
+    elseif char == "{" or char == "[" then
+      if #stack >= MAX_JSON_DEPTH then
+        return "malformed"
+      end
+      if is_model then
+        verdict, model, is_model = "malformed", nil, false
+      end
+      stack[#stack + 1], i, first = char, i + 1, true
+      state = char == "{" and "key" or "value"
+    else
+      local after, kind, text = scan_scalar(body, i, is_model)
+      if after == nil then
+        return "malformed"
+      end
+      if is_model then
+        if kind == "string" then
+          verdict, model = "model", text
+        elseif kind == "null" then
+          verdict, model = "absent", nil
+        else
+          verdict, model = "malformed", nil
+        end
+        is_model = false
+      end
+      state, i = "next", after
+    end
+  end
+end
+
 -- llama-server's GET /slots: a JSON list with one "is_processing" per slot. Returns slots, busy
 -- (nil when the body has no slot at all: not a llama-server, or an error page).
 function paddler.count_slots(body)
