@@ -93,6 +93,23 @@ def agent_reply(status: BackendStatus, fleet_max_slots: int,
     return f"down #{_comment(text)}\n"
 
 
+def not_served_reply(model: str) -> str:
+    """A server in a model's pool (every server is in every pool) that does not serve that model: drained
+    there, so that pool's requests never reach it. A server that serves no model of a pool is never busy
+    in it, so this is no busy server drained."""
+    return f"up drain #{_comment('does not serve ' + model)}\n"
+
+
+def cold_model_reply(model: str, load: str, drained: bool = False, leaving: bool = False) -> str:
+    """A llama.cpp router that serves ``model`` but has not loaded it: one request at a time, at the lowest
+    weight, so leastconn prefers servers where it is loaded, and the request that loads it is the only one
+    placed on slots nobody has counted yet. The agent's next poll after the load gives the real slots."""
+    if drained or leaving:
+        why = "leaving the fleet" if leaving else "drained by operator"
+        return f"up drain maxconn:1 #{_comment(f'{why}, {model} {load}')}\n"
+    return f"up ready {MIN_WEIGHT_PERCENT}% maxconn:1 #{_comment(f'{model} {load}: a request loads it')}\n"
+
+
 # Replies for HAProxy's spare servers (agentcheck.spares) that carry no member. HAProxy 2.6 agent-checks a
 # disabled server too, and an agent's `ready` or `drain` sets a server's admin state, so a spare's replies
 # never say them (agentcheck.replies strips them from a member's reply): the spare pool alone sets its

@@ -12,17 +12,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
-from fleet.schema import NAME_PATTERN
+from fleet.schema import MODEL_NAME_PATTERN, NAME_PATTERN
 
 MAX_REQUEST_BYTES = 256
 
 
 @dataclass(frozen=True)
 class Request:
-    """What HAProxy asked: a backend name, nothing (single-backend mode), or garbage."""
+    """What HAProxy asked: a backend name, nothing (single-backend mode), or garbage. With model-aware routing
+    each model's pool asks for its own server line: ``<name> model=<model>``."""
 
     name: str | None = None
     problem: str | None = None
+    model: str | None = None
 
 
 def parse_request(data: bytes, complete: bool) -> Request:
@@ -42,10 +44,15 @@ def parse_request(data: bytes, complete: bool) -> Request:
         return Request()
     if not complete:
         return Request(problem="agent-send line not terminated in time")
+    name, model_key, pool = text.partition(" model=")
     # The charset of fleet names, which also covers HAProxy's spare servers (paddler-spare-K), no fleet name.
-    if not NAME_PATTERN.fullmatch(text):
+    if not NAME_PATTERN.fullmatch(name):
         return Request(problem="agent-send is not a valid backend name")
-    return Request(name=text)
+    if not model_key:
+        return Request(name=name)
+    if not MODEL_NAME_PATTERN.fullmatch(pool):
+        return Request(problem="agent-send names no valid model after model=")
+    return Request(name=name, model=pool)
 
 
 class AgentCheckProtocol(asyncio.Protocol):

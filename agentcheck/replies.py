@@ -18,18 +18,21 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 
 from agentcheck.model import FleetModel, Member
+from agentcheck.model_routing import model_share, model_view
 from agentcheck.policy import (
     DEFAULT_WEIGHT_FORMULA,
     EMPTY_SPARE_REPLY,
     RELEASED_SPARE_REPLY,
     WeightFormula,
     agent_reply,
+    cold_model_reply,
     invalid_request_reply,
+    not_served_reply,
     spare_reply,
     unknown_backend_reply,
 )
 from agentcheck.protocol import Request
-from agentcheck.status import restarted
+from agentcheck.status import ModelLoad, State, restarted
 from fleet import SPARE_SERVER_PREFIX
 
 log = logging.getLogger("paddler.agent")
@@ -103,6 +106,8 @@ class AgentCheckReplies:
             if len(self._model) != 1:
                 return invalid_request_reply("agent-send must name a backend (this agent watches several)"), "invalid"
             name = self._model.names[0]
+        if request.model is not None:
+            return self._pool_answer(name, request.model)
         reply = self.reply_for(name)
         if reply is None:
             return unknown_backend_reply(name), "unknown"
@@ -120,6 +125,29 @@ class AgentCheckReplies:
                 reply = self._returning_reply(carried or name)
         kind = reply.split(" ", 2)[1]
         return (spare_reply(reply) if name.startswith(SPARE_SERVER_PREFIX) else reply), kind
+
+    def _pool_answer(self, name: str, model: str) -> tuple[str, str]:
+        """The server line of one model's pool (``<name> model=<model>``): only the slots serving that model
+        (agentcheck.model_routing), drained where the server does not serve it. A down server is down in every
+        pool, and each pool's line comes back at 0% on its own, as a server line does."""
+        member = self._model.get(name)
+        if member is None:
+            return unknown_backend_reply(name), "unknown"
+        key = f"{name} model={model}"
+        status = member.status
+        if status.state is not State.READY:
+            self._returning[key] = None
+            return agent_reply(status, self._largest_slots, self._formula), "down"
+        share = model_share(member.backend, status, model)
+        if share is None:
+            return not_served_reply(model), "drain"
+        if share.load is not ModelLoad.LOADED or share.slots_total < 1:
+            reply = cold_model_reply(model, share.load.value, drained=member.drained, leaving=member.leaving)
+            return reply, reply.split(" ", 2)[1]
+        returning = any(self._in_return_window(window) for window in (key, name) if window in self._returning)
+        reply = agent_reply(model_view(status, share), self._largest_slots, self._formula, drained=member.drained,
+                            returning=returning, leaving=member.leaving)
+        return reply, reply.split(" ", 2)[1]
 
     def _in_return_window(self, key: str) -> bool:
         """The window starts at the first up reply after the down, and is forgotten once over."""
