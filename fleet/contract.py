@@ -235,6 +235,27 @@ MODEL_ROUTES = tuple(f"POST:{path}" for method, path, category in ENDPOINTS
                      if method == "POST" and category == INFERENCE and "/audio/" not in path)
 
 
+# The balancer's own answers on model routes; the 404 in OpenAI's shape (clients match its code).
+MODEL_NOT_FOUND = json.dumps({"error": {
+    "message": "The model named in the request is not served by this balancer (GET /v1/models lists them)",
+    "type": "invalid_request_error", "param": "model", "code": "model_not_found"}}, separators=(",", ":"))
+BODY_NOT_JSON = _error(400, "invalid_request_error",
+                       "the request body is not a JSON object, or its \"model\" is not a string")
+MODEL_MISSING = _error(400, "invalid_request_error",
+                       "the request names no model, and the fleet has no default_model")
+
+
+def body_too_large(limit: int) -> str:
+    return _error(413, "request_too_large", f"the request body is larger than balancer.max_request_body ({limit} bytes)")
+
+
+def models_list(names: tuple[str, ...] | list[str]) -> str:
+    """GET /v1/models on the balancer: the fleet's models, in OpenAI's list shape."""
+    return json.dumps({"object": "list", "data": [
+        {"id": name, "object": "model", "created": 0, "owned_by": "paddler"} for name in names]},
+        separators=(",", ":"))
+
+
 class _NotJson(ValueError):
     pass
 

@@ -349,6 +349,9 @@ class BalancerConfig:
     # Disabled `server` lines rendered for backends that register at run time, filled through the
     # runtime API (stats_socket) without a reload; each is a line in HAProxy's stats.
     spare_servers: int = key(whole_number(0, 256), 8)
+    # With model-aware routing the balancer reads each request's body to find its model: a larger body gets
+    # 413. HAProxy holds the whole body in one buffer (tune.bufsize is sized from this); Envoy buffers it.
+    max_request_body: int = key(whole_number(16 * 1024, 16 * 1024 * 1024), 1024 * 1024)
 
     exclusive: ClassVar[tuple[tuple[str, str], ...]] = ()
 
