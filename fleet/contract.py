@@ -246,7 +246,8 @@ MODEL_MISSING = _error(400, "invalid_request_error",
 
 
 def body_too_large(limit: int) -> str:
-    return _error(413, "request_too_large", f"the request body is larger than balancer.max_request_body ({limit} bytes)")
+    return _error(413, "request_too_large",
+                  f"the request body is larger than balancer.max_request_body ({limit} bytes)")
 
 
 def models_list(names: tuple[str, ...] | list[str]) -> str:
