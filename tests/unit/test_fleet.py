@@ -287,14 +287,14 @@ def test_numbers_at_the_ends_of_their_ranges_are_accepted() -> None:
         "agent": {"interval": "50ms", "max_registered_backends": 0, "registration_timeout": "1s"},
         "statsd": {"address": "127.0.0.1:8125", "interval": "100ms"},
         "balancer": {"max_buffered_requests": 1, "buffered_request_timeout": "100ms", "idle_timeout": "1s",
-                     "spare_servers": 0},
+                     "spare_servers": 0, "max_request_body": 16384},
     }, source=SOURCE)
     high = parse_fleet({
         "backends": [{"name": "a", "address": "127.0.0.1:8080", "slots": 1024}],
         "agent": {"interval": "60s", "max_registered_backends": 1024, "registration_timeout": "1h"},
         "statsd": {"address": "127.0.0.1:8125", "interval": "10m"},
         "balancer": {"max_buffered_requests": 100_000, "buffered_request_timeout": "24h", "idle_timeout": "24h",
-                     "spare_servers": 256},
+                     "spare_servers": 256, "max_request_body": 16 * 1024 * 1024},
     }, source=SOURCE)
 
     assert (low.backends[0].slots, low.agent.interval, low.balancer.max_buffered_requests) == (1, 0.05, 1)
@@ -306,6 +306,7 @@ def test_numbers_at_the_ends_of_their_ranges_are_accepted() -> None:
     assert (low.agent.max_registered_backends, low.agent.registration_timeout, low.balancer.spare_servers) == (0, 1, 0)
     assert (high.agent.max_registered_backends, high.agent.registration_timeout,
             high.balancer.spare_servers) == (1024, 3600, 256)
+    assert (low.balancer.max_request_body, high.balancer.max_request_body) == (16384, 16 * 1024 * 1024)
 
 
 def test_names_of_haproxys_spare_servers_are_reserved() -> None:
@@ -324,7 +325,7 @@ def test_every_default_is_inside_its_own_range(section: type) -> None:
         raw = str(spec.default) if isinstance(spec.default, Address) else spec.default
         assert spec.metadata["parse"](raw) == spec.default, spec.name
         checked += 1
-    assert checked == {Backend: 0, AgentConfig: 5, StatsdConfig: 2, BalancerConfig: 7}[section]
+    assert checked == {Backend: 0, AgentConfig: 5, StatsdConfig: 2, BalancerConfig: 8}[section]
 
 
 BAD_ADDRESSES = [
