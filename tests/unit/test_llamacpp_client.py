@@ -16,7 +16,7 @@ from aiohttp import web
 from agentcheck.llamacpp import LlamaCppClient
 from agentcheck.model import FleetModel
 from agentcheck.monitor import Monitor
-from agentcheck.status import BackendStatus, SlotSource, State
+from agentcheck.status import BackendStatus, ModelLoad, ModelStatus, SlotSource, State
 from fleet import Address, Backend
 
 INTERVAL = 0.5
@@ -29,12 +29,12 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 @contextlib.asynccontextmanager
 async def serve(routes: dict[str, Handler]) -> AsyncIterator[tuple[Backend, list[str]]]:
-    """An aiohttp server on a free loopback port; yields the backend and the paths requested."""
+    """An aiohttp server on a free loopback port; yields the backend and the paths requested (with queries)."""
     paths: list[str] = []
 
     @web.middleware
     async def record(request: web.Request, handler: Handler) -> web.StreamResponse:
-        paths.append(request.path)
+        paths.append(request.path_qs)
         return await handler(request)
 
     app = web.Application(middlewares=[record])
@@ -129,15 +129,20 @@ async def test_props_that_answers_after_the_poll_moved_on_is_used_by_the_next_po
     assert paths[:2] == ["/slots", "/props"] and paths.count("/slots") == 2
 
 
-async def test_a_healthy_server_gets_props_on_the_first_poll_then_one_request_per_poll() -> None:
+async def test_a_healthy_server_gets_props_and_models_on_the_first_poll_then_one_request_per_poll() -> None:
     async def props(_: web.Request) -> web.Response:
         return web.json_response({"total_slots": 2, "model_alias": "tiny"})
 
-    async with serve({"/slots": slots_one_busy, "/props": props}) as (backend, paths), llama_client() as client:
+    async def models(_: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": "tiny", "object": "model"}]})
+
+    async with serve({"/slots": slots_one_busy, "/props": props, "/v1/models": models}) as (backend, paths), \
+            llama_client() as client:
         statuses = [await client.poll(backend, None) for _ in range(5)]
 
     assert {status.model for status in statuses} == {"tiny"}
-    assert paths == ["/slots", "/props", "/slots", "/slots", "/slots", "/slots"]
+    assert {status.models for status in statuses} == {(ModelStatus("tiny", ModelLoad.LOADED, 2, 1),)}
+    assert paths == ["/slots", "/props", "/v1/models", "/slots", "/slots", "/slots", "/slots"]
 
 
 async def test_the_last_usable_props_is_kept_when_a_refresh_fails() -> None:
@@ -179,7 +184,7 @@ async def test_props_is_refreshed_when_the_server_is_ready_again() -> None:
     assert first == BackendStatus.down(State.LOADING, "")
     assert then == [BackendStatus(State.READY, slots_total=2, slots_processing=1, slot_source=SlotSource.SLOTS,
                                   model="new")] * 3
-    assert paths == ["/slots", "/props", "/health", "/slots", "/props", "/slots", "/slots"]
+    assert paths == ["/slots", "/props", "/v1/models", "/health", "/slots", "/props", "/v1/models", "/slots", "/slots"]
 
 
 async def test_slot_count_from_props_on_the_first_poll_when_slots_and_metrics_are_disabled() -> None:
@@ -225,3 +230,98 @@ async def test_close_cancels_a_props_refresh_under_way() -> None:
             await client.close()
             assert [task.cancelled() for task in refreshes] == [True]
             await dropped.wait()
+
+
+# --- a llama.cpp router (--models-dir): /models every poll, /slots?model= of the loaded models only -----------
+
+
+def router_models(**loads: str) -> dict[str, object]:
+    return {"object": "list", "data": [{"id": name, "object": "model", "status": {"value": value, "args": []}}
+                                       for name, value in loads.items()]}
+
+
+async def router_slots_400(_: web.Request) -> web.Response:
+    return web.json_response({"error": {"code": 400, "message": "model name is missing from the request",
+                                        "type": "invalid_request_error"}}, status=400)
+
+
+def router(models: dict[str, object], per_model: dict[str, Handler]) -> dict[str, Handler]:
+    """Routes of a fake router: /slots wants ?model=, and asking for a model's slots is served by its handler
+    (a test fails if the agent asks for a model it should not: the handler is missing)."""
+    async def slots(request: web.Request) -> web.StreamResponse:
+        name = request.query.get("model")
+        if name is None:
+            return await router_slots_400(request)
+        return await per_model[name](request)
+
+    async def listing(_: web.Request) -> web.Response:
+        return web.json_response(models)
+
+    return {"/slots": slots, "/models": listing}
+
+
+async def test_a_router_is_found_by_its_slots_answer_then_polled_by_models_and_its_loaded_models_slots() -> None:
+    models = router_models(alpha="loaded", beta="unloaded", gamma="loading", **{"org/delta": "loaded"})
+    routes = router(models, {"alpha": slots_one_busy, "org/delta": slots_one_busy})
+    async with serve(routes) as (backend, paths), llama_client() as client:
+        first = await client.poll(backend, None)
+        second = await client.poll(backend, None)
+
+    expected = BackendStatus(State.READY, slots_total=4, slots_processing=2, slot_source=SlotSource.SLOTS,
+                             router=True, models=(ModelStatus("alpha", ModelLoad.LOADED, 2, 1),
+                                                  ModelStatus("beta", ModelLoad.UNLOADED),
+                                                  ModelStatus("gamma", ModelLoad.LOADING),
+                                                  ModelStatus("org/delta", ModelLoad.LOADED, 2, 1)))
+    assert first == second == expected
+    per_poll = {"/models", "/slots?model=alpha", "/slots?model=org%2Fdelta"}
+    assert paths[0] == "/slots" and set(paths[1:4]) == per_poll and set(paths[4:]) == per_poll
+    assert len(paths) == 7  # beta (unloaded) and gamma (loading) are never asked: that would load them
+
+
+async def test_a_router_is_found_by_its_props_when_its_slots_answer_differs() -> None:
+    async def props(_: web.Request) -> web.Response:
+        return web.json_response({"role": "router", "max_instances": 4, "model_alias": "llama-server"})
+
+    async def not_found(_: web.Request) -> web.Response:
+        return web.json_response({"error": {"code": 404, "message": "File Not Found"}}, status=404)
+
+    routes = router(router_models(alpha="unloaded"), {}) | {"/slots": not_found, "/props": props}
+    async with serve(routes) as (backend, paths), llama_client() as client:
+        status = await client.poll(backend, None)
+
+    assert status == BackendStatus(State.READY, slot_source=SlotSource.SLOTS, router=True,
+                                   models=(ModelStatus("alpha", ModelLoad.UNLOADED),))
+    assert paths[-1] == "/models" and "/health" not in paths
+
+
+async def test_a_hanging_model_costs_its_own_slots_only_within_the_poll_bound() -> None:
+    async def hangs(_: web.Request) -> web.Response:
+        await asyncio.sleep(3600)
+        raise AssertionError("unreachable")
+
+    routes = router(router_models(alpha="loaded", beta="loaded"), {"alpha": slots_one_busy, "beta": hangs})
+    async with serve(routes) as (backend, _), llama_client() as client:
+        statuses = await polls_on_schedule(client, backend, 2)
+
+    for status in statuses:  # not late, not down: the Monitor's bound was never reached
+        assert status.state is State.READY
+        assert (status.slots_total, status.slots_processing) == (2, 1)
+        assert status.models[1] == ModelStatus("beta", ModelLoad.LOADED)
+        assert status.reason == "model 'beta': GET /slots: no answer in time"
+
+
+async def test_a_router_poll_that_fails_starts_over_from_slots() -> None:
+    answers = iter([web.json_response({"error": {"code": 500, "message": "boom"}}, status=500),
+                    web.json_response(router_models(alpha="unloaded"))])
+
+    async def models(_: web.Request) -> web.Response:
+        return next(answers)
+
+    routes = router({}, {}) | {"/models": models}
+    async with serve(routes) as (backend, paths), llama_client() as client:
+        failed = await client.poll(backend, None)
+        again = await client.poll(backend, None)
+
+    assert failed == BackendStatus.down(State.ERROR, "GET /models answered HTTP 500")
+    assert again.state is State.READY and again.router
+    assert paths == ["/slots", "/models", "/slots", "/models"]
