@@ -248,6 +248,63 @@ class LlamaServer(_Process):
         return llama_busy_slots(self.url, self.api_key)
 
 
+class LlamaRouter(_Process):
+    """A real llama-server in router mode (``--models-dir``): every ``NAME.gguf`` in ``models_dir`` is model
+    NAME, loaded on the first request naming it as a child llama-server with ``slots`` parallel slots (its
+    own process, on a loopback port of its own). Ready when the router's ``/health`` answers 200; no model is
+    loaded then. ``extra_args`` reach the router (``--models-preset FILE`` sets a model's own arguments)."""
+
+    def __init__(self, binary: Path, models_dir: Path, workdir: Path, slots: int = 2, port: int | None = None,
+                 ctx_per_slot: int = 1024, extra_args: list[str] | None = None, name: str = "llama-router") -> None:
+        self.name = name
+        super().__init__(workdir)
+        self.binary, self.models_dir, self.slots = binary, models_dir, slots
+        self.port = port or free_port()
+        self.ctx_per_slot = ctx_per_slot
+        self.extra_args = extra_args or []
+
+    @property
+    def address(self) -> str:
+        return f"{LOOPBACK}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}"
+
+    def command(self) -> list[str]:
+        return [str(self.binary), "--models-dir", str(self.models_dir), "--host", LOOPBACK, "--port", str(self.port),
+                "-np", str(self.slots), "-c", str(self.slots * self.ctx_per_slot), "--metrics", "-t", "1",
+                "--no-warmup", *self.extra_args]
+
+    def ready(self) -> bool:
+        return http_get(self.url + "/health", timeout=1.0)[0] == 200
+
+    def models(self) -> dict[str, str]:
+        """Each model's state as the router's own ``/models`` says it (loaded, loading, unloaded)."""
+        status, body = http_get(self.url + "/models")
+        if status != 200:
+            return {}
+        return {entry["id"]: entry["status"]["value"] for entry in json.loads(body)["data"]}
+
+    def busy_slots(self, model: str) -> int | None:
+        """Slots processing in a loaded model's child, from the router's ``/slots?model=`` (which loads a model
+        that is not loaded: ask only for loaded ones)."""
+        status, body = http_get(f"{self.url}/slots?model={model}")
+        if status != 200:
+            return None
+        return sum(1 for slot in json.loads(body) if slot.get("is_processing"))
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """The router stops its children on SIGTERM; anything of its process group left after that is killed."""
+        pid = self.proc.pid if self.proc is not None else None
+        super().stop(timeout)
+        if pid is not None:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 class HAProxy(_Process):
     """Real HAProxy running ``config_text``.
 
