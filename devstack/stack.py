@@ -25,13 +25,16 @@ from generator.haproxy import BACKEND_NAME
 
 class BalancerStack:
     """paddler-agent plus HAProxy or Envoy (``kind``) for a fleet; ``backends``/``standby`` map names
-    to host:port. Observations that both proxies share (``/health``, ``is_up``) work for either."""
+    to host:port. Observations that both proxies share (``/health``, ``is_up``) work for either.
+    ``models`` declares backends' models (name → model list); ``top`` adds top-level fleet keys
+    (``models``, ``default_model``)."""
 
     def __init__(self, workdir: Path, backends: dict[str, str], standby: dict[str, str] | None = None,
                  balancer: dict[str, Any] | None = None, interval: str = "500ms",
                  agent: dict[str, Any] | None = None, statsd: dict[str, Any] | None = None,
                  agent_env: dict[str, str] | None = None, kind: str = "haproxy",
-                 master_worker: bool = False) -> None:
+                 master_worker: bool = False, models: dict[str, list[str]] | None = None,
+                 top: dict[str, Any] | None = None) -> None:
         self.kind = kind
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -41,15 +44,21 @@ class BalancerStack:
         self.admin_port = free_port()
         proxy_keys = ({"stats_socket": str(self.workdir / "haproxy.sock")} if kind == "haproxy"
                       else {"metrics_listen": f"{LOOPBACK}:{self.admin_port}"})
+        declared = models or {}
+
+        def entry(name: str, address: str) -> dict[str, Any]:
+            return {"name": name, "address": address, **({"models": declared[name]} if name in declared else {})}
+
         self.fleet = {
-            "backends": [{"name": name, "address": address} for name, address in backends.items()],
-            "standby": [{"name": name, "address": address} for name, address in (standby or {}).items()],
+            "backends": [entry(name, address) for name, address in backends.items()],
+            "standby": [entry(name, address) for name, address in (standby or {}).items()],
             "agent": {"listen": f"{LOOPBACK}:{self.agent_port}", "management": f"{LOOPBACK}:{self.management_port}",
                       "interval": interval, **(agent or {})},
             "balancer": {"listen": f"{LOOPBACK}:{self.port}", **proxy_keys, **(balancer or {})},
         }
         if statsd is not None:
             self.fleet["statsd"] = statsd
+        self.fleet.update(top or {})
         self.fleet_path = self.workdir / "fleet.yaml"
         self.fleet_path.write_text(yaml.safe_dump(self.fleet, sort_keys=False))
         self.agent = AgentProcess(self.workdir, ["--fleet", str(self.fleet_path)], port=self.agent_port,
