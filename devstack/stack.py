@@ -49,7 +49,7 @@ class BalancerStack:
         def entry(name: str, address: str) -> dict[str, Any]:
             return {"name": name, "address": address, **({"models": declared[name]} if name in declared else {})}
 
-        self.fleet = {
+        self.fleet: dict[str, Any] = {
             "backends": [entry(name, address) for name, address in backends.items()],
             "standby": [entry(name, address) for name, address in (standby or {}).items()],
             "agent": {"listen": f"{LOOPBACK}:{self.agent_port}", "management": f"{LOOPBACK}:{self.management_port}",
