@@ -42,6 +42,7 @@ from agentcheck.replies import AgentCheckReplies
 from agentcheck.reporting import PICKER_SOURCE_HEADER
 from agentcheck.snapshot import Snapshot, health
 from fleet import contract
+from fleet.schema import MODEL_NAME_PATTERN
 
 log = logging.getLogger("paddler.agent")
 
@@ -61,6 +62,7 @@ EDS_MAX_BODY_BYTES = 1024 * 1024
 Handler = Callable[[web.Request], Awaitable[web.Response]]
 ENDPOINT_HEADER = "x-paddler-endpoint"  # the header Envoy's override_host policy reads
 LEASE_HEADER = "x-paddler-lease"
+MODEL_HEADER = "x-paddler-model"  # the model the request names, which the lease must serve (model-aware routing)
 VERDICT_HEADER = "x-paddler-verdict"
 AGENT_AUTHORITY = "paddler-agent"  # the :authority paddler.lua and Envoy's /health route send here
 LOCAL_HOST_NAMES = ("localhost", AGENT_AUTHORITY, contract.AGENT_CLUSTER)  # the last: Envoy's xDS requests
@@ -203,11 +205,15 @@ def _picker_refusal(request: web.Request) -> web.Response | None:
 
 
 async def acquire(request: web.Request) -> web.Response:
-    """Envoy's Lua filter asks where to send a request; may wait in the fleet-wide FIFO."""
+    """Envoy's Lua filter asks where to send a request (for the model in x-paddler-model, if any); may wait in
+    that model's FIFO."""
     if (refusal := _picker_refusal(request)) is not None:
         return refusal
+    model = request.headers.get(MODEL_HEADER)
+    if model is not None and not MODEL_NAME_PATTERN.fullmatch(model):
+        return _error(400, f"{MODEL_HEADER} is not a model name")
     try:
-        lease = await request.app[PICKER_KEY].acquire()
+        lease = await request.app[PICKER_KEY].acquire(model)
     except BufferFull:
         return _overloaded(contract.BUFFER_FULL, "buffer_full")
     except BufferTimeout:

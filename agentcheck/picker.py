@@ -22,6 +22,13 @@ not land on a full server. A backend the filter saw refuse a connection is place
 a poll that started after the refusal: a killed server would otherwise look free (its requests
 ended) until the next poll. Behind Envoy, a backend that joined gets requests once Envoy has applied the
 endpoint list that names it (agentcheck.eds).
+
+Model-aware routing (a request that names a model): the request goes only to a backend whose slots serve
+that model (agentcheck.model_routing.model_share: a plain server's aliases split its slots), and its lease
+counts against that share. Each model has its own FIFO with its own limits (Fleet.limits), so a burst on one
+model never delays another. A model a llama.cpp router has not loaded gets one request at a time on each such
+backend (the one that loads it), and only while no backend where it is loaded has a free slot. A request that
+names no model (a one-model fleet) is placed as before, on the whole server's slots, in its own FIFO.
 """
 
 from __future__ import annotations
@@ -36,6 +43,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from agentcheck.model import FleetModel, Member, Role
+from agentcheck.model_routing import model_share
+from agentcheck.status import ModelLoad, ModelStatus
 
 LEASE_MAX_AGE = 3600.0  # a lease never released (client gone mid-stream) stops counting after this
 # A picked request needs a moment to reach llama.cpp's slot; a poll that started sooner than this
@@ -74,6 +83,7 @@ class Lease:
     issued_at: float
     released_at: float | None = None
     alternates: tuple[str, ...] = ()  # addresses, in the order Envoy tries them after a refused connection
+    model: str | None = None  # the model the request named: the lease counts against that model's slots
 
     @property
     def endpoints(self) -> str:
@@ -84,42 +94,60 @@ class Lease:
 class Picker:
     def __init__(self, model: FleetModel, max_buffered_requests: int, buffered_request_timeout: float,
                  clock: Callable[[], float] = time.monotonic,
-                 in_balancer: Callable[[str], bool] = lambda name: True) -> None:
+                 in_balancer: Callable[[str], bool] = lambda name: True,
+                 limits: Callable[[str], tuple[int, float]] | None = None) -> None:
         """``in_balancer(name)``: whether Envoy has this backend's endpoint yet (agentcheck.eds); override_host
-        ignores an address its cluster does not have, so nothing is placed on a backend before that."""
+        ignores an address its cluster does not have, so nothing is placed on a backend before that.
+        ``limits(model)``: (max_buffered_requests, buffered_request_timeout) of that model's queue (Fleet.limits);
+        without it every model's queue has the balancer's."""
         self._model = model
         self._in_balancer = in_balancer
         self._max_buffered_requests = max_buffered_requests
         self._buffered_request_timeout = buffered_request_timeout
+        self._model_limits = limits or (lambda name: (max_buffered_requests, buffered_request_timeout))
         self._clock = clock
         # Leases by backend (each in issue order) and by id: polls touch one backend, releases one id.
         self._leases: dict[str, dict[str, Lease]] = {}
         self._by_id: dict[str, Lease] = {}
-        self._waiting: deque[asyncio.Future[Lease]] = deque()
+        # One FIFO per model named (None: requests that name none); a model's is dropped once empty.
+        self._queues: dict[str | None, deque[asyncio.Future[Lease]]] = {}
         self._poll_history: dict[str, tuple[float, float | None]] = {}  # backend → (latest, previous) poll start
         self._refused: dict[str, float] = {}  # backend → when the filter last saw it refuse a connection
         self._names = {str(member.backend.address): member.name for member in model}
         self._trusted_from = float("-inf")  # polls that began before this may miss running requests
         self._settled_by = float("-inf")  # after opening: place nothing before every backend's poll, or this
-        # (issued_at, backend, alternates) of recent leases: what a retry from that backend may land on
-        self._offered: deque[tuple[float, str, tuple[str, ...]]] = deque()
+        # (issued_at, backend, alternates, model) of recent leases: what a retry from that backend may land on
+        self._offered: deque[tuple[float, str, tuple[str, ...], str | None]] = deque()
 
     @property
     def waiting(self) -> int:
-        return len(self._waiting)
+        return sum(len(queue) for queue in self._queues.values())
 
-    def busy(self, name: str) -> int:
+    def waiting_for(self, model: str | None) -> int:
+        return len(self._queues.get(model, ()))
+
+    def busy(self, name: str, model: str | None = None) -> int:
         """The larger of two views: our own running leases (exact for what this balancer placed, like
         HAProxy's connection count) and the last poll corrected by leases since (which also sees load
         from outside the balancer, but lags: llama.cpp lists a request as processing only once its
-        task is picked up, a few hundred ms later on a busy host)."""
+        task is picked up, a few hundred ms later on a busy host).
+
+        With ``model``: the slots of this backend that serve it (model_share; 0 when it serves none), counting
+        leases for that model and those that named none (which may run on any of the server's slots)."""
         member = self._model[name]
         status = member.status
+        total, polled = status.slots_total, status.slots_processing
+        if model is not None:
+            share = model_share(member.backend, status, model)
+            if share is None:
+                return 0
+            total, polled = share.slots_total, share.slots_processing
         poll_started = member.poll.started if member.poll else float("-inf")
         poll_finished = member.poll.finished if member.poll else float("-inf")
-        polled = status.slots_processing
         own = 0
         for lease in self._leases.get(name, {}).values():
+            if model is not None and lease.model not in (model, None):
+                continue
             seen_by_poll = lease.issued_at + SETTLE_SECONDS <= poll_started
             if lease.released_at is None:
                 own += 1
@@ -130,38 +158,57 @@ class Picker:
                 # not be in the count: keep counting it (a slot idle until the next poll beats a slot
                 # given twice).
                 polled -= 1
-        return max(0, min(max(own, polled), status.slots_total))
+        return max(0, min(max(own, polled), total))
 
-    def candidates(self) -> list[str]:
-        """Backends that may get new requests: ready, not drained primaries; else such standby ones."""
-        usable = [member for member in self._model if self._placeable(member)]
+    def candidates(self, model: str | None = None) -> list[str]:
+        """Backends that may get new requests: ready, not drained primaries; else such standby ones. With
+        ``model``: only those that serve it."""
+        usable = [member for member in self._model if self._placeable(member)
+                  and (model is None or self._share(member, model) is not None)]
         primaries = [member.name for member in usable if member.role is Role.PRIMARY]
         return primaries or [member.name for member in usable]
+
+    @staticmethod
+    def _share(member: Member, model: str) -> ModelStatus | None:
+        return model_share(member.backend, member.status, model)
 
     def open(self, poll_interval: float) -> None:
         """The agent starts answering Envoy's filter: see OPEN_SETTLE_SECONDS."""
         self._trusted_from = self._clock() + OPEN_SETTLE_SECONDS
         self._settled_by = self._trusted_from + poll_interval
 
-    def free_slots(self) -> dict[str, int]:
-        candidates = self.candidates()
+    def free_slots(self, model: str | None = None) -> dict[str, int]:
+        """Free slots (of ``model``'s shares) on each candidate; a model a router has not loaded has none."""
+        candidates = self.candidates(model)
         if not self._settled(candidates):
             return {}
-        return self._free(candidates)
+        return self._free(candidates, model)
 
-    def _free(self, candidates: list[str]) -> dict[str, int]:
-        return {name: self._model[name].status.slots_total - self.busy(name) for name in candidates}
+    def _free(self, candidates: list[str], model: str | None = None) -> dict[str, int]:
+        return {name: self._total(name, model) - self.busy(name, model) for name in candidates}
 
-    def _buffer_room(self) -> int:
-        """How many may wait. While the opening settles, requests that would have got a slot wait too,
-        so the slots free by the polls so far are room on top of the buffer: a burst then is refused
-        exactly as it would be a moment later."""
+    def _total(self, name: str, model: str | None) -> int:
+        member = self._model[name]
+        if model is None:
+            return member.status.slots_total
+        share = self._share(member, model)
+        return share.slots_total if share is not None else 0
+
+    def _limits(self, model: str | None) -> tuple[int, float]:
+        if model is None:
+            return self._max_buffered_requests, self._buffered_request_timeout
+        return self._model_limits(model)
+
+    def _buffer_room(self, model: str | None, max_waiting: int) -> int:
+        """How many may wait for ``model``. While the opening settles, requests that would have got a slot
+        wait too, so the slots free by the polls so far are room on top of the buffer: a burst then is
+        refused exactly as it would be a moment later."""
         if self._trusted_from == float("-inf"):  # settled: no need to list the candidates
-            return self._max_buffered_requests
-        candidates = self.candidates()
+            return max_waiting
+        candidates = self.candidates(model)
         if self._settled(candidates):
-            return self._max_buffered_requests
-        return self._max_buffered_requests + sum(max(0, free) for free in self._free(candidates).values())
+            return max_waiting
+        return max_waiting + sum(max(0, free) for free in self._free(candidates, model).values())
 
     def _settled(self, candidates: list[str]) -> bool:
         if self._trusted_from == float("-inf"):
@@ -173,31 +220,53 @@ class Picker:
         self._trusted_from = float("-inf")  # once settled, for good
         return True
 
-    def _try_lease(self) -> Lease | None:
-        free = self.free_slots()
-        if not free:
+    def _try_lease(self, model: str | None = None) -> Lease | None:
+        candidates = self.candidates(model)
+        if not self._settled(candidates):
             return None
+        free = self._free(candidates, model)
         # Most free slots first; among equals the larger server, then the name, for a stable order.
-        name = max(free, key=lambda n: (free[n], self._model[n].status.slots_total, n))
-        if free[name] <= 0:
-            return None
+        name = max(free, key=lambda n: (free[n], self._total(n, model), n), default=None)
+        if name is None or free[name] <= 0:
+            if model is None:
+                return None
+            name = self._cold(candidates, model)
+            if name is None:
+                return None
         now = self._clock()
-        alternates = self._alternates(name, now)
+        alternates = self._alternates(name, now, model)
         lease = Lease(self._new_id(), name, str(self._model[name].backend.address), now,
-                      alternates=tuple(str(self._model[other].backend.address) for other in alternates))
-        self._offered.append((now, name, alternates))
+                      alternates=tuple(str(self._model[other].backend.address) for other in alternates), model=model)
+        self._offered.append((now, name, alternates, model))
         self._leases.setdefault(name, {})[lease.id] = lease
         self._by_id[lease.id] = lease
         return lease
 
-    def _alternates(self, chosen: str, now: float) -> tuple[str, ...]:
-        """Usable backends other than ``chosen`` with a slot free beyond those offered as alternates to other
-        requests on ``chosen`` still in transit (issued within SETTLE_SECONDS: a refused connection is retried in
-        that time; requests on other backends fail only if those die too): standby first, then most free."""
+    def _cold(self, candidates: list[str], model: str) -> str | None:
+        """A backend that serves ``model`` without having it loaded (a llama.cpp router) and runs no request for
+        it: the request there loads it. One at a time on each, so the load is the only request placed on slots
+        nobody has counted yet; one already loading first."""
+        cold = []
+        for name in candidates:
+            share = self._share(self._model[name], model)
+            if share is None or share.load is ModelLoad.LOADED:
+                continue
+            running = any(lease.released_at is None and lease.model == model
+                          for lease in self._leases.get(name, {}).values())
+            if not running:
+                cold.append((share.load is not ModelLoad.LOADING, name))
+        return min(cold)[1] if cold else None
+
+    def _alternates(self, chosen: str, now: float, model: str | None = None) -> tuple[str, ...]:
+        """Usable backends other than ``chosen`` (serving ``model``) with a slot free beyond those offered as
+        alternates to other requests on ``chosen`` still in transit (issued within SETTLE_SECONDS: a refused
+        connection is retried in that time; requests on other backends fail only if those die too): standby
+        first, then most free."""
         while self._offered and self._offered[0][0] + SETTLE_SECONDS < now:
             self._offered.popleft()
-        offered = Counter(name for _, placed, names in self._offered if placed == chosen for name in names)
-        free = {member.name: member.status.slots_total - self.busy(member.name) - offered[member.name]
+        offered = Counter(name for _, placed, names, offered_for in self._offered
+                          if placed == chosen and offered_for == model for name in names)
+        free = {member.name: self._total(member.name, model) - self.busy(member.name, model) - offered[member.name]
                 for member in self._model if member.name != chosen and self._placeable(member)}
         return tuple(heapq.nlargest(MAX_ALTERNATES, (name for name in free if free[name] > 0),
                                     key=lambda n: (self._model[n].role is Role.STANDBY, free[n], n)))
@@ -207,26 +276,31 @@ class Picker:
             pass
         return lease_id
 
-    async def acquire(self) -> Lease:
-        """A lease on the best backend now, or after waiting in the fleet-wide FIFO."""
-        if not self._waiting:
-            lease = self._try_lease()
+    async def acquire(self, model: str | None = None) -> Lease:
+        """A lease on the best backend (for ``model``: one that serves it) now, or after waiting in that
+        model's FIFO."""
+        if not self._queues.get(model):
+            lease = self._try_lease(model)
             if lease is not None:
                 return lease
-        if len(self._waiting) >= self._buffer_room():
+        max_waiting, timeout = self._limits(model)
+        if self.waiting_for(model) >= self._buffer_room(model, max_waiting):
             raise BufferFull()
         waiter: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
-        self._waiting.append(waiter)
+        queue = self._queues.setdefault(model, deque())
+        queue.append(waiter)
         lease = None
         try:
-            async with asyncio.timeout(self._buffered_request_timeout):
+            async with asyncio.timeout(timeout):
                 lease = await waiter
             return lease
         except TimeoutError:
             raise BufferTimeout() from None
         finally:
-            if waiter in self._waiting:
-                self._waiting.remove(waiter)
+            if waiter in queue:
+                queue.remove(waiter)
+            if not queue and self._queues.get(model) is queue:
+                del self._queues[model]
             if lease is None and waiter.done() and not waiter.cancelled():
                 self.release(waiter.result().id)  # granted just as the wait was abandoned: give it back
 
@@ -251,7 +325,8 @@ class Picker:
         now = self._clock()
         self._refused[lease.backend] = now
         moved_to = self._names.get(served_by or "")
-        if lease.released_at is None and moved_to is not None and moved_to != lease.backend:
+        if (lease.released_at is None and moved_to is not None and moved_to != lease.backend
+                and (lease.model is None or self._share(self._model[moved_to], lease.model) is not None)):
             del self._leases[lease.backend][lease.id]
             lease.backend, lease.address, lease.issued_at = moved_to, str(self._model[moved_to].backend.address), now
             self._leases.setdefault(moved_to, {})[lease.id] = lease
@@ -289,7 +364,8 @@ class Picker:
         self._names.pop(str(member.backend.address), None)
 
     def wake(self, changed: Member | None = None) -> None:
-        """Hand free slots to waiting requests, oldest first; prune leases the polls have absorbed.
+        """Hand free slots to waiting requests, oldest first in each model's queue; prune leases the polls
+        have absorbed.
 
         Called after every poll of every backend, so it touches only the backend that ``changed``
         (all backends with leases when None): at a thousand backends polled each second this is hot.
@@ -299,16 +375,17 @@ class Picker:
         if self._by_id:
             for name in [changed.name] if changed is not None else list(self._leases):
                 self._prune(name)
-        while self._waiting:
-            head = self._waiting[0]
-            if head.done():  # timed out or cancelled, about to be removed by its owner
-                self._waiting.popleft()
-                continue
-            lease = self._try_lease()
-            if lease is None:
-                return
-            self._waiting.popleft()
-            head.set_result(lease)
+        for model, queue in list(self._queues.items()):
+            while queue:
+                head = queue[0]
+                if head.done():  # timed out or cancelled, about to be removed by its owner
+                    queue.popleft()
+                    continue
+                lease = self._try_lease(model)
+                if lease is None:
+                    break
+                queue.popleft()
+                head.set_result(lease)
 
     def _record_poll(self, member: Member) -> None:
         if member.poll is None:

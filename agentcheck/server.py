@@ -53,7 +53,7 @@ class Agent:
         self.discovery = EndpointDiscovery(self.model)
         self.picker = Picker(self.model, settings.fleet.balancer.max_buffered_requests,
                              settings.fleet.balancer.buffered_request_timeout,
-                             in_balancer=self.discovery.acknowledged)
+                             in_balancer=self.discovery.acknowledged, limits=settings.fleet.limits)
         balancer = settings.fleet.balancer
         self.spares = (SparePool(self.model, self.replies, RuntimeAPI(balancer.stats_socket), contract.HAPROXY_BACKEND,
                                  contract.spare_server_names(balancer.spare_servers), settings.interval,

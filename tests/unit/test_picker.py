@@ -8,7 +8,7 @@ import pytest
 
 from agentcheck.model import FleetModel, Origin, PollWindow
 from agentcheck.picker import LEASE_ID_PATTERN, OPEN_SETTLE_SECONDS, SETTLE_SECONDS, BufferFull, BufferTimeout, Picker
-from agentcheck.status import BackendStatus, SlotSource, State
+from agentcheck.status import BackendStatus, ModelLoad, ModelStatus, SlotSource, State
 from fleet import Address, Backend
 
 BACKENDS = [Backend("small", Address("10.0.0.1", 8080)), Backend("large", Address("10.0.0.2", 8080))]
@@ -304,3 +304,167 @@ async def test_when_every_primary_refuses_standby_takes_over() -> None:
     for _ in range(2):
         picker.failed((await picker.acquire()).id)  # large, then small
     assert picker.candidates() == ["spare"]
+
+
+# Model-aware routing: requests name a model; each backend's slots serving it are its share (model_share).
+
+MODEL_BACKENDS = [Backend("a1", Address("10.0.1.1", 8080), models=("alpha",)),
+                  Backend("a2", Address("10.0.1.2", 8080), models=("alpha",)),
+                  Backend("b1", Address("10.0.1.3", 8080), models=("beta",)),
+                  Backend("duo", Address("10.0.1.4", 8080), models=("alpha", "beta"))]
+
+
+def make_models(limits: dict[str, tuple[int, float]] | None = None) -> tuple[FleetModel, Picker, Clock]:
+    """a1, a2 serve alpha, b1 beta (2 slots each); duo (two aliases on one server) is not polled yet."""
+    clock = Clock()
+    model = FleetModel(MODEL_BACKENDS)
+    picker = Picker(model, 10, 5.0, clock, limits=(lambda name: limits[name]) if limits else None)
+    model.subscribe(picker.on_member_change)
+    poll(model, clock, a1=ready(2), a2=ready(2), b1=ready(2))
+    return model, picker, clock
+
+
+async def test_a_request_naming_a_model_goes_only_where_it_is_served() -> None:
+    _, picker, _ = make_models()
+    alpha = [await picker.acquire("alpha") for _ in range(4)]
+    beta = [await picker.acquire("beta") for _ in range(2)]
+    assert sorted(lease.backend for lease in alpha) == ["a1", "a1", "a2", "a2"]
+    assert [lease.backend for lease in beta] == ["b1", "b1"]
+    assert all(lease.model == "alpha" for lease in alpha)
+    assert picker.candidates("beta") == ["b1"] and picker.candidates("gamma") == []
+
+
+async def test_a_burst_on_one_model_leaves_another_models_requests_immediate() -> None:
+    _, picker, _ = make_models()
+    burst = [asyncio.create_task(picker.acquire("alpha")) for _ in range(10)]
+    await asyncio.sleep(0)
+    assert picker.waiting_for("alpha") == 6 and sum(task.done() for task in burst) == 4
+    for _ in range(2):
+        beta = asyncio.create_task(picker.acquire("beta"))
+        await asyncio.sleep(0)
+        assert beta.done() and beta.result().backend == "b1", "beta waited behind alpha's burst"
+    assert picker.waiting_for("beta") == 0
+    for task in burst:
+        task.cancel()
+    await asyncio.gather(*burst, return_exceptions=True)
+    assert picker.waiting == 0
+
+
+async def test_a_models_excess_is_served_in_order_on_its_own_servers() -> None:
+    _, picker, _ = make_models()
+    leases = [await picker.acquire("alpha") for _ in range(4)]
+    waiters = [asyncio.create_task(picker.acquire("alpha")) for _ in range(3)]
+    beta_waiter = [await picker.acquire("beta") for _ in range(2)]
+    await asyncio.sleep(0)
+    for lease in beta_waiter:  # beta's slots freeing hands nothing to alpha's queue
+        picker.release(lease.id)
+    await asyncio.sleep(0)
+    assert not any(task.done() for task in waiters)
+    for index, lease in enumerate(leases[:3]):
+        picker.release(lease.id)
+        await asyncio.sleep(0)
+        assert [task.done() for task in waiters] == [True] * (index + 1) + [False] * (2 - index)
+        assert waiters[index].result().backend == lease.backend
+    assert picker.waiting == 0
+
+
+async def test_each_model_has_its_own_buffer_and_timeout() -> None:
+    _, picker, _ = make_models(limits={"alpha": (1, 0.05), "beta": (3, 5.0)})
+    for _ in range(4):
+        await picker.acquire("alpha")
+    for _ in range(2):
+        await picker.acquire("beta")
+    alpha_waiter = asyncio.create_task(picker.acquire("alpha"))
+    beta_waiters = [asyncio.create_task(picker.acquire("beta")) for _ in range(3)]
+    await asyncio.sleep(0)
+    with pytest.raises(BufferFull):
+        await picker.acquire("alpha")  # alpha's one place is taken, beta's three are too: each its own
+    with pytest.raises(BufferFull):
+        await picker.acquire("beta")
+    with pytest.raises(BufferTimeout):
+        await alpha_waiter  # after alpha's 0.05 s, while beta's requests still wait
+    assert picker.waiting_for("beta") == 3 and not any(task.done() for task in beta_waiters)
+    for task in beta_waiters:
+        task.cancel()
+    await asyncio.gather(*beta_waiters, return_exceptions=True)
+
+
+async def test_requests_naming_no_model_use_the_whole_server_and_the_balancers_limits() -> None:
+    _, picker, _ = make_models(limits={"alpha": (0, 1.0)})
+    picks = sorted([(await picker.acquire()).backend for _ in range(6)])
+    assert picks == ["a1", "a1", "a2", "a2", "b1", "b1"]
+    assert picker.free_slots("alpha") == {"a1": 0, "a2": 0}  # they run on slots every model shares
+    with pytest.raises(BufferFull):
+        await picker.acquire("alpha")  # alpha's buffer holds none
+    waiter = asyncio.create_task(picker.acquire())
+    await asyncio.sleep(0)
+    assert picker.waiting_for(None) == 1
+    waiter.cancel()
+    await asyncio.gather(waiter, return_exceptions=True)
+
+
+async def test_a_servers_aliases_split_its_slots_so_together_they_never_exceed_it() -> None:
+    model, picker, clock = make_models()
+    poll(model, clock, duo=ready(4))
+    for name in ("a1", "a2", "b1"):
+        model.set_drained(name, True)
+    alpha = [await picker.acquire("alpha") for _ in range(2)]
+    beta = [await picker.acquire("beta") for _ in range(2)]
+    assert [lease.backend for lease in alpha + beta] == ["duo"] * 4
+    assert picker.free_slots("alpha") == {"duo": 0} and picker.free_slots("beta") == {"duo": 0}
+    assert picker.busy("duo") == 4
+    waiter = asyncio.create_task(picker.acquire("alpha"))
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    picker.release(beta[0].id)  # a beta slot frees: alpha's share is still full
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    picker.release(alpha[0].id)
+    await asyncio.sleep(0)
+    assert waiter.result().backend == "duo"
+
+
+async def test_alternates_serve_the_requests_model() -> None:
+    _, picker, _ = make_models()
+    lease = await picker.acquire("alpha")
+    assert (lease.backend, lease.alternates) in (("a1", ("10.0.1.2:8080",)), ("a2", ("10.0.1.1:8080",)))
+    assert (await picker.acquire("beta")).alternates == ()
+
+
+ROUTER = Backend("router", Address("10.0.2.1", 8080))
+
+
+def router(load: ModelLoad, total: int = 0, processing: int = 0) -> BackendStatus:
+    return BackendStatus(State.READY, slots_total=total, slots_processing=processing, slot_source=SlotSource.SLOTS,
+                         router=True, models=(ModelStatus("alpha", load, total, processing),))
+
+
+async def test_a_cold_model_gets_one_request_at_a_time_and_only_when_no_loaded_server_has_a_free_slot() -> None:
+    clock = Clock()
+    model = FleetModel([MODEL_BACKENDS[0], ROUTER])
+    picker = Picker(model, 10, 5.0, clock)
+    model.subscribe(picker.on_member_change)
+    poll(model, clock, a1=ready(2), router=router(ModelLoad.UNLOADED))
+    warm = [await picker.acquire("alpha") for _ in range(2)]
+    assert [lease.backend for lease in warm] == ["a1", "a1"]  # never the cold router while a1 has room
+    cold = await picker.acquire("alpha")
+    assert cold.backend == "router"  # a1 full: this request loads alpha on the router
+    waiter = asyncio.create_task(picker.acquire("alpha"))
+    await asyncio.sleep(0)
+    assert not waiter.done()  # one cold load at a time
+    poll(model, clock, router=router(ModelLoad.LOADING))
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    picker.release(warm[0].id)  # a loaded slot frees: the waiter takes it, not a second cold request
+    await asyncio.sleep(0)
+    assert waiter.result().backend == "a1"
+    poll(model, clock, a1=ready(2, 2), router=router(ModelLoad.LOADED, total=2, processing=1))
+    assert picker.free_slots("alpha") == {"a1": 0, "router": 1}  # loaded now: its slots, the load counted
+    assert (await picker.acquire("alpha")).backend == "router"
+
+
+async def test_a_refused_request_moves_only_to_a_server_of_its_model() -> None:
+    _, picker, _ = make_models()
+    lease = await picker.acquire("alpha")
+    assert picker.failed(lease.id, served_by="10.0.1.3:8080")  # b1 serves beta: not where alpha runs
+    assert lease.backend in ("a1", "a2") and picker.busy("b1") == 0
