@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from agentcheck.monitor import PollCounters
 from agentcheck.snapshot import Snapshot
-from agentcheck.status import State
+from agentcheck.status import ModelLoad, State
 
 
 class FleetCollector(Collector):
@@ -59,6 +60,7 @@ class FleetCollector(Collector):
             failures.add_metric([name, state_value], count)
         yield from per_backend.values()
         yield from (states, drained, poll_seconds, polls, failures)
+        yield from self._models(snapshot["agents"])
         if "spare_servers" in snapshot:
             spares = snapshot["spare_servers"]
             yield GaugeMetricFamily("paddler_spare_servers_used", "HAProxy spare servers carrying a backend",
@@ -72,6 +74,35 @@ class FleetCollector(Collector):
         for kind, count in sorted(self._checks_served.items()):
             served.add_metric([kind], count)
         yield served
+
+
+    def _models(self, agents: list[dict[str, Any]]) -> Iterator[Metric]:
+        """Per backend and model: its slots, its load state (discovered models only) and the cold loads seen."""
+        labels = ["backend", "model"]
+        slots = {
+            "idle": GaugeMetricFamily("paddler_model_slots_idle", "Idle slots of a model on a backend", labels=labels),
+            "processing": GaugeMetricFamily("paddler_model_slots_processing", "Busy slots of a model on a backend",
+                                            labels=labels),
+            "total": GaugeMetricFamily("paddler_model_slots_total", "Slots of a model on a backend (a plain "
+                                       "llama-server's models share its slots; 0 while a router's is not loaded)",
+                                       labels=labels),
+        }
+        loads = GaugeMetricFamily("paddler_model_load_state", "1 for the model's current load state on the backend",
+                                  labels=[*labels, "state"])
+        for agent in agents:
+            for model in agent["models"]:
+                for key, family in slots.items():
+                    family.add_metric([agent["name"], model["name"]], model[f"slots_{key}"])
+                if model["load"] is not None:
+                    for load in ModelLoad:
+                        loads.add_metric([agent["name"], model["name"], load.value],
+                                         1.0 if model["load"] == load.value else 0.0)
+        cold = CounterMetricFamily("paddler_model_cold_loads", "Models seen going from unloaded to loading or "
+                                   "loaded (a request named a model that was not loaded)", labels=labels)
+        for (name, model_name), count in sorted(self._poll_counters.cold_loads.items()):
+            cold.add_metric([name, model_name], count)
+        yield from slots.values()
+        yield from (loads, cold)
 
 
 def build_registry(collector: FleetCollector) -> CollectorRegistry:

@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 
 from agentcheck.model import FleetModel, Member, PollWindow
-from agentcheck.status import BackendStatus, State
+from agentcheck.status import BackendStatus, ModelLoad, State
 from fleet import Backend
 
 log = logging.getLogger("paddler.agent")
@@ -33,16 +33,26 @@ LATE_POLLS_BEFORE_DOWN = 2
 
 
 class PollCounters:
-    """Polls per backend, and those that did not find it ready, by state: the monitor's own metrics."""
+    """Polls per backend, those that did not find it ready, by state, and the cold loads seen on each (a model
+    that a poll showed unloaded and a later one loading or loaded: a request named it): the monitor's own
+    metrics."""
 
     def __init__(self) -> None:
         self.polls: Counter[str] = Counter()
         self.failures: Counter[tuple[str, str]] = Counter()  # (backend, state)
+        self.cold_loads: Counter[tuple[str, str]] = Counter()  # (backend, model)
+        self._loads: dict[str, dict[str, ModelLoad]] = {}  # backend → model → load at its last ready poll
 
     def count(self, name: str, status: BackendStatus) -> None:
         self.polls[name] += 1
         if status.state is not State.READY:
             self.failures[name, status.state.value] += 1
+            return
+        before = self._loads.get(name, {})
+        for model in status.models:
+            if before.get(model.name) is ModelLoad.UNLOADED and model.load is not ModelLoad.UNLOADED:
+                self.cold_loads[name, model.name] += 1
+        self._loads[name] = {model.name: model.load for model in status.models}
 
     def count_late(self, name: str) -> None:
         """A poll that timed out but left a ready backend ready (see LATE_POLLS_BEFORE_DOWN)."""
@@ -52,8 +62,10 @@ class PollCounters:
     def forget(self, name: str) -> None:
         """A backend that left the fleet: its series end with it."""
         self.polls.pop(name, None)
-        for key in [key for key in self.failures if key[0] == name]:
-            del self.failures[key]
+        self._loads.pop(name, None)
+        for counter in (self.failures, self.cold_loads):
+            for key in [key for key in counter if key[0] == name]:
+                del counter[key]
 
 
 class Monitor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 
 import aiohttp
 import statsd
@@ -17,6 +18,13 @@ log = logging.getLogger("paddler.agent")
 # The picker marks its own /health answer with this header, so the agent can tell that the
 # balancer in front is Envoy routing /health back to the picker rather than HAProxy.
 PICKER_SOURCE_HEADER = "X-Paddler-Source"
+_STATSD_UNSAFE = re.compile(r"[^A-Za-z0-9_]")
+
+
+def statsd_name(model: str) -> str:
+    """A model name as one part of a StatsD metric name: anything but ``[A-Za-z0-9_]`` (dots would add parts,
+    ``:`` and ``|`` end the name) becomes ``_``, so names that differ only there share one gauge."""
+    return _STATSD_UNSAFE.sub("_", model)
 
 
 class BalancerProbe:
@@ -55,8 +63,9 @@ class BalancerProbe:
 
 
 class StatsdReporter:
-    """Gauges every ``interval``: fleet totals as ``<prefix>.slots_idle`` (Paddler's names) and
-    per backend as ``<prefix>.backends.<name>.slots_idle``."""
+    """Gauges every ``interval``: fleet totals as ``<prefix>.slots_idle`` (Paddler's names),
+    per backend as ``<prefix>.backends.<name>.slots_idle``, and per model, over the backends serving it,
+    as ``<prefix>.model.<model>.slots_idle`` (``statsd_name``)."""
 
     def __init__(self, config: StatsdConfig, snapshot: Snapshot) -> None:
         self._config = config
@@ -73,6 +82,13 @@ class StatsdReporter:
             for agent in snapshot["agents"]:
                 pipe.gauge(f"backends.{agent['name']}.slots_idle", agent["slots_idle"])
                 pipe.gauge(f"backends.{agent['name']}.slots_processing", agent["slots_processing"])
+            per_model: dict[str, tuple[int, int]] = {}
+            for model, served in snapshot["models"].items():
+                idle, processing = per_model.get(statsd_name(model), (0, 0))
+                per_model[statsd_name(model)] = idle + served["slots_idle"], processing + served["slots_processing"]
+            for name, (idle, processing) in per_model.items():
+                pipe.gauge(f"model.{name}.slots_idle", idle)
+                pipe.gauge(f"model.{name}.slots_processing", processing)
 
     def close(self) -> None:
         self._client.close()

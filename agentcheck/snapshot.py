@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from agentcheck.haproxy_runtime import SparePool
-from agentcheck.model import FleetModel, Origin, Role
+from agentcheck.model import FleetModel, Member, Origin, Role
 
 Snapshot = Callable[[], dict[str, Any]]
 
@@ -17,9 +17,11 @@ def fleet_snapshot(model: FleetModel, reply_for: Callable[[str], str | None], re
     slots do not count: nothing new will be sent there). ``in_balancer``: whether Envoy has applied an
     endpoint list naming the backend (agentcheck.eds); until then the picker sends it nothing. With
     HAProxy's spare servers, which one each backend is on (None: its own server line, or none, see
-    ``spare_servers.unplaced``)."""
+    ``spare_servers.unplaced``). ``models``: per model, the slots of the backends that serve it (see
+    ``_served``) and whether any of them can take a request for it."""
     agents = []
     totals = {"slots_idle": 0, "slots_processing": 0, "slots_total": 0}
+    models: dict[str, dict[str, Any]] = {}
     for member in model:
         status = member.status
         ready = member.ready
@@ -38,6 +40,9 @@ def fleet_snapshot(model: FleetModel, reply_for: Callable[[str], str | None], re
             "slots_total": status.slots_total if ready else 0,
             "slot_source": status.slot_source.value if ready and status.slot_source else None,
             "model": status.model,
+            "router": status.router,
+            "models_declared": member.backend.models is not None,
+            "models": _models(member),
             "last_update": member.updated_at,
             "poll_seconds": member.poll.seconds if member.poll else None,
             "agent_check_reply": (reply_for(member.name) or "").rstrip("\n"),
@@ -47,11 +52,60 @@ def fleet_snapshot(model: FleetModel, reply_for: Callable[[str], str | None], re
             totals["slots_idle"] += status.slots_idle if member.usable else 0
             totals["slots_processing"] += status.slots_processing
             totals["slots_total"] += status.slots_total
+        for name, (total, processing, usable) in _served(member).items():
+            row = models.setdefault(name, {"slots_idle": 0, "slots_processing": 0, "slots_total": 0, "usable": False})
+            row["slots_idle"] += max(0, total - processing) if usable else 0
+            row["slots_processing"] += processing
+            row["slots_total"] += total
+            row["usable"] = row["usable"] or usable
     usable = any(member.usable for member in model)
-    snapshot = {"agents": agents, "totals": totals, "usable": usable, "requests_buffered": requests_buffered}
+    snapshot = {"agents": agents, "totals": totals, "usable": usable, "requests_buffered": requests_buffered,
+                "models": models}
     if spares is not None:
         snapshot["spare_servers"] = spares.summary()
     return snapshot
+
+
+def _models(member: Member) -> list[dict[str, Any]]:
+    """A backend's models: those the fleet declares for it (``backend.models``) in their order, then those it
+    serves that are not declared. ``declared`` and ``discovered`` tell the two lists apart; a model's load
+    state and slots come only from discovery (a down backend discovers nothing)."""
+    discovered = {found.name: found for found in member.status.models} if member.ready else {}
+    declared = member.backend.models or ()
+    rows = []
+    for name in (*declared, *(name for name in discovered if name not in declared)):
+        found = discovered.get(name)
+        rows.append({
+            "name": name,
+            "load": found.load.value if found else None,
+            "slots_idle": found.slots_idle if found else 0,
+            "slots_processing": found.slots_processing if found else 0,
+            "slots_total": found.slots_total if found else 0,
+            "declared": name in declared,
+            "discovered": found is not None,
+        })
+    return rows
+
+
+def _served(member: Member) -> dict[str, tuple[int, int, bool]]:
+    """The models a backend serves, each with (slots, slots processing, may take a request for it now).
+
+    Declared models override discovery, as they do for the balancer's routes. A plain llama-server answers
+    whatever model a request names, with all of its slots; a router only the models its ``/models`` lists
+    (an unloaded one is loaded by the request), each with its own slots."""
+    status = member.status
+    discovered = {found.name: found for found in status.models} if member.ready else {}
+    names = member.backend.models if member.backend.models is not None else tuple(discovered)
+    served = {}
+    for name in names:
+        if not member.ready:
+            served[name] = (0, 0, False)
+        elif status.router:
+            found = discovered.get(name)
+            served[name] = ((found.slots_total, found.slots_processing, member.usable) if found else (0, 0, False))
+        else:
+            served[name] = (status.slots_total, status.slots_processing, member.usable)
+    return served
 
 
 def health(usable: bool, slots_idle: int, slots_processing: int,

@@ -8,6 +8,7 @@ import json
 import socket
 from collections import Counter
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import aiohttp
 import pytest
@@ -24,7 +25,7 @@ from agentcheck.picker import Picker
 from agentcheck.replies import AgentCheckReplies
 from agentcheck.reporting import BalancerProbe, StatsdReporter
 from agentcheck.snapshot import Snapshot, fleet_snapshot
-from agentcheck.status import BackendStatus, SlotSource, State
+from agentcheck.status import BackendStatus, ModelLoad, ModelStatus, SlotSource, State
 from fleet import Address, Backend, FleetError, StatsdConfig, parse_fleet
 from fleet.contract import PICKER_TOKEN_UNSET, resolve_picker_token
 from generator.envoy import render_envoy
@@ -158,7 +159,8 @@ async def test_agents_lists_every_backend_with_its_state_and_reply(api: tuple[Ap
         "name": "gpu1", "address": "127.0.0.1:9001", "standby": False, "state": "ready", "reason": "",
         "drained": False, "leaving": False, "registered": False, "in_balancer": True, "slots_idle": 3,
         "slots_processing": 1, "slots_total": 4, "slot_source": "slots",
-        "model": "/models/m.gguf", "last_update": 1000.0, "poll_seconds": pytest.approx(0.002),
+        "model": "/models/m.gguf", "router": False, "models_declared": False, "models": [],
+        "last_update": 1000.0, "poll_seconds": pytest.approx(0.002),
         "agent_check_reply": "up ready 75% maxconn:4 #idle=3 processing=1 via slots", "spare_server": None}
     assert rows["gpu2"]["state"] == "unreachable" and rows["gpu2"]["reason"] == "connection failed"
     assert rows["gpu2"]["agent_check_reply"] == "down #unreachable: connection failed"
@@ -613,3 +615,168 @@ async def test_registrations_beyond_the_maximum_and_bodies_that_are_not_json_are
     status, body = await client.send("PUT", "/api/v1/backends/gpu9", TOKEN, raw=b"x" * (65 * 1024))
     assert (status, body["error"]["message"]) == (413, "the body is over 65536 bytes")
     assert "gpu9" not in state.model
+
+
+# --- models: what each backend serves, per-model /health, /metrics and StatsD -------------------------------
+
+ROUTER = BackendStatus(State.READY, slots_total=2, slots_processing=1, slot_source=SlotSource.SLOTS, router=True,
+                       models=(ModelStatus("alpha", ModelLoad.LOADED, 2, 1), ModelStatus("beta", ModelLoad.UNLOADED)))
+PLAIN = BackendStatus(State.READY, slots_total=4, slots_processing=1, slot_source=SlotSource.SLOTS, model="alpha",
+                      models=(ModelStatus("alpha", ModelLoad.LOADED, 4, 1),))
+
+
+class ModelsFleet(Fleet):
+    """A router discovering alpha (loaded) and beta (unloaded); a plain server the fleet declares serving alpha
+    and gamma while it discovers alpha; a down server declared to serve delta."""
+
+    def __init__(self) -> None:
+        backends = [Backend("router1", Address("127.0.0.1", 9001)),
+                    Backend("plain1", Address("127.0.0.1", 9002), models=("gamma", "alpha")),
+                    Backend("down1", Address("127.0.0.1", 9003), models=("delta",))]
+        self.model = FleetModel(backends)
+        self.replies = AgentCheckReplies(self.model)
+        self.model.subscribe(self.replies.on_member_change)
+        self.polls = PollCounters()
+        self.polls.count("router1", replace(ROUTER, models=(ModelStatus("alpha", ModelLoad.UNLOADED),
+                                                            ModelStatus("beta", ModelLoad.UNLOADED))))
+        for name, status in (("router1", ROUTER), ("plain1", PLAIN),
+                             ("down1", BackendStatus.down(State.UNREACHABLE, "connection failed"))):
+            self.model.record_poll(name, status, now=1000.0, window=PollWindow(50.0, 50.0))
+            self.polls.count(name, status)
+        self.membership = Membership(self.model, parse_fleet({"backends": [
+            {"name": b.name, "address": str(b.address)} for b in backends]}))
+
+
+@pytest.fixture
+async def models_api() -> AsyncIterator[Api]:
+    runner, base = await serve(ModelsFleet(), TOKEN)
+    async with aiohttp.ClientSession() as session:
+        yield Api(base, session)
+    await runner.cleanup()
+
+
+def model_row(name: str, load: str | None, total: int = 0, processing: int = 0, declared: bool = False,
+              discovered: bool = True) -> dict[str, object]:
+    return {"name": name, "load": load, "slots_idle": total - processing, "slots_processing": processing,
+            "slots_total": total, "declared": declared, "discovered": discovered}
+
+
+async def test_agents_list_each_backends_models_declared_and_discovered(models_api: Api) -> None:
+    status, text = await models_api.get("/api/v1/agents")
+    body = json.loads(text)
+    rows = {row["name"]: row for row in body["agents"]}
+
+    assert status == 200
+    assert (rows["router1"]["router"], rows["router1"]["models_declared"]) == (True, False)
+    assert rows["router1"]["models"] == [model_row("alpha", "loaded", 2, 1), model_row("beta", "unloaded")]
+    # Declared first, in the fleet's order; gamma is declared but the server does not list it.
+    assert (rows["plain1"]["router"], rows["plain1"]["models_declared"]) == (False, True)
+    assert rows["plain1"]["models"] == [model_row("gamma", None, declared=True, discovered=False),
+                                        model_row("alpha", "loaded", 4, 1, declared=True)]
+    assert rows["down1"]["models"] == [model_row("delta", None, declared=True, discovered=False)]
+    assert body["models"] == {
+        "alpha": {"slots_idle": 4, "slots_processing": 2, "slots_total": 6, "usable": True},
+        "beta": {"slots_idle": 0, "slots_processing": 0, "slots_total": 0, "usable": True},
+        "gamma": {"slots_idle": 3, "slots_processing": 1, "slots_total": 4, "usable": True},
+        "delta": {"slots_idle": 0, "slots_processing": 0, "slots_total": 0, "usable": False}}
+
+
+async def test_an_undeclared_model_a_server_discovers_is_listed_as_such() -> None:
+    state = ModelsFleet()
+    state.model.record_poll("plain1", replace(PLAIN, models=(ModelStatus("omega", ModelLoad.LOADED, 4, 1),)),
+                            now=1001.0, window=PollWindow(51.0, 51.0))
+
+    rows = {row["name"]: row for row in state.snapshot()["agents"]}
+
+    assert rows["plain1"]["models"] == [model_row("gamma", None, declared=True, discovered=False),
+                                        model_row("alpha", None, declared=True, discovered=False),
+                                        model_row("omega", "loaded", 4, 1)]
+    assert "omega" not in state.snapshot()["models"]  # the balancer routes only declared models there
+
+
+@pytest.mark.parametrize(("model", "status", "expected"), [
+    pytest.param("alpha", 200, {"status": "ok", "slots_idle": 4, "slots_processing": 2}, id="two-backends"),
+    pytest.param("beta", 200, {"status": "ok", "slots_idle": 0, "slots_processing": 0},
+                 id="unloaded-on-a-router-a-request-loads-it"),
+    pytest.param("gamma", 200, {"status": "ok", "slots_idle": 3, "slots_processing": 1}, id="declared"),
+    pytest.param("delta", 503, {"status": "unavailable", "slots_idle": 0, "slots_processing": 0},
+                 id="only-on-a-down-backend"),
+])
+async def test_health_of_one_model_counts_only_its_slots(models_api: Api, model: str, status: int,
+                                                         expected: dict[str, object]) -> None:
+    answer, text = await models_api.get(f"/health?model={model}")
+
+    assert (answer, json.loads(text)) == (status, expected)
+
+
+async def test_health_of_a_model_nothing_serves_is_an_openai_style_404(models_api: Api) -> None:
+    status, text = await models_api.get("/health?model=" + "x" * 300)
+
+    assert status == 404
+    error = json.loads(text)["error"]
+    assert (error["code"], error["type"]) == (404, "model_not_found")
+    assert error["message"] == f"no backend serves the model {'x' * 128 + '...'!r}"
+
+
+async def test_metrics_per_model_slots_load_state_and_cold_loads(models_api: Api) -> None:
+    status, text = await models_api.get("/metrics")
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+
+    def value(name: str, backend: str, model: str, **labels: str) -> float:
+        return samples[name, tuple(sorted({"backend": backend, "model": model, **labels}.items()))]
+
+    assert status == 200
+    assert value("paddler_model_slots_idle", "router1", "alpha") == 1
+    assert value("paddler_model_slots_processing", "plain1", "alpha") == 1
+    assert value("paddler_model_slots_total", "plain1", "alpha") == 4
+    assert value("paddler_model_slots_total", "router1", "beta") == 0
+    assert value("paddler_model_load_state", "router1", "beta", state="unloaded") == 1
+    assert value("paddler_model_load_state", "router1", "beta", state="loaded") == 0
+    assert value("paddler_model_load_state", "router1", "alpha", state="loaded") == 1
+    assert ("paddler_model_load_state", (("backend", "plain1"), ("model", "gamma"), ("state", "loaded"))) \
+        not in samples  # declared, not discovered: no load state to tell
+    # The fixture's first poll saw alpha unloaded, the next loaded: one cold load; beta never loaded.
+    assert value("paddler_model_cold_loads_total", "router1", "alpha") == 1
+    assert not [key for key in samples if key[0] == "paddler_model_cold_loads_total" and ("model", "beta") in key[1]]
+
+
+async def test_statsd_reports_each_models_slots_under_a_safe_name() -> None:
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    receiver.bind(("127.0.0.1", 0))
+    receiver.settimeout(2.0)
+    state = ModelsFleet()
+    state.model.record_poll("router1", replace(ROUTER, models=(
+        ModelStatus("org/alpha:q4", ModelLoad.LOADED, 2, 1), ModelStatus("beta", ModelLoad.UNLOADED))),
+        now=1001.0, window=PollWindow(51.0, 51.0))
+    expected = {"p.model.org_alpha_q4.slots_idle:1|g", "p.model.org_alpha_q4.slots_processing:1|g",
+                "p.model.alpha.slots_idle:3|g", "p.model.delta.slots_idle:0|g", "p.model.beta.slots_processing:0|g"}
+    try:
+        reporter = StatsdReporter(StatsdConfig(Address("127.0.0.1", receiver.getsockname()[1]), prefix="p"),
+                                  state.snapshot)
+        reporter.report()
+        reporter.close()
+        lines: set[str] = set()
+        while not expected <= lines:
+            lines |= set((await asyncio.to_thread(receiver.recv, 65536)).decode().splitlines())
+    finally:
+        receiver.close()
+
+
+def test_a_cold_load_is_counted_once_from_unloaded_through_loading_to_loaded() -> None:
+    counters = PollCounters()
+
+    def poll(*loads: ModelLoad) -> None:
+        counters.count("r", replace(ROUTER, models=tuple(ModelStatus(f"m{index}", load)
+                                                         for index, load in enumerate(loads))))
+
+    poll(ModelLoad.LOADED, ModelLoad.UNLOADED)  # m0 was loaded when first seen: not a load the agent saw
+    poll(ModelLoad.LOADED, ModelLoad.LOADING)
+    counters.count("r", BackendStatus.down(State.UNREACHABLE, "no answer within 0.8s"))  # remembers the loads
+    poll(ModelLoad.UNLOADED, ModelLoad.LOADED)
+    poll(ModelLoad.LOADED, ModelLoad.UNLOADED)
+    poll(ModelLoad.LOADED, ModelLoad.LOADED)
+
+    assert counters.cold_loads == Counter({("r", "m1"): 2, ("r", "m0"): 1})
+    counters.forget("r")
+    assert counters.cold_loads == Counter()
