@@ -98,6 +98,52 @@ def _model(value: Any) -> str:
     return text if len(text) <= MODEL_WIDTH else "..." + text[-(MODEL_WIDTH - 3):]
 
 
+def _models(agent: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The backend's model rows that have a name; [] from an agent that reports none (or an older agent)."""
+    raw = agent.get("models")
+    return [model for model in (raw if isinstance(raw, list) else [])
+            if isinstance(model, Mapping) and isinstance(model.get("name"), str)]
+
+
+def _models_listed(agent: Mapping[str, Any]) -> bool:
+    """Worth a line of their own: a router's, several, or the fleet declares them (declared and discovered may
+    differ). A plain server's one discovered model fits in the MODEL column."""
+    models = _models(agent)
+    return bool(models) and (agent.get("router") is True or agent.get("models_declared") is True or len(models) > 1)
+
+
+def _model_cell(agent: Mapping[str, Any]) -> str:
+    models = _models(agent)
+    if not _models_listed(agent):
+        return _model(models[0]["name"] if models else agent.get("model"))
+    if agent.get("router") is True:
+        loaded = sum(1 for model in models if model.get("load") == "loaded")
+        return f"router, {loaded}/{len(models)} loaded"
+    return f"{len(models)} model{'s' if len(models) > 1 else ''}"
+
+
+def _model_text(model: Mapping[str, Any], ready: bool, declaring: bool) -> str:
+    """``alpha loaded 1/2 busy``, ``beta unloaded``; what the fleet declares and discovery disagree on, in
+    capitals."""
+    text = _printable(model["name"])
+    load = model.get("load")
+    if model.get("discovered") is False:
+        text += " declared, NOT DISCOVERED" if ready else " declared"
+    elif load == "loaded":
+        text += f" loaded {_count(model.get('slots_processing'))}/{_count(model.get('slots_total'))} busy"
+    else:
+        text += f" {_text(load)}"
+    if declaring and model.get("declared") is False:
+        text += ", NOT DECLARED"
+    return text
+
+
+def models_line(agent: Mapping[str, Any]) -> str:
+    ready = agent.get("state") == "ready"
+    declaring = agent.get("models_declared") is True
+    return "  models: " + ", ".join(_model_text(model, ready, declaring) for model in _models(agent))
+
+
 def tone(agent: Mapping[str, Any]) -> Tone:
     """Down beats drained or leaving (the operator must see it), drained beats full."""
     state = agent.get("state")
@@ -116,7 +162,7 @@ def _cells(agent: Mapping[str, Any], now: float) -> tuple[str, ...]:
     state = _text(agent.get("state")) + "".join(f", {flag}" for flag in ("drained", "leaving")
                                                 if agent.get(flag) is True)
     slots = [_count(agent.get(key)) if ready else "-" for key in ("slots_idle", "slots_processing", "slots_total")]
-    return (name, state, _text(agent.get("address")), *slots, _model(agent.get("model")),
+    return (name, state, _text(agent.get("address")), *slots, _model_cell(agent),
             age(agent.get("last_update"), now))
 
 
@@ -156,6 +202,8 @@ def render(body: Mapping[str, Any] | None, fetched_at: float, width: int, height
         lines += [Line(_totals(body)), Line(""), Line(table[0], Tone.HEADING)]
         for text, agent in zip(table[1:], agents, strict=True):
             lines.append(Line(text, tone(agent)))
+            if _models_listed(agent):
+                lines.append(Line(models_line(agent), tone(agent)))
             if agent.get("reason"):  # on a line of its own: a reason is long, and it is what the operator needs
                 lines.append(Line(f"  reason: {_printable(str(agent['reason']))}", tone(agent)))
         if not agents:

@@ -88,6 +88,55 @@ def test_every_line_is_cut_to_the_terminal_width() -> None:
     ]
 
 
+def model(name: str, load: str | None, total: int = 0, processing: int = 0, declared: bool = False,
+          discovered: bool = True) -> dict[str, Any]:
+    return {"name": name, "load": load, "slots_idle": total - processing, "slots_processing": processing,
+            "slots_total": total, "declared": declared, "discovered": discovered}
+
+
+MODELS_FLEET: dict[str, Any] = {
+    "agents": [
+        {"name": "router", "address": "10.0.0.21:8080", "state": "ready", "slots_idle": 1, "slots_processing": 1,
+         "slots_total": 2, "model": None, "router": True, "models_declared": False, "last_update": 1795786145.0,
+         "models": [model("alpha", "loaded", 2, 1), model("beta", "loading"), model("gamma", "unloaded")]},
+        {"name": "plain", "address": "10.0.0.22:8080", "state": "ready", "slots_idle": 4, "slots_processing": 0,
+         "slots_total": 4, "model": "omega", "router": False, "models_declared": True, "last_update": 1795786145.0,
+         "models": [model("alpha", None, declared=True, discovered=False), model("omega", "loaded", 4, 0)]},
+        {"name": "down", "address": "10.0.0.23:8080", "state": "unreachable", "reason": "connection failed",
+         "model": None, "router": False, "models_declared": True, "last_update": 1795786145.0,
+         "models": [model("delta", None, declared=True, discovered=False)]},
+        {"name": "single", "address": "10.0.0.24:8080", "state": "ready", "slots_idle": 1, "slots_processing": 0,
+         "slots_total": 1, "model": "/models/tiny.gguf", "router": False, "models_declared": False,
+         "last_update": 1795786145.0, "models": [model("/models/tiny.gguf", "loaded", 1, 0)]},
+    ],
+    "totals": {"slots_idle": 6, "slots_processing": 1, "slots_total": 7}, "usable": True, "requests_buffered": 0,
+}
+
+
+def test_models_show_their_load_state_and_where_the_fleet_and_discovery_disagree() -> None:
+    assert screen(MODELS_FLEET)[3:] == [
+        Line("NAME    STATE        ADDRESS         IDLE  PROC  TOTAL  MODEL               UPDATED", Tone.HEADING),
+        Line("router  ready        10.0.0.21:8080     1     1      2  router, 1/3 loaded  1.0s ago", Tone.READY),
+        Line("  models: alpha loaded 1/2 busy, beta loading, gamma unloaded", Tone.READY),
+        Line("plain   ready        10.0.0.22:8080     4     0      4  2 models            1.0s ago", Tone.READY),
+        Line("  models: alpha declared, NOT DISCOVERED, omega loaded 0/4 busy, NOT DECLARED", Tone.READY),
+        Line("down    unreachable  10.0.0.23:8080     -     -      -  1 model             1.0s ago", Tone.DOWN),
+        Line("  models: delta declared", Tone.DOWN),
+        Line("  reason: connection failed", Tone.DOWN),
+        Line("single  ready        10.0.0.24:8080     1     0      1  /models/tiny.gguf   1.0s ago", Tone.READY),
+    ]
+
+
+def test_odd_model_rows_are_skipped_and_names_made_printable() -> None:
+    body = {"agents": [{"name": "r", "state": "ready", "router": True,
+                        "models": ["x", {"name": 7}, {"name": "a\x1b[2J", "load": "loaded", "slots_total": "2"}]}]}
+
+    assert screen(body)[4:] == [
+        Line("r     ready  -           -     -      -  router, 1/1 loaded  never", Tone.READY),
+        Line("  models: a?[2J loaded -/- busy", Tone.READY),
+    ]
+
+
 def test_a_short_terminal_says_how_many_lines_it_hides() -> None:
     assert screen(FLEET, height=6) == [
         *FLEET_SCREEN[:5],
