@@ -44,6 +44,12 @@ HAPROXY_LUA_ENV = {
     "backend": "PADDLER_BACKEND",
     "max_buffered_requests": "PADDLER_MAX_BUFFERED_REQUESTS",
     "buffered_request_timeout_ms": "PADDLER_BUFFERED_REQUEST_TIMEOUT_MS",
+    # Model-aware routing only: "<model>,<max_buffered_requests>,<buffered_request_timeout_ms>" per model,
+    # separated by "/" (model names hold neither, and a setenv value holds no space); each model's backend
+    # is PADDLER_BACKEND.<model>.
+    "models": "PADDLER_MODELS",
+    "default_model": "PADDLER_DEFAULT_MODEL",
+    "max_request_body": "PADDLER_MAX_REQUEST_BODY",
 }
 
 # HAProxy 2.6 hands a server that comes back UP queued requests it does not count, unless its weight is 0

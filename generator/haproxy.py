@@ -25,6 +25,11 @@ CHECK_INTER = 0.1
 CHECK_FASTINTER = 0.05
 CHECK_FALL = 2
 CHECK_TIMEOUT = 10.0
+# tune.bufsize above balancer.max_request_body, for the request line and headers (HAProxy keeps
+# tune.maxrewrite of each buffer, at most 1 KiB, for rewrites): the whole body fits in one buffer.
+HEADERS_ROOM = 64 * 1024
+# How long HAProxy waits for a request body whose model it must read: the request's own timeout.
+BODY_WAIT = 30.0
 
 
 def packaged_lua_path() -> Path:
@@ -43,12 +48,76 @@ def haproxy_lua_path(lua_dir: str = DEFAULT_LUA_DIR) -> str:
     return lua_file(lua_dir, LUA_FILE)
 
 
+def model_backend(model: str) -> str:
+    """The HAProxy backend (one queue) of a model's pool: llama.<model> (model names are proxy-name safe)."""
+    return f"{BACKEND_NAME}.{model}"
+
+
+def pool_context(fleet: Fleet) -> list[dict[str, Any]]:
+    """The backends to render: the one `llama` backend, or with model-aware routing one per model, holding
+    the servers that declare that model and those whose models the agent discovers. Each server line of a
+    model's pool asks the agent for that model (agent-send "<name> model=<model>")."""
+    groups = ((False, fleet.backends), (True, fleet.standby))
+    if not fleet.routes_by_model():
+        return [{"name": BACKEND_NAME, "model": None, "spares": contract.spare_server_names(
+            fleet.balancer.spare_servers), "servers": [
+                {"name": backend.name, "address": str(backend.address), "agent_send": backend.name,
+                 # Until the agent's first reply: the configured slots, else 1 (safe: never overfill).
+                 "maxconn": backend.slots or 1, "backup": backup}
+                for backup, group in groups for backend in group]}]
+    pools = []
+    for model in fleet.model_names():
+        queue_limit, queue_timeout = fleet.limits(model)
+        pools.append({
+            "name": model_backend(model), "model": model, "spares": [],
+            "max_buffered_requests": queue_limit, "buffered_request_timeout": haproxy_duration(queue_timeout),
+            "servers": [{"name": backend.name, "address": str(backend.address), "maxconn": 1, "backup": backup,
+                         "agent_send": f"{backend.name} model={model}"}
+                        for backup, group in groups for backend in group
+                        if backend.models is None or model in backend.models]})
+    return pools
+
+
+def model_context(fleet: Fleet) -> dict[str, Any]:
+    """The frontend's model routing and what paddler.lua reads for it; nothing for a one-model fleet."""
+    if not fleet.routes_by_model():
+        return {"model_routing": None}
+    default = fleet.request_default_model()
+    names = fleet.model_names()
+    return {"model_routing": {
+        "route_keys": list(contract.MODEL_ROUTES),
+        "default_backend": model_backend(default or names[0]),
+        "body_wait": haproxy_duration(BODY_WAIT),
+        "max_request_body": fleet.balancer.max_request_body,
+        "bufsize": fleet.balancer.max_request_body + HEADERS_ROOM,
+        "models_body": contract.models_list(names),
+        "not_found_body": contract.MODEL_NOT_FOUND,
+        "not_json_body": contract.BODY_NOT_JSON,
+        "missing_body": contract.MODEL_MISSING,
+        "too_large_body": contract.body_too_large(fleet.balancer.max_request_body),
+    }}
+
+
+def lua_env(fleet: Fleet) -> list[tuple[str, Any]]:
+    """What paddler.lua reads at load, by the fleet file's names (fleet/contract.py)."""
+    balancer = fleet.balancer
+    env: list[tuple[str, Any]] = [
+        (contract.HAPROXY_LUA_ENV["backend"], BACKEND_NAME),
+        (contract.HAPROXY_LUA_ENV["max_buffered_requests"], balancer.max_buffered_requests),
+        (contract.HAPROXY_LUA_ENV["buffered_request_timeout_ms"], round(balancer.buffered_request_timeout * 1000))]
+    if fleet.routes_by_model():
+        limits = {model: fleet.limits(model) for model in fleet.model_names()}
+        env.append((contract.HAPROXY_LUA_ENV["models"], "/".join(
+            f"{model},{queue_limit},{round(queue_timeout * 1000)}" for model, (queue_limit, queue_timeout)
+            in limits.items())))
+        env.append((contract.HAPROXY_LUA_ENV["max_request_body"], balancer.max_request_body))
+        if (default := fleet.request_default_model()) is not None:
+            env.append((contract.HAPROXY_LUA_ENV["default_model"], default))
+    return env
+
+
 def haproxy_context(fleet: Fleet, lua_dir: str = DEFAULT_LUA_DIR) -> dict[str, Any]:
     agent = contract.client_address(fleet.agent.listen)
-    servers = [{"name": backend.name, "address": str(backend.address),
-                # Until the agent's first reply: the configured slots, else 1 (safe: never overfill).
-                "maxconn": backend.slots or 1, "backup": backup}
-               for backup, group in ((False, fleet.backends), (True, fleet.standby)) for backend in group]
     balancer = fleet.balancer
     return {
         "source": comment_text(fleet.source),
@@ -62,16 +131,11 @@ def haproxy_context(fleet: Fleet, lua_dir: str = DEFAULT_LUA_DIR) -> dict[str, A
         "check_downinter": haproxy_duration(contract.haproxy_down_recheck(fleet.agent.interval)),
         "check_timeout": haproxy_duration(CHECK_TIMEOUT),
         "backend_name": BACKEND_NAME,
-        "servers": servers,
-        "spares": contract.spare_server_names(balancer.spare_servers),
+        "pools": pool_context(fleet),
         "listen": str(balancer.listen),
         "max_buffered_requests": balancer.max_buffered_requests,
         "buffered_request_timeout": haproxy_duration(balancer.buffered_request_timeout),
-        # What paddler.lua reads at load, by the fleet file's names (fleet/contract.py).
-        "lua_env": [(contract.HAPROXY_LUA_ENV["backend"], BACKEND_NAME),
-                    (contract.HAPROXY_LUA_ENV["max_buffered_requests"], balancer.max_buffered_requests),
-                    (contract.HAPROXY_LUA_ENV["buffered_request_timeout_ms"],
-                     round(balancer.buffered_request_timeout * 1000))],
+        "lua_env": lua_env(fleet),
         "idle_timeout": haproxy_duration(balancer.idle_timeout),
         "expose_slots": balancer.expose_slots,
         "expose_admin": balancer.expose_admin,
@@ -83,6 +147,7 @@ def haproxy_context(fleet: Fleet, lua_dir: str = DEFAULT_LUA_DIR) -> dict[str, A
         "buffer_full_body": contract.BUFFER_FULL,
         "buffer_timeout_body": contract.BUFFER_TIMEOUT,
         **route_context(balancer.expose_slots, balancer.expose_admin),
+        **model_context(fleet),
     }
 
 

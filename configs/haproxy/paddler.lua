@@ -15,6 +15,11 @@
 --   lua.paddler_route   sample fetch: the request as llama-server will route it, "METHOD:path",
 --                       the path decoded the way llama-server's HTTP library does it (see
 --                       route_key below). haproxy.cfg's allow-list ACLs match it exactly.
+--   lua.paddler_pool    sample fetch, routing by model only: the backend of the model the request's
+--                       JSON body names (request_model reads it as llama-server will), or why none:
+--                       too_large, malformed, absent, unknown. haproxy.cfg answers those itself.
+--                       Each model's backend has its own queue and limits (PADDLER_MODELS), and
+--                       GET /health?model=NAME answers for one model.
 --   handover task       only in a worker started by a reload (master-worker mode, SIGUSR2): the
 --                       old worker still runs its streams, and feeds its queue to the same
 --                       llama-servers, while this one starts counting from zero. See "Handover".
@@ -25,6 +30,9 @@
 --       setenv PADDLER_BACKEND llama
 --       setenv PADDLER_MAX_BUFFERED_REQUESTS 30
 --       setenv PADDLER_BUFFERED_REQUEST_TIMEOUT_MS 10000
+--       setenv PADDLER_MODELS alpha,30,10000/beta,50,20000   routing by model only, with:
+--       setenv PADDLER_MAX_REQUEST_BODY 1048576               required with PADDLER_MODELS
+--       setenv PADDLER_DEFAULT_MODEL alpha                    optional
 --       lua-load /etc/haproxy/paddler/paddler.lua
 --   frontend llm
 --       http-request set-var(txn.paddler_route) lua.paddler_route
@@ -43,8 +51,8 @@ local settings = {
   hold_poll_ms = 50,
 }
 
--- Requests held while no server is usable: held[id] = deadline in ms. A client that goes away
--- kills its stream without running Lua cleanup, so entries also expire at their deadline.
+-- Requests held while no server is usable: held[id] = { deadline = ms, backend = name }. A client that
+-- goes away kills its stream without running Lua cleanup, so entries also expire at their deadline.
 local held = {}
 local next_id = 0
 
@@ -85,12 +93,13 @@ local function now_ms()
   return now.sec * 1000 + now.usec // 1000
 end
 
-function paddler.held_count(now)
+-- Held requests, of one backend or (backend nil) of all.
+function paddler.held_count(now, backend)
   local count = 0
-  for id, deadline in pairs(held) do
-    if deadline <= now then
+  for id, entry in pairs(held) do
+    if entry.deadline <= now then
       held[id] = nil
-    else
+    elseif backend == nil or entry.backend == backend then
       count = count + 1
     end
   end
@@ -129,14 +138,17 @@ function paddler.health_body(aggregate, buffered)
          aggregate.usable > 0 and 200 or 503
 end
 
-local function server_stats()
+-- The servers of one backend, or (backend nil) of every pool: with model-aware routing a llama-server
+-- is in several pools, but usable (and so counted) only in those of the models it serves.
+local function server_stats(backend)
   local servers = {}
-  local backend = core.backends[settings.backend]
-  for _, server in pairs(backend.servers) do
-    local stats = server:get_stats()
-    servers[#servers + 1] = { status = stats.status, slim = tonumber(stats.slim) or 0,
-                              scur = tonumber(stats.scur) or 0, bck = tonumber(stats.bck) or 0,
-                              weight = tonumber(stats.weight) or 0 }
+  for name in pairs(backend and { [backend] = true } or settings.pools) do
+    for _, server in pairs(core.backends[name].servers) do
+      local stats = server:get_stats()
+      servers[#servers + 1] = { status = stats.status, slim = tonumber(stats.slim) or 0,
+                                scur = tonumber(stats.scur) or 0, bck = tonumber(stats.bck) or 0,
+                                weight = tonumber(stats.weight) or 0, agent_status = stats.agent_status }
+    end
   end
   return servers
 end
@@ -158,32 +170,56 @@ end
 local function usable_servers(txn, backend)
   local count = tonumber(txn.f:nbsrv(backend)) or 0
   if count == 0 and tonumber(core.get_info().Stopping) == 1 then
-    count = paddler.usable_count(server_stats())
+    count = paddler.usable_count(server_stats(backend))
   end
   return count
+end
+
+-- With model-aware routing a server may be in a pool of a model it does not serve (its models are
+-- discovered), and it starts UP there: a request placed before the agent's first answer for it could get
+-- another model's reply. So a pool places nothing until the agent has answered each of its servers once.
+function paddler.agent_answered(servers)
+  for _, server in ipairs(servers) do
+    local status = string.gsub(server.agent_status or "", "^%* ", "") -- "* ": a check under way
+    if status == "" or status == "INI" or string.match(status, "^L[46]") or status == "L7TOUT" then
+      return false
+    end
+  end
+  return true
+end
+
+local answered_pools = {}
+
+local function pool_settled(backend)
+  if settings.model_pools == nil or answered_pools[backend] then
+    return true
+  end
+  answered_pools[backend] = paddler.agent_answered(server_stats(backend))
+  return answered_pools[backend]
 end
 
 local handover_end
 
 function paddler.admit(txn)
-  local backend = settings.backend
+  local backend = txn.f:be_name()
+  local limits = settings.pools[backend]
   local now = now_ms()
   if handover.active and now - handover.heartbeat > handover.stale_ms then
     handover_end("the handover task stopped answering")
   end
-  local buffered = (tonumber(txn.f:queue(backend)) or 0) + paddler.held_count(now)
-  if buffered >= settings.max_buffered_requests then
+  local buffered = (tonumber(txn.f:queue(backend)) or 0) + paddler.held_count(now, backend)
+  if buffered >= limits.max_buffered_requests then
     txn:set_var("txn.paddler_verdict", "overflow")
     return
   end
-  if now >= handover.gate_until and usable_servers(txn, backend) > 0 then
+  if now >= handover.gate_until and pool_settled(backend) and usable_servers(txn, backend) > 0 then
     return -- HAProxy places it now, or queues it until a slot frees
   end
   next_id = next_id + 1
   local id = next_id
-  local deadline = now + settings.buffered_request_timeout_ms
-  held[id] = deadline
-  while now_ms() < handover.gate_until or usable_servers(txn, backend) == 0 do
+  local deadline = now + limits.buffered_request_timeout_ms
+  held[id] = { deadline = deadline, backend = backend }
+  while now_ms() < handover.gate_until or not pool_settled(backend) or usable_servers(txn, backend) == 0 do
     if now_ms() >= deadline then
       held[id] = nil
       txn:set_var("txn.paddler_verdict", "timeout")
@@ -250,9 +286,46 @@ function paddler.route(txn)
   return paddler.route_key(txn.sf:method(), txn.sf:pathq())
 end
 
+-- The pool a request goes to, from its body's model (see request_model): a backend name, or why none:
+-- "too_large" (past PADDLER_MAX_REQUEST_BODY), "malformed", "absent" (no model and no default), "unknown".
+function paddler.pool_for(body, announced)
+  if #body > settings.max_request_body or announced > settings.max_request_body then
+    return "too_large"
+  end
+  local verdict, model = paddler.request_model(body)
+  if verdict == "absent" then
+    return settings.default_pool or "absent"
+  elseif verdict == "model" then
+    return settings.model_pools[model] or "unknown"
+  end
+  return verdict
+end
+
+function paddler.pool(txn)
+  return paddler.pool_for(txn.f:req_body() or "", tonumber(txn.f:req_body_size()) or 0)
+end
+
+local UNKNOWN_MODEL_HEALTH = '{"error":{"code":404,"type":"model_not_found","message":"no such model in this fleet"}}'
+
+-- The pool GET /health?model=NAME asks about: nil for the whole fleet, false for a model the fleet lacks.
+function paddler.health_pool(query)
+  local model = string.match(query or "", "^model=([^&]*)$")
+  if model == nil then
+    return nil
+  end
+  return settings.model_pools ~= nil and settings.model_pools[model] or false
+end
+
 function paddler.health(applet)
-  local queued = tonumber(core.backends[settings.backend]:get_stats().qcur) or 0
-  local body, status = paddler.health_body(paddler.aggregate(server_stats()), queued + paddler.held_count(now_ms()))
+  local pool = paddler.health_pool(applet.qs)
+  local body, status = UNKNOWN_MODEL_HEALTH, 404
+  if pool ~= false then
+    local queued = 0
+    for backend in pairs(pool and { [pool] = true } or settings.pools) do
+      queued = queued + (tonumber(core.backends[backend]:get_stats().qcur) or 0)
+    end
+    body, status = paddler.health_body(paddler.aggregate(server_stats(pool)), queued + paddler.held_count(now_ms(), pool))
+  end
   applet:set_status(status)
   applet:add_header("content-type", "application/json")
   applet:add_header("content-length", tostring(#body))
@@ -578,7 +651,7 @@ end
 
 local function handover_task()
   local entries, someone_else = {}, false
-  for name, server in pairs(core.backends[settings.backend].servers) do
+  for name, server in pairs(core.backends[settings.backend].servers) do -- one pool: no handover with models
     local before = own_requests(server)
     local slots, busy = probe_slots(server)
     if slots ~= nil then
@@ -633,13 +706,52 @@ function paddler.required_env(getenv, name, kind)
   return value
 end
 
+-- PADDLER_MODELS: "<model>,<max_buffered_requests>,<buffered_request_timeout_ms>" per model, "/" between.
+-- Returns pools (backend name -> limits) and model_pools (model -> backend name); errors name the word.
+function paddler.parse_models(text, prefix)
+  local pools, model_pools = {}, {}
+  for word in string.gmatch(text, "[^/]+") do
+    local model, limit, timeout = string.match(word, "^([^,]+),(%d+),(%d+)$")
+    if model == nil or tonumber(limit) < 1 or tonumber(timeout) < 1 then
+      error("paddler.lua: PADDLER_MODELS: " .. word .. " is not <model>,<max_buffered_requests>,<timeout_ms>")
+    end
+    local backend = prefix .. "." .. model
+    pools[backend] = { max_buffered_requests = tonumber(limit), buffered_request_timeout_ms = tonumber(timeout) }
+    model_pools[model] = backend
+  end
+  if next(model_pools) == nil then
+    error("paddler.lua: PADDLER_MODELS names no model")
+  end
+  return pools, model_pools
+end
+
+-- What pool_for decides by: model -> backend, the backend of requests naming none (nil: they get "absent"),
+-- and the largest body read.
+function paddler.configure_models(model_pools, default_pool, max_request_body)
+  settings.model_pools, settings.default_pool, settings.max_request_body = model_pools, default_pool, max_request_body
+end
+
 local function read_settings()
   settings.backend = paddler.required_env(os.getenv, "PADDLER_BACKEND", "string")
-  settings.max_buffered_requests = paddler.required_env(os.getenv, "PADDLER_MAX_BUFFERED_REQUESTS", "number")
-  settings.buffered_request_timeout_ms = paddler.required_env(os.getenv, "PADDLER_BUFFERED_REQUEST_TIMEOUT_MS",
-                                                              "number")
-  if core.backends[settings.backend] == nil then
-    error("paddler.lua: PADDLER_BACKEND names no backend: " .. settings.backend)
+  settings.pools = { [settings.backend] = {
+    max_buffered_requests = paddler.required_env(os.getenv, "PADDLER_MAX_BUFFERED_REQUESTS", "number"),
+    buffered_request_timeout_ms = paddler.required_env(os.getenv, "PADDLER_BUFFERED_REQUEST_TIMEOUT_MS", "number"),
+  } }
+  local models = os.getenv("PADDLER_MODELS")
+  if models ~= nil then
+    local pools, model_pools = paddler.parse_models(models, settings.backend)
+    local default = os.getenv("PADDLER_DEFAULT_MODEL")
+    if default ~= nil and model_pools[default] == nil then
+      error("paddler.lua: PADDLER_DEFAULT_MODEL is not in PADDLER_MODELS: " .. default)
+    end
+    settings.pools = pools
+    paddler.configure_models(model_pools, default and model_pools[default],
+                             paddler.required_env(os.getenv, "PADDLER_MAX_REQUEST_BODY", "number"))
+  end
+  for backend in pairs(settings.pools) do
+    if core.backends[backend] == nil then
+      error("paddler.lua: no backend " .. backend .. " (PADDLER_BACKEND, PADDLER_MODELS)")
+    end
   end
 end
 
@@ -648,7 +760,8 @@ if core ~= nil and core.register_action ~= nil then
   core.register_action("paddler_admit", { "http-req" }, paddler.admit, 0)
   core.register_service("paddler_health", "http", paddler.health)
   core.register_fetches("paddler_route", paddler.route)
-  if handover.reloaded then
+  core.register_fetches("paddler_pool", paddler.pool)
+  if handover.reloaded and os.getenv("PADDLER_MODELS") == nil then
     handover.gate_until = now_ms() + handover.gate_max_ms
     core.register_task(handover_task)
   end

@@ -20,6 +20,7 @@ FLEETS = {
     "default": default_fleet,
     "three-backends": lambda: load_fleet(GOLDEN / "three-backends.yaml"),
     "standby": lambda: load_fleet(GOLDEN / "standby.yaml"),
+    "models": lambda: load_fleet(GOLDEN / "models.yaml"),
 }
 
 
@@ -49,6 +50,27 @@ def test_standby_servers_are_backups_and_slot_overrides_are_the_starting_maxconn
     assert text.count(" backup\n") == 2
     assert "server eu-2 [fd00::12]:8080 weight 100 maxconn 1 " in text
     assert "slots_endpoint" not in text  # expose_slots: true
+
+
+def test_each_model_has_a_backend_with_the_servers_that_serve_it_each_asking_for_that_model() -> None:
+    text = rendered("models")
+    pools: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if line.startswith("backend "):
+            current = pools.setdefault(line.split()[1], [])
+        elif line.startswith("    server "):
+            current.append(line.split('agent-send "', 1)[1].split("\\n", 1)[0])
+    assert pools == {"llama.beta": ["gpu3 model=beta", "big1 model=beta", "spare1 model=beta"],
+                     "llama.alpha": ["gpu1 model=alpha", "gpu2 model=alpha", "big1 model=alpha", "spare1 model=alpha"]}
+    assert "paddler-spare-" not in text  # joining without a reload: one pool only, for now
+    assert "    setenv PADDLER_MODELS beta,50,20000/alpha,30,10000\n" in text
+    assert "    default_backend llama.alpha\n" in text
+    assert "    tune.bufsize 327680\n" in text
+
+
+def test_a_one_model_fleet_reads_no_body() -> None:
+    text = rendered("three-backends")
+    assert "wait-for-body" not in text and "PADDLER_MODELS" not in text and "tune.bufsize" not in text
 
 
 def test_agent_listening_everywhere_is_reached_on_loopback() -> None:

@@ -100,3 +100,69 @@ def test_a_missing_or_malformed_setting_stops_the_load_instead_of_a_silent_defau
     ok, _, message = required_env(env, "PADDLER_MAX_BUFFERED_REQUESTS", "number").partition("\t")
     assert ok == "false"
     assert problem in message
+
+
+# --- Routing by model --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("statuses", "answered"), [
+    (["L7OK", "L7OK"], True),
+    (["L7OK", "L7STS"], True),
+    (["* L7OK"], True),
+    (["L7OK", "INI"], False),
+    (["* INI"], False),
+    (["L4CON"], False),
+    (["L4TOUT"], False),
+    (["L6RSP"], False),
+    (["L7TOUT"], False),
+    ([""], False),
+])
+def test_a_pool_waits_until_the_agent_answered_each_of_its_servers(statuses: list[str], answered: bool) -> None:
+    rows = ", ".join(f"{{agent_status={json.dumps(status)}}}" for status in statuses)
+    assert run_lua(f"print(paddler.agent_answered({{{rows}}}))") == str(answered).lower()
+
+
+def test_models_setting_gives_each_model_its_backend_and_limits() -> None:
+    out = run_lua('local pools, models = paddler.parse_models("alpha,30,10000/qwen3-8b:Q4,50,20000", "llama")\n'
+                  'local qwen = pools["llama.qwen3-8b:Q4"]\n'
+                  'print(models["alpha"], models["qwen3-8b:Q4"], qwen.max_buffered_requests,\n'
+                  '      qwen.buffered_request_timeout_ms, pools["llama.alpha"].max_buffered_requests)')
+    assert out.split() == ["llama.alpha", "llama.qwen3-8b:Q4", "50", "20000", "30"]
+
+
+@pytest.mark.parametrize("text", ["", "alpha", "alpha,30", "alpha,0,10", "alpha,x,10", "alpha,30,10,4"])
+def test_a_models_setting_that_cannot_be_read_stops_the_load(text: str) -> None:
+    with pytest.raises(AssertionError, match="PADDLER_MODELS"):
+        run_lua(f"paddler.parse_models({json.dumps(text)}, 'llama')")
+
+
+def pool_for(body: str, announced: int | None = None, default: str | None = "llama.alpha") -> str:
+    return run_lua(f"""
+local pools, models = paddler.parse_models("alpha,30,10000/beta,30,10000", "llama")
+paddler.configure_models(models, {json.dumps(default) if default else "nil"}, 64)
+print(paddler.pool_for({json.dumps(body)}, {announced if announced is not None else len(body)}))""")
+
+
+@pytest.mark.parametrize(("body", "announced", "default", "pool"), [
+    ('{"model":"beta"}', None, "llama.alpha", "llama.beta"),
+    ('{"prompt":"x"}', None, "llama.alpha", "llama.alpha"),
+    ('{"prompt":"x"}', None, None, "absent"),
+    ('{"model":"gamma"}', None, "llama.alpha", "unknown"),
+    ('{"model":"beta"', None, "llama.alpha", "malformed"),
+    ('{"model":"beta","pad":"' + "x" * 60 + '"}', None, "llama.alpha", "too_large"),
+    ('{"model":"beta"}', 65, "llama.alpha", "too_large"),
+])
+def test_the_pool_of_a_request(body: str, announced: int | None, default: str | None, pool: str) -> None:
+    assert pool_for(body, announced, default) == pool
+
+
+@pytest.mark.parametrize(("query", "pool"), [
+    ("", "nil"), ("model=beta", "llama.beta"), ("model=gamma", "false"), ("model=", "false"),
+    ("verbose=1", "nil"), ("model=beta&x=1", "nil"),
+])
+def test_health_asks_about_one_model_or_the_fleet(query: str, pool: str) -> None:
+    out = run_lua(f"""
+local pools, models = paddler.parse_models("alpha,30,10000/beta,30,10000", "llama")
+paddler.configure_models(models, nil, 64)
+print(paddler.health_pool({json.dumps(query)}))""")
+    assert out == pool
