@@ -11,18 +11,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import json
 import os
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from agentcheck.llamacpp import LlamaCppClient
 from agentcheck.status import BackendStatus, ModelLoad, ModelStatus, SlotSource, State
-from devstack.processes import LlamaRouter, LlamaServer, wait_until
+from devstack import browser
+from devstack.processes import AgentProcess, LlamaRouter, LlamaServer, http_get, wait_until
 from fleet import Address, Backend
 from tests.integration import clients
+from tests.integration.test_dashboard import Dashboard, require_chromium
+from tests.integration.test_top import Terminal, row
 
 pytestmark = pytest.mark.real
 
@@ -143,3 +151,96 @@ def write_template(pipe: Path) -> None:
         os.write(descriptor, TEMPLATE.encode())
     finally:
         os.close(descriptor)
+
+
+# --- the real agent shows a router's models in its API, /health?model=, /metrics, top and the dashboard -----
+
+
+def agents(agent: AgentProcess) -> dict[str, dict[str, Any]]:
+    status, body = http_get(agent.management_url + "/api/v1/agents")
+    assert status == 200
+    return {row["name"]: row for row in json.loads(body)["agents"]}
+
+
+def models_of(agent: AgentProcess, name: str) -> dict[str, tuple[str | None, int, int, bool, bool]]:
+    """A backend's models as /api/v1/agents lists them: name → (load, idle, total, declared, discovered)."""
+    return {model["name"]: (model["load"], model["slots_idle"], model["slots_total"], model["declared"],
+                            model["discovered"]) for model in agents(agent)[name]["models"]}
+
+
+def model_health(agent: AgentProcess, model: str) -> tuple[int, Any]:
+    status, body = http_get(f"{agent.management_url}/health?model={model}")
+    return status, json.loads(body)
+
+
+def metric(agent: AgentProcess, name: str, **labels: str) -> float | None:
+    _, body = http_get(agent.management_url + "/metrics")
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return sample.value
+    return None
+
+
+def test_the_agent_shows_a_routers_models_and_a_cold_load_everywhere(
+        make_router: Callable[..., LlamaRouter], make_llama: Callable[..., LlamaServer], tmp_path: Path) -> None:
+    require_chromium()  # before starting anything: a test failure, not a fixture error
+    router = make_router(slots=2).start()
+    plain = make_llama("plain", slots=1, alias="alpha").start()
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text(yaml.safe_dump({"backends": [
+        {"name": "router", "address": router.address},
+        {"name": "plain", "address": plain.address, "models": ["alpha", "gamma"]}]}))
+    terminal = Terminal(f"paddler-models-test-{os.getpid()}")
+    with AgentProcess(tmp_path, ["--fleet", str(fleet), "--interval", "200ms"]) as agent:
+        # 1. Both backends' models: the router's unloaded, the plain server's declared list against discovery.
+        wait_until(lambda: models_of(agent, "router") == {"alpha": ("unloaded", 0, 0, False, True),
+                                                          "beta": ("unloaded", 0, 0, False, True)}
+                   and models_of(agent, "plain") == {"alpha": ("loaded", 1, 1, True, True),
+                                                     "gamma": (None, 0, 0, True, False)},
+                   WAIT, what="the router's models unloaded and the plain server's declared models")
+        rows = agents(agent)
+        assert (rows["router"]["router"], rows["router"]["state"], rows["router"]["slots_total"]) == (True, "ready", 0)
+        assert (rows["plain"]["router"], rows["plain"]["models_declared"]) == (False, True)
+        assert router.models() == {"alpha": "unloaded", "beta": "unloaded"}  # the agent's polls load nothing
+
+        # 2. /health?model=: beta is served (a request loads it) with no idle slot yet; gamma by the plain
+        #    server's slot (declared); a model nothing serves is an OpenAI-style 404.
+        assert model_health(agent, "beta") == (200, {"status": "ok", "slots_idle": 0, "slots_processing": 0})
+        assert model_health(agent, "gamma") == (200, {"status": "ok", "slots_idle": 1, "slots_processing": 0})
+        status, body = model_health(agent, "nosuch")
+        assert (status, body["error"]["type"], body["error"]["code"]) == (404, "model_not_found", 404)
+
+        # 3. A request naming beta loads it: its child's 2 slots, one cold load counted, the load state gauge.
+        assert complete(router.url, "beta", 2).status == 200
+        wait_until(lambda: models_of(agent, "router")["beta"] == ("loaded", 2, 2, False, True), WAIT,
+                   what="beta loaded with its 2 slots")
+        assert model_health(agent, "beta") == (200, {"status": "ok", "slots_idle": 2, "slots_processing": 0})
+        assert metric(agent, "paddler_model_cold_loads_total", backend="router", model="beta") == 1
+        assert metric(agent, "paddler_model_cold_loads_total", backend="router", model="alpha") is None
+        assert metric(agent, "paddler_model_load_state", backend="router", model="beta", state="loaded") == 1
+        assert metric(agent, "paddler_model_slots_total", backend="router", model="beta") == 2
+        assert agents(agent)["router"]["slots_total"] == 2
+
+        # 4. paddler-agent top in a real terminal: the router's loaded count, and a line of models under each.
+        try:
+            terminal.start()
+            terminal.type(f"{sys.executable} -m agentcheck top --agent {agent.management_url} --interval 200ms",
+                          "Enter")
+            lines = terminal.until(lambda lines: row(lines, "router")[6:9] == ["router,", "1/2", "loaded"],
+                                   what="the router's row with one of two models loaded")
+            below = {name: lines[index + 1] for index, line in enumerate(lines[:-1])
+                     for name in ("router", "plain") if line.startswith(name + " ")}
+            assert below == {"router": "  models: alpha unloaded, beta loaded 0/2 busy",
+                             "plain": "  models: alpha loaded 0/1 busy, gamma declared, NOT DISCOVERED"}
+            print("\n".join(lines))
+        finally:
+            terminal.kill()
+
+        # 5. The dashboard in a real browser: a line per model with its state, the router marked as one.
+        with browser.LivePage(agent.management_url + "/") as page:
+            view = Dashboard(page).until(lambda v: len(v.rows) == 2 and v.names[1] == "plain", what="both rows")
+            router_row, plain_row = (row["cells"] for row in view.rows)
+            assert router_row["NAME"] == "routerROUTER"  # the badge, set apart by its margin only
+            assert router_row["MODEL"] == "alpha UNLOADED beta LOADED 2/2 idle"
+            assert plain_row["MODEL"] == "alpha LOADED 1/1 idle gamma NOT DISCOVERED"
