@@ -7,6 +7,7 @@ from typing import Any
 
 from agentcheck.haproxy_runtime import SparePool
 from agentcheck.model import FleetModel, Member, Origin, Role
+from agentcheck.model_routing import model_share, served_models
 
 Snapshot = Callable[[], dict[str, Any]]
 
@@ -88,23 +89,16 @@ def _models(member: Member) -> list[dict[str, Any]]:
 
 
 def _served(member: Member) -> dict[str, tuple[int, int, bool]]:
-    """The models a backend serves, each with (slots, slots processing, may take a request for it now).
-
-    Declared models override discovery, as they do for the balancer's routes. A plain llama-server answers
-    whatever model a request names, with all of its slots; a router only the models its ``/models`` lists
-    (an unloaded one is loaded by the request), each with its own slots."""
-    status = member.status
-    discovered = {found.name: found for found in status.models} if member.ready else {}
-    names = member.backend.models if member.backend.models is not None else tuple(discovered)
+    """The models a backend serves, each with (slots, slots processing, may take a request for it now), by the
+    rule the balancer's model pools follow (agentcheck.model_routing): declared models override discovery; a
+    router's model has its own slots (none until loaded: a request loads it)."""
     served = {}
-    for name in names:
-        if not member.ready:
-            served[name] = (0, 0, False)
-        elif status.router:
-            found = discovered.get(name)
-            served[name] = ((found.slots_total, found.slots_processing, member.usable) if found else (0, 0, False))
+    for name in served_models(member.backend, member.status):
+        share = model_share(member.backend, member.status, name)
+        if member.ready and share is not None:
+            served[name] = (share.slots_total, share.slots_processing, member.usable)
         else:
-            served[name] = (status.slots_total, status.slots_processing, member.usable)
+            served[name] = (0, 0, False)
     return served
 
 

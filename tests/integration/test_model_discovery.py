@@ -186,7 +186,7 @@ def test_the_agent_shows_a_routers_models_and_a_cold_load_everywhere(
         make_router: Callable[..., LlamaRouter], make_llama: Callable[..., LlamaServer], tmp_path: Path) -> None:
     require_chromium()  # before starting anything: a test failure, not a fixture error
     router = make_router(slots=2).start()
-    plain = make_llama("plain", slots=1, alias="alpha").start()
+    plain = make_llama("plain", slots=2, alias="alpha").start()
     fleet = tmp_path / "fleet.yaml"
     fleet.write_text(yaml.safe_dump({"backends": [
         {"name": "router", "address": router.address},
@@ -196,7 +196,7 @@ def test_the_agent_shows_a_routers_models_and_a_cold_load_everywhere(
         # 1. Both backends' models: the router's unloaded, the plain server's declared list against discovery.
         wait_until(lambda: models_of(agent, "router") == {"alpha": ("unloaded", 0, 0, False, True),
                                                           "beta": ("unloaded", 0, 0, False, True)}
-                   and models_of(agent, "plain") == {"alpha": ("loaded", 1, 1, True, True),
+                   and models_of(agent, "plain") == {"alpha": ("loaded", 2, 2, True, True),
                                                      "gamma": (None, 0, 0, True, False)},
                    WAIT, what="the router's models unloaded and the plain server's declared models")
         rows = agents(agent)
@@ -204,8 +204,8 @@ def test_the_agent_shows_a_routers_models_and_a_cold_load_everywhere(
         assert (rows["plain"]["router"], rows["plain"]["models_declared"]) == (False, True)
         assert router.models() == {"alpha": "unloaded", "beta": "unloaded"}  # the agent's polls load nothing
 
-        # 2. /health?model=: beta is served (a request loads it) with no idle slot yet; gamma by the plain
-        #    server's slot (declared); a model nothing serves is an OpenAI-style 404.
+        # 2. /health?model=: beta is served (a request loads it) with no idle slot yet; gamma by its share of
+        #    the plain server's slots (two declared names split its 2); a model nothing serves is a 404.
         assert model_health(agent, "beta") == (200, {"status": "ok", "slots_idle": 0, "slots_processing": 0})
         assert model_health(agent, "gamma") == (200, {"status": "ok", "slots_idle": 1, "slots_processing": 0})
         status, body = model_health(agent, "nosuch")
@@ -232,7 +232,7 @@ def test_the_agent_shows_a_routers_models_and_a_cold_load_everywhere(
             below = {name: lines[index + 1] for index, line in enumerate(lines[:-1])
                      for name in ("router", "plain") if line.startswith(name + " ")}
             assert below == {"router": "  models: alpha unloaded, beta loaded 0/2 busy",
-                             "plain": "  models: alpha loaded 0/1 busy, gamma declared, NOT DISCOVERED"}
+                             "plain": "  models: alpha loaded 0/2 busy, gamma declared, NOT DISCOVERED"}
             print("\n".join(lines))
         finally:
             terminal.kill()
@@ -243,4 +243,4 @@ def test_the_agent_shows_a_routers_models_and_a_cold_load_everywhere(
             router_row, plain_row = (row["cells"] for row in view.rows)
             assert router_row["NAME"] == "routerROUTER"  # the badge, set apart by its margin only
             assert router_row["MODEL"] == "alpha UNLOADED beta LOADED 2/2 idle"
-            assert plain_row["MODEL"] == "alpha LOADED 1/1 idle gamma NOT DISCOVERED"
+            assert plain_row["MODEL"] == "alpha LOADED 2/2 idle gamma NOT DISCOVERED"
