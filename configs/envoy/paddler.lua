@@ -20,7 +20,17 @@
 --       routes (route key -> forward, slots or admin), slots_forbidden_body,
 --       admin_forbidden_body, not_exposed_body   required: a route without one is answered
 --       500 "misconfigured" and logged, never guessed;
---   skip_picker                  optional: true on routes that are not llama.cpp (/health).
+--   skip_picker                  optional: true on routes that are not llama.cpp (/health);
+--   models                       in a fleet that routes by model: model name -> true. Then also required:
+--       model_routes (route keys whose JSON body names a model), max_request_body, models_list_body and the
+--       answers model_not_found_body (404), body_not_json_body and model_missing_body (400),
+--       body_too_large_body (413), agent_unavailable_body (503); optional: default_model, where a request
+--       that names no model goes (and those on other routes: GET /props, OPTIONS, audio; without it, any server).
+--
+-- Routing by model: the filter reads the body of a model route (at most max_request_body: 413 beyond, from
+-- content-length when sent, else from what arrived), answers 400/404/413 itself, and asks the picker for a
+-- server of that model (x-paddler-model). GET /v1/models and /models get the fleet's models from the filter.
+-- Without the agent there is no fallback: least_request would ignore the model, so the client gets 503.
 --
 -- Envoy config lines (paddler-gen envoy writes them):
 --   http_filters:
@@ -44,10 +54,15 @@ local AGENT_CLUSTER = "paddler_agent"
 local AGENT_AUTHORITY = "paddler-agent"  -- a host name the agent serves (agentcheck/management.py)
 local PICKER_TOKEN_HEADER = "x-paddler-picker-token"
 local RELEASE_TIMEOUT_MS = 1000
+local MODEL_HEADER = "x-paddler-model"  -- the model the picker must place the request on
 local REQUIRED_SETTINGS = { "picker_timeout_ms", "routes", "slots_forbidden_body", "admin_forbidden_body",
                             "not_exposed_body", "picker_token" }
+-- Required too when the route has "models" (a fleet that routes by model); default_model is optional.
+local MODEL_SETTINGS = { "model_routes", "max_request_body", "models_list_body", "model_not_found_body",
+                         "body_not_json_body", "model_missing_body", "body_too_large_body", "agent_unavailable_body" }
+local MODEL_LISTINGS = { ["GET:/v1/models"] = true, ["GET:/models"] = true }  -- answered by the filter
 
--- UTF-8 bytes of a code point below 0x10000; like cpp-httplib, nothing for a lone surrogate.
+-- UTF-8 bytes of a code point; like cpp-httplib, nothing for a lone surrogate.
 local function utf8_bytes(code)
   if code < 0x80 then
     return string.char(code)
@@ -55,8 +70,11 @@ local function utf8_bytes(code)
     return string.char(0xC0 + math.floor(code / 64), 0x80 + code % 64)
   elseif code >= 0xD800 and code < 0xE000 then
     return ""
+  elseif code < 0x10000 then
+    return string.char(0xE0 + math.floor(code / 4096), 0x80 + math.floor(code / 64) % 64, 0x80 + code % 64)
   end
-  return string.char(0xE0 + math.floor(code / 4096), 0x80 + math.floor(code / 64) % 64, 0x80 + code % 64)
+  return string.char(0xF0 + math.floor(code / 262144), 0x80 + math.floor(code / 4096) % 64,
+                     0x80 + math.floor(code / 64) % 64, 0x80 + code % 64)
 end
 
 -- The path llama-server routes on (cpp-httplib): the target cut at '#', then at '?', then %XX
@@ -118,6 +136,25 @@ function paddler.read_settings(metadata)
   if type(settings.routes) ~= "table" then
     return nil, "route metadata's routes is not a table"
   end
+  settings.models = metadata:get("models")
+  if settings.models == nil then
+    return settings
+  end
+  for _, key in ipairs(MODEL_SETTINGS) do
+    local value = metadata:get(key)
+    if value == nil then
+      return nil, "route metadata lacks " .. key
+    end
+    settings[key] = value
+  end
+  settings.default_model = metadata:get("default_model")
+  settings.max_request_body = tonumber(settings.max_request_body)
+  if settings.max_request_body == nil or settings.max_request_body <= 0 then
+    return nil, "route metadata's max_request_body is not a positive number"
+  end
+  if type(settings.models) ~= "table" or type(settings.model_routes) ~= "table" then
+    return nil, "route metadata's models or model_routes is not a table"
+  end
   return settings
 end
 
@@ -163,6 +200,285 @@ function paddler.placement_failure(upstream)
   return not answered and (string.find(flags, ",UF,", 1, true) ~= nil or string.find(flags, ",UC,", 1, true) ~= nil)
 end
 
+-- Model-aware routing. The model a request names, read the way llama-server's JSON parser reads the body
+-- (fleet/contract.py's request_model is the reference; the HAProxy bridge has the same scanner in Lua 5.3):
+-- a JSON object in UTF-8, no NaN, no lone surrogate escape, no trailing text, nested at most MAX_JSON_DEPTH
+-- deep; of two top-level "model" members the last. Returns "model", name | "absent" (none, or null) |
+-- "malformed" (anything else). It scans, jumping with string.find over runs of ordinary characters, and
+-- builds no table for the document.
+local MAX_JSON_DEPTH = 128
+local JSON_ESCAPES = { ['"'] = '"', ["\\"] = "\\", ["/"] = "/", b = "\b", f = "\f", n = "\n", r = "\r", t = "\t" }
+
+local function skip_space(body, i)
+  return select(2, string.find(body, "^[ \t\n\r]*", i)) + 1
+end
+
+-- The length of the well-formed UTF-8 sequence whose lead byte is at j, or nil: what nlohmann::json accepts
+-- (no overlong form, no surrogate, nothing above U+10FFFF). LuaJIT has no utf8 library: the ranges are
+-- Unicode's table of well-formed byte sequences.
+local function utf8_length(body, j)
+  local lead = string.byte(body, j)
+  local count, low, high
+  if lead >= 0xC2 and lead <= 0xDF then
+    count, low, high = 1, 0x80, 0xBF
+  elseif lead == 0xE0 then
+    count, low, high = 2, 0xA0, 0xBF
+  elseif lead == 0xED then
+    count, low, high = 2, 0x80, 0x9F
+  elseif lead >= 0xE1 and lead <= 0xEF then
+    count, low, high = 2, 0x80, 0xBF
+  elseif lead == 0xF0 then
+    count, low, high = 3, 0x90, 0xBF
+  elseif lead >= 0xF1 and lead <= 0xF3 then
+    count, low, high = 3, 0x80, 0xBF
+  elseif lead == 0xF4 then
+    count, low, high = 3, 0x80, 0x8F
+  else
+    return nil
+  end
+  local second = string.byte(body, j + 1)
+  if second == nil or second < low or second > high then
+    return nil
+  end
+  for k = j + 2, j + count do
+    local byte = string.byte(body, k)
+    if byte == nil or byte < 0x80 or byte > 0xBF then
+      return nil
+    end
+  end
+  return count + 1
+end
+
+-- The string whose opening quote is at i: the index after its closing quote, and its text when decode is
+-- true; nil when it is not a valid JSON string.
+local function scan_string(body, i, decode)
+  local parts, pos = decode and {} or nil, i + 1
+  while true do
+    local j = string.find(body, '[%z\1-\31"\\\128-\255]', pos)
+    if j == nil then
+      return nil
+    end
+    local byte = string.byte(body, j)
+    if byte < 32 then
+      return nil
+    elseif byte >= 128 then
+      local length = utf8_length(body, j)
+      if length == nil then
+        return nil
+      end
+      if decode then
+        parts[#parts + 1] = string.sub(body, pos, j + length - 1)
+      end
+      pos = j + length
+    else
+      if decode and j > pos then
+        parts[#parts + 1] = string.sub(body, pos, j - 1)
+      end
+      if byte == 34 then
+        return j + 1, decode and table.concat(parts) or nil
+      end
+      local escape = string.sub(body, j + 1, j + 1)
+      if escape == "u" then
+        local code = tonumber(string.match(body, "^%x%x%x%x", j + 2) or "", 16)
+        pos = j + 6
+        if code == nil or (code >= 0xDC00 and code < 0xE000) then
+          return nil
+        elseif code >= 0xD800 and code < 0xDC00 then
+          local low = tonumber(string.match(body, "^\\u(%x%x%x%x)", pos) or "", 16)
+          if low == nil or low < 0xDC00 or low >= 0xE000 then
+            return nil
+          end
+          code, pos = 0x10000 + (code - 0xD800) * 0x400 + (low - 0xDC00), pos + 6
+        end
+        if decode then
+          parts[#parts + 1] = utf8_bytes(code)
+        end
+      elseif JSON_ESCAPES[escape] then
+        if decode then
+          parts[#parts + 1] = JSON_ESCAPES[escape]
+        end
+        pos = j + 2
+      else
+        return nil
+      end
+    end
+  end
+end
+
+-- The number at i: the index after it, or nil.
+local function scan_number(body, i)
+  local j = string.sub(body, i, i) == "-" and i + 1 or i
+  local whole = string.match(body, "^0", j) or string.match(body, "^[1-9]%d*", j)
+  if whole == nil then
+    return nil
+  end
+  j = j + #whole
+  local fraction = string.match(body, "^%.%d+", j)
+  if fraction then
+    j = j + #fraction
+  elseif string.sub(body, j, j) == "." then
+    return nil
+  end
+  local exponent = string.match(body, "^[eE][-+]?%d+", j)
+  if exponent then
+    return j + #exponent
+  end
+  return not string.match(body, "^[eE]", j) and j or nil
+end
+
+local JSON_LITERALS = { t = "true", f = "false", n = "null" }
+
+-- One scalar at i (string, number, literal): the index after it, and its kind and text ("string", text),
+-- ("null"), ("other"); nil when invalid.
+local function scan_scalar(body, i, decode)
+  local char = string.sub(body, i, i)
+  if char == '"' then
+    local after, text = scan_string(body, i, decode)
+    return after, "string", text
+  end
+  local literal = JSON_LITERALS[char]
+  if literal then
+    if string.sub(body, i, i + #literal - 1) ~= literal then
+      return nil
+    end
+    return i + #literal, literal == "null" and "null" or "other"
+  end
+  return scan_number(body, i), "other"
+end
+
+function paddler.request_model(body)
+  local i = skip_space(body, 1)
+  if string.sub(body, i, i) ~= "{" then
+    return "malformed"
+  end
+  local stack, verdict, model = {}, "absent", nil
+  -- state: what may come next. "key": a key, or "}" right after "{"; "value": a value, or "]" right after
+  -- "["; "next": "," or the end of the container on top of the stack.
+  local state, first, is_model = "key", true, false
+  stack[1], i = "{", i + 1
+  while true do
+    i = skip_space(body, i)
+    local char = string.sub(body, i, i)
+    if char == "" then
+      return "malformed"
+    end
+    local top = stack[#stack]
+    if state == "next" then
+      if char == "," then
+        state, first, i = top == "{" and "key" or "value", false, i + 1
+      elseif (char == "}" and top == "{") or (char == "]" and top == "[") then
+        stack[#stack], i = nil, i + 1
+        if #stack == 0 then
+          if skip_space(body, i) <= #body then
+            return "malformed"
+          end
+          return verdict, model
+        end
+      else
+        return "malformed"
+      end
+    elseif state == "key" then
+      if char == "}" and first then
+        state = "next"
+      else
+        if char ~= '"' then
+          return "malformed"
+        end
+        local after, key = scan_string(body, i, #stack == 1)
+        if after == nil then
+          return "malformed"
+        end
+        i = skip_space(body, after)
+        if string.sub(body, i, i) ~= ":" then
+          return "malformed"
+        end
+        state, is_model, i = "value", key == "model", i + 1
+      end
+    elseif char == "]" and first and top == "[" then
+      state = "next"
+    elseif char == "{" or char == "[" then
+      if #stack >= MAX_JSON_DEPTH then
+        return "malformed"
+      end
+      if is_model then
+        verdict, model, is_model = "malformed", nil, false
+      end
+      stack[#stack + 1], i, first = char, i + 1, true
+      state = char == "{" and "key" or "value"
+    else
+      local after, kind, text = scan_scalar(body, i, is_model)
+      if after == nil then
+        return "malformed"
+      end
+      if is_model then
+        if kind == "string" then
+          verdict, model = "model", text
+        elseif kind == "null" then
+          verdict, model = "absent", nil
+        else
+          verdict, model = "malformed", nil
+        end
+        is_model = false
+      end
+      state, i = "next", after
+    end
+  end
+end
+
+-- In a fleet that routes by model: the model a request goes to (nil: any server), or nil and the status and
+-- body of the balancer's own answer. key is the route key; body the request's body on model routes.
+function paddler.choose_model(key, body, settings)
+  if MODEL_LISTINGS[key] then
+    return nil, "200", settings.models_list_body
+  elseif not settings.model_routes[key] then
+    return settings.default_model
+  end
+  local verdict, name = paddler.request_model(body)
+  if verdict == "malformed" then
+    return nil, "400", settings.body_not_json_body
+  elseif verdict == "absent" then
+    if settings.default_model == nil then
+      return nil, "400", settings.model_missing_body
+    end
+    return settings.default_model
+  elseif settings.models[name] ~= true then
+    return nil, "404", settings.model_not_found_body
+  end
+  return name
+end
+
+-- The body of a model route as text, or nil when it is larger than max_request_body: refused from its
+-- content-length before anything is read, else from what Envoy buffered (chunked uploads). Yields.
+local function bounded_body(request_handle, content_length, limit)
+  if (tonumber(content_length or "") or 0) > limit then
+    return nil
+  end
+  local buffered = request_handle:body()
+  if buffered == nil then
+    return ""
+  elseif buffered:length() > limit then
+    return nil
+  end
+  return buffered:getBytes(0, buffered:length())
+end
+
+-- The picker could not be asked (agent away, or it refused the filter). One model: least_request serves.
+-- Several: a plain llama-server ignores "model", so least_request could answer with the wrong one: 503.
+local function picker_unavailable(request_handle, settings, status)
+  local refused = status == "403" or status == "421"
+  local log = refused and request_handle.logErr or request_handle.logWarn
+  local what = refused and "paddler-agent refused the filter's call (status " .. status .. "): paddler-gen envoy " ..
+               "and paddler-agent must read the same agent.picker_token_env; "
+               or "paddler-agent picker unavailable (status " .. tostring(status) .. "): "
+  if settings.models == nil then
+    log(request_handle, what .. "falling back to least_request")
+    return
+  end
+  log(request_handle, what .. "this fleet routes by model, so no fallback: answering 503")
+  request_handle:respond({ [":status"] = "503", ["content-type"] = "application/json", ["retry-after"] = "1" },
+                         settings.agent_unavailable_body)
+end
+
 function paddler.on_request(request_handle)
   local headers = request_handle:headers()
   headers:remove(ENDPOINT_HEADER)
@@ -184,6 +500,24 @@ function paddler.on_request(request_handle)
   end
 
   local acquire = paddler.agent_headers("/api/v1/picker/acquire", settings.picker_token)
+  if settings.models ~= nil then
+    local key = paddler.route_key(headers:get(":method"), headers:get(":path"))
+    local text = ""
+    if settings.model_routes[key] then
+      text = bounded_body(request_handle, headers:get("content-length"), settings.max_request_body)
+      if text == nil then
+        request_handle:respond({ [":status"] = "413", ["content-type"] = "application/json" },
+                               settings.body_too_large_body)
+        return
+      end
+    end
+    local model, status, answer = paddler.choose_model(key, text, settings)
+    if status ~= nil then
+      request_handle:respond({ [":status"] = status, ["content-type"] = "application/json" }, answer)
+      return
+    end
+    acquire[MODEL_HEADER] = model
+  end
   local reply_headers, reply_body = request_handle:httpCall(AGENT_CLUSTER, acquire, "", settings.picker_timeout_ms)
   local status = reply_headers[":status"]
   if status == "200" and reply_headers[ENDPOINT_HEADER] ~= nil then
@@ -195,12 +529,8 @@ function paddler.on_request(request_handle)
   elseif status == "503" and reply_headers[VERDICT_HEADER] ~= nil then
     request_handle:respond({ [":status"] = "503", ["content-type"] = "application/json",
                              ["retry-after"] = reply_headers["retry-after"] or "1" }, reply_body)
-  elseif status == "403" or status == "421" then
-    request_handle:logErr("paddler-agent refused the filter's call (status " .. status .. "): paddler-gen envoy " ..
-                          "and paddler-agent must read the same agent.picker_token_env; falling back to least_request")
   else
-    request_handle:logWarn("paddler-agent picker unavailable (status " .. tostring(status) ..
-                           "): falling back to least_request")
+    picker_unavailable(request_handle, settings, status)
   end
 end
 

@@ -21,7 +21,7 @@ import pytest
 
 from devstack.processes import LOOPBACK, EnvoyProcess, free_port, http_get, wait_until
 from fleet import load_fleet
-from fleet.contract import route_table
+from fleet.contract import MODEL_ROUTES, route_table
 from generator.envoy import packaged_lua_path, render_envoy
 
 LUAJIT = shutil.which("luajit")
@@ -79,16 +79,25 @@ local function http_call(handles, picker)
         "token=" .. tostring(headers["x-paddler-picker-token"]), "body=" .. body, "timeout=" .. timeout_ms,
         "async=" .. tostring(async == true))
     if headers["x-paddler-endpoint"] then say("  x-paddler-endpoint", headers["x-paddler-endpoint"]) end
+    if headers["x-paddler-model"] then say("  x-paddler-model", headers["x-paddler-model"]) end
     kill(handles)
     if async then return end
     return picker.headers, picker.body
   end
 end
 
-function request(request_headers, metadata, picker, store)
+function request(request_headers, metadata, picker, store, body)
   local handles = {}
   local handle = {}
   function handle:headers() return header_handle(request_headers, handles) end
+  -- Like Envoy: nil when the request has no body; reading it yields (header handles die).
+  function handle:body()
+    say("body read")
+    kill(handles)
+    if body == nil then return nil end
+    return { length = function() return #body end,
+             getBytes = function(_, start, length) return string.sub(body, start + 1, start + length) end }
+  end
   function handle:metadata() return { get = function(_, key) return metadata[key] end } end
   function handle:streamInfo() return { dynamicMetadata = function() return dynamic_metadata(store) end } end
   function handle:respond(headers, body) say("respond", sorted_pairs(headers), body) end
@@ -537,3 +546,115 @@ def test_real_envoy_answers_a_route_without_a_setting_500_and_logs_it(envoy_with
 def test_real_envoy_refuses_what_is_not_on_the_allow_list(envoy_without: RealEnvoy, path: str, status: int,
                                                           body: str) -> None:
     assert http_get(envoy_without.url + path) == (status, body.encode())
+
+
+# Routing by model (a fleet whose backends serve several models): the route carries the models and answers.
+
+MODEL_ANSWERS = {"models_list_body": '{"object":"list","data":["alpha","beta"]}', "model_not_found_body": "not-found",
+                 "body_not_json_body": "not-json", "model_missing_body": "missing", "body_too_large_body": "too-large",
+                 "agent_unavailable_body": "agent-away"}
+MODEL_ROUTE = {**ROUTE, "models": {"alpha": True, "beta": True}, "default_model": "alpha", "max_request_body": 64,
+               "model_routes": {key: True for key in MODEL_ROUTES}, **MODEL_ANSWERS}
+ACQUIRED = ["add x-paddler-endpoint 10.0.0.11:8080", "dynamic-set paddler lease 42"]
+
+
+def on_model_request(body: str | None, path: str = "/v1/chat/completions", method: str = "POST",
+                     route: dict | None = None, picker: dict | None = None, extra_headers: dict | None = None
+                     ) -> list[str]:
+    headers = {":method": method, ":path": path, **(extra_headers or {})}
+    body_arg = "nil" if body is None else lua(body)
+    lines = run_lua(f"request({lua(headers)}, {lua(MODEL_ROUTE if route is None else route)}, "
+                    f"{lua(picker or GRANTED)}, {{}}, {body_arg})")
+    assert lines[0] == "remove x-paddler-endpoint"
+    return lines[1:-1]  # between the removal and what goes upstream
+
+
+def respond(status: str, body: str, **headers: str) -> str:
+    fields = " ".join(f"{key}={value}" for key, value in sorted({":status": status, "content-type": "application/json",
+                                                                 **headers}.items()))
+    return f"respond {fields} {body}"
+
+
+@pytest.mark.parametrize(("body", "model"), [
+    ('{"model":"beta","messages":[]}', "beta"),
+    ('{"messages":[]}', "alpha"),  # no model: the default
+    ('{"model":null}', "alpha"),
+])
+def test_a_model_route_asks_the_picker_for_the_model_the_body_names(body: str, model: str) -> None:
+    assert on_model_request(body) == ["body read", ACQUIRE, f"  x-paddler-model {model}", *ACQUIRED]
+
+
+@pytest.mark.parametrize(("body", "answer"), [
+    ('{"model":"gamma"}', respond("404", "not-found")),
+    ('{"model":"alph\\u0061"}', None),  # escapes are read as llama-server reads them: alpha
+    ('{"model":"alpha"', respond("400", "not-json")),
+    ('{"model":["alpha"]}', respond("400", "not-json")),
+    ("", respond("400", "not-json")),
+    (None, respond("400", "not-json")),  # no body at all
+])
+def test_a_model_route_answers_unknown_models_and_bad_bodies_itself(body: str | None, answer: str | None) -> None:
+    lines = on_model_request(body)
+    if answer is None:
+        assert lines == ["body read", ACQUIRE, "  x-paddler-model alpha", *ACQUIRED]
+    else:
+        assert lines == ["body read", answer]
+
+
+def test_without_a_default_model_a_request_naming_none_is_a_400() -> None:
+    route = {key: value for key, value in MODEL_ROUTE.items() if key != "default_model"}
+    assert on_model_request('{"messages":[]}', route=route) == ["body read", respond("400", "missing")]
+
+
+def test_a_body_over_the_bound_is_a_413_from_its_length_or_from_what_arrived() -> None:
+    large = '{"model":"alpha","pad":"' + "x" * 64 + '"}'
+    assert on_model_request(large, extra_headers={"content-length": str(len(large))}) == [
+        respond("413", "too-large")]  # refused before reading a byte
+    assert on_model_request(large) == ["body read", respond("413", "too-large")]  # chunked: no length
+    exact = '{"model":"beta","pad":"' + "x" * (64 - 25) + '"}'
+    assert len(exact) == 64
+    assert on_model_request(exact, extra_headers={"content-length": "64"}) == [
+        "body read", ACQUIRE, "  x-paddler-model beta", *ACQUIRED]
+
+
+@pytest.mark.parametrize(("method", "path"), [("GET", "/v1/models"), ("GET", "/models"), ("HEAD", "/v1/models")])
+def test_the_model_list_is_the_filters_own_answer(method: str, path: str) -> None:
+    assert on_model_request(None, path=path, method=method) == [
+        respond("200", '{"object":"list","data":["alpha","beta"]}')]
+
+
+@pytest.mark.parametrize(("method", "path"), [("GET", "/props"), ("OPTIONS", "/v1/chat/completions"),
+                                              ("POST", "/v1/audio/transcriptions")])
+def test_routes_without_a_model_in_their_body_go_to_the_default_model_or_any_server(method: str, path: str) -> None:
+    assert on_model_request("ignored", path=path, method=method) == [ACQUIRE, "  x-paddler-model alpha", *ACQUIRED]
+    route = {key: value for key, value in MODEL_ROUTE.items() if key != "default_model"}
+    assert on_model_request("ignored", path=path, method=method, route=route) == [ACQUIRE, *ACQUIRED]
+
+
+def test_the_allow_list_still_comes_first() -> None:
+    assert on_model_request(None, path="/slots", method="GET") == [respond("403", SLOTS_FORBIDDEN)]
+
+
+@pytest.mark.parametrize(("status", "log"), [
+    ("000", "warn paddler-agent picker unavailable (status 000): "),
+    ("403", "err paddler-agent refused the filter's call (status 403): paddler-gen envoy and paddler-agent must "
+            "read the same agent.picker_token_env; ")])
+def test_without_the_picker_a_fleet_that_routes_by_model_answers_503_never_least_request(status: str,
+                                                                                         log: str) -> None:
+    assert on_model_request('{"model":"beta"}', picker={"headers": {":status": status}, "body": ""}) == [
+        "body read", ACQUIRE, "  x-paddler-model beta",
+        log + "this fleet routes by model, so no fallback: answering 503",
+        respond("503", "agent-away", **{"retry-after": "1"})]
+
+
+def test_the_pickers_own_503_is_still_passed_on() -> None:
+    picker = {"headers": {":status": "503", "x-paddler-verdict": "buffer_full", "retry-after": "1"}, "body": "full"}
+    assert on_model_request('{"model":"beta"}', picker=picker)[-1] == respond("503", "full", **{"retry-after": "1"})
+
+
+@pytest.mark.parametrize("key", ["model_routes", "max_request_body", "agent_unavailable_body", "models_list_body"])
+def test_a_model_route_without_a_model_setting_is_a_loud_500_naming_it(key: str) -> None:
+    route = {name: value for name, value in MODEL_ROUTE.items() if name != key}
+    problem = f"route metadata lacks {key}"
+    assert on_model_request('{"model":"beta"}', route=route) == [
+        f"err paddler.lua: {problem}",
+        respond("500", '{"error":{"code":500,"type":"misconfigured","message":"paddler.lua: ' + problem + '"}}')]
