@@ -6,6 +6,7 @@ Values from outside the fleet (its path, the Lua directory) pass generator.templ
 from __future__ import annotations
 
 import ipaddress
+import json
 import shutil
 import sys
 from importlib import resources
@@ -20,7 +21,14 @@ DEFAULT_LUA_DIR = "/etc/envoy/paddler"
 PICKER_GRACE_MS = 1000  # the Lua filter waits this much longer than the picker's own timeout
 # How long a starting Envoy waits for the agent's first endpoint list before it serves with none.
 EDS_INITIAL_FETCH_SECONDS = 5.0
-# Sent to the picker when agent.picker_token_env is not configured; equals agentcheck.management's.
+# Envoy's own request buffer (listener per_connection_buffer_limit_bytes) when nothing sets it: 1 MiB.
+ENVOY_DEFAULT_BUFFER_LIMIT = 1024 * 1024
+# A fleet that routes by model has no least_request fallback (a plain llama-server ignores "model"): while the
+# picker cannot be asked, requests get this. Same shape as the other answers in fleet/contract.py.
+AGENT_UNAVAILABLE = json.dumps({"error": {
+    "code": 503, "type": "unavailable",
+    "message": "paddler-agent cannot be reached, and this fleet routes by model: no request goes out without it"}},
+    separators=(",", ":"))
 
 
 def packaged_lua_path() -> Path:
@@ -63,6 +71,33 @@ def fallback_per_host(fleet: Fleet) -> tuple[int, str]:
     return smallest.slots or 1, f"the fewest slots in the fleet, {comment_text(smallest.name)}"
 
 
+def models_context(fleet: Fleet) -> dict[str, Any] | None:
+    """The filter's settings for routing by model (docs/envoy.md, "Routing by model"); None for a one-model
+    fleet, whose config stays as it was."""
+    if not fleet.routes_by_model():
+        return None
+    names = fleet.model_names()
+    limit = fleet.balancer.max_request_body
+    return {
+        "settings": {
+            "models": dict.fromkeys(names, True),
+            "model_routes": dict.fromkeys(contract.MODEL_ROUTES, True),
+            "max_request_body": limit,
+            "models_list_body": contract.models_list(names),
+            "model_not_found_body": contract.MODEL_NOT_FOUND,
+            "body_not_json_body": contract.BODY_NOT_JSON,
+            "model_missing_body": contract.MODEL_MISSING,
+            "body_too_large_body": contract.body_too_large(limit),
+            "agent_unavailable_body": AGENT_UNAVAILABLE,
+        },
+        "default_model": fleet.request_default_model(),
+        # The filter reads bodies up to max_request_body; Envoy answers 413 itself past its own buffer limit.
+        "buffer_limit": max(limit, ENVOY_DEFAULT_BUFFER_LIMIT),
+        "body_too_large_body": contract.body_too_large(limit),
+        "agent_unavailable_body": AGENT_UNAVAILABLE,
+    }
+
+
 def envoy_context(fleet: Fleet, lua_dir: str = DEFAULT_LUA_DIR) -> dict[str, Any]:
     _require_ip_addresses(fleet)
     balancer = fleet.balancer
@@ -98,6 +133,7 @@ def envoy_context(fleet: Fleet, lua_dir: str = DEFAULT_LUA_DIR) -> dict[str, Any
         "admin_forbidden_body": contract.ADMIN_FORBIDDEN,
         "not_exposed_body": contract.NOT_EXPOSED,
         "lua_path": envoy_lua_path(lua_dir),
+        "models": models_context(fleet),
     }
 
 

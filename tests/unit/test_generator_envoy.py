@@ -15,8 +15,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fleet import default_fleet, load_fleet
-from generator.envoy import check_envoy, envoy_binary, envoy_duration, packaged_lua_path, render_envoy
+from fleet import contract, default_fleet, load_fleet
+from generator.envoy import (
+    AGENT_UNAVAILABLE,
+    check_envoy,
+    envoy_binary,
+    envoy_duration,
+    packaged_lua_path,
+    render_envoy,
+)
 from generator.main import main
 
 GOLDEN_ROOT = Path(__file__).parent.parent / "golden"
@@ -28,6 +35,7 @@ FLEETS = {
     "default": default_fleet,
     "three-backends": lambda: load_fleet(GOLDEN / "three-backends.yaml"),
     "standby": lambda: load_fleet(GOLDEN_ROOT / "haproxy" / "standby.yaml"),
+    "models": lambda: load_fleet(GOLDEN / "models.yaml"),
 }
 
 
@@ -221,3 +229,57 @@ def test_the_fallbacks_overflow_answers_like_a_full_buffer() -> None:
                                   '"message":"all llama.cpp slots are busy and the request buffer is full"}}'},
         "body_format_override": {"text_format": "%LOCAL_REPLY_BODY%", "content_type": "application/json"},
     }]}
+
+
+def listener_of(name: str) -> dict:
+    listener: dict = yaml.safe_load(rendered(name))["static_resources"]["listeners"][0]
+    return listener
+
+
+def routes_of(listener: dict) -> list[dict]:
+    routes: list[dict] = listener["filter_chains"][0]["filters"][0]["typed_config"]["route_config"][
+        "virtual_hosts"][0]["routes"]
+    return routes
+
+
+def test_a_fleet_that_routes_by_model_gives_the_filter_its_models_and_answers() -> None:
+    routes = routes_of(listener_of("models"))
+    settings = routes[1]["metadata"]["filter_metadata"]["envoy.filters.http.lua"]
+    assert routes[2]["metadata"] == routes[1]["metadata"]
+    assert {key: settings[key] for key in ("models", "default_model", "max_request_body")} == {
+        "models": {"beta": True, "alpha": True}, "default_model": "alpha", "max_request_body": 65536}
+    assert settings["model_routes"] == dict.fromkeys(contract.MODEL_ROUTES, True)
+    assert "POST:/v1/chat/completions" in settings["model_routes"]
+    assert "POST:/v1/audio/transcriptions" not in settings["model_routes"]
+    assert settings["models_list_body"] == contract.models_list(["beta", "alpha"])  # Fleet.model_names order
+    assert (settings["model_not_found_body"], settings["body_not_json_body"], settings["model_missing_body"],
+            settings["body_too_large_body"], settings["agent_unavailable_body"]) == (
+        contract.MODEL_NOT_FOUND, contract.BODY_NOT_JSON, contract.MODEL_MISSING, contract.body_too_large(65536),
+        AGENT_UNAVAILABLE)
+
+
+def test_a_one_model_fleet_has_no_model_settings() -> None:
+    settings = routes_of(listener_of("three-backends"))[1]["metadata"]["filter_metadata"]["envoy.filters.http.lua"]
+    assert not {"models", "model_routes", "default_model", "max_request_body"} & set(settings)
+
+
+def test_a_fleet_that_routes_by_model_never_sends_a_request_the_picker_did_not_place() -> None:
+    config = yaml.safe_load(rendered("models"))
+    routes = routes_of(config["static_resources"]["listeners"][0])
+    assert routes[2]["match"] == {"prefix": "/"}
+    assert "route" not in routes[2]
+    assert routes[2]["direct_response"] == {"status": 503, "body": {"inline_string": AGENT_UNAVAILABLE}}
+    llama = config["static_resources"]["clusters"][0]
+    fallback = llama["load_balancing_policy"]["policies"][0]["typed_extension_config"]["typed_config"][
+        "fallback_policy"]["policies"][0]["typed_extension_config"]
+    assert fallback["name"] == "envoy.load_balancing_policies.subset"
+    assert fallback["typed_config"]["fallback_policy"] == "NO_FALLBACK"
+    assert "subset_selectors" not in fallback["typed_config"]
+
+
+def test_envoys_own_buffer_holds_a_body_of_max_request_body_and_its_413_says_so() -> None:
+    listener = listener_of("models")
+    assert listener["per_connection_buffer_limit_bytes"] == 1024 * 1024  # never below Envoy's default
+    mappers = listener["filter_chains"][0]["filters"][0]["typed_config"]["local_reply_config"]["mappers"]
+    assert mappers[1]["body"] == {"inline_string": contract.body_too_large(65536)}
+    assert "per_connection_buffer_limit_bytes" not in listener_of("three-backends")
