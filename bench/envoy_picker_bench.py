@@ -40,18 +40,18 @@ def without_lua(config_text: str, listen_port: int, admin_port: int) -> str:
     return yaml.safe_dump(config)
 
 
-async def measure(urls: dict[str, str], rate: float, seconds: float) -> dict[str, list[float]]:
+async def measure(urls: dict[str, str], rate: float, seconds: float, path: str = "/completion",
+                  body: str = json.dumps({"prompt": "hi", "n_predict": 1})) -> dict[str, list[float]]:
+    """Open loop: requests alternate between ``urls`` at ``rate`` per second each; latency of each 200."""
     latencies: dict[str, list[float]] = {name: [] for name in urls}
-    failures = 0
-    body = json.dumps({"prompt": "hi", "n_predict": 1})
+    failures: list[str] = []
 
     async def one(session: aiohttp.ClientSession, name: str) -> None:
-        nonlocal failures
         started = time.perf_counter()
-        async with session.post(urls[name] + "/completion", data=body) as response:
+        async with session.post(urls[name] + path, data=body) as response:
             await response.read()
             if response.status != 200:
-                failures += 1
+                failures.append(f"{name}: {response.status} {(await response.text())[:90]}")
                 return
         latencies[name].append(time.perf_counter() - started)
 
@@ -68,7 +68,7 @@ async def measure(urls: dict[str, str], rate: float, seconds: float) -> dict[str
             tasks.append(asyncio.create_task(one(session, names[i % len(names)])))
         await asyncio.gather(*tasks)
     if failures:
-        raise SystemExit(f"{failures} requests failed")
+        raise SystemExit(f"{len(failures)} requests failed: {sorted(set(failures))}")
     return latencies
 
 
