@@ -71,6 +71,13 @@ def agent_reply(status: BackendStatus, fleet_max_slots: int,
     ``returning``: a reply for this backend said ``down`` a moment ago, so a ready one comes
     back UP at weight 0% and gets its weight from a later reply (see the module docstring).
     """
+    if status.state is State.READY and status.slots_total < 1 and status.router:
+        # A llama.cpp router with no model loaded is alive: one request at a time loads one (cold_model_reply).
+        if drained or leaving:
+            why = "leaving the fleet" if leaving else "drained by operator"
+            return f"up drain maxconn:1 #{_comment(f'{why}, router with no model loaded')}\n"
+        weight = "0%" if returning else f"{MIN_WEIGHT_PERCENT}%"
+        return f"up ready {weight} maxconn:1 #{_comment('router, no model loaded: a request loads one')}\n"
     if status.state is State.READY and status.slots_total < 1:
         return f"down #{_comment('error: server reports no slots')}\n"
     if status.state is State.READY:

@@ -260,3 +260,11 @@ def test_unknown_backend_reply_names_the_backend() -> None:
 def test_invalid_request_reply_states_the_problem() -> None:
     assert invalid_request_reply("agent-send is not ASCII text") == \
         "down #paddler-agent: agent-send is not ASCII text\n"
+
+
+def test_a_router_with_no_model_loaded_takes_one_request_to_load_one() -> None:
+    idle_router = BackendStatus(State.READY, slots_total=0, slot_source=SlotSource.SLOTS, router=True)
+    assert agent_reply(idle_router, 4) == "up ready 1% maxconn:1 #router, no model loaded: a request loads one\n"
+    assert agent_reply(idle_router, 4, returning=True).startswith("up ready 0% maxconn:1 ")
+    assert agent_reply(idle_router, 4, drained=True) == (
+        "up drain maxconn:1 #drained by operator, router with no model loaded\n")
