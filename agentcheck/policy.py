@@ -76,8 +76,8 @@ def agent_reply(status: BackendStatus, fleet_max_slots: int,
         if drained or leaving:
             why = "leaving the fleet" if leaving else "drained by operator"
             return f"up drain maxconn:1 #{_comment(f'{why}, router with no model loaded')}\n"
-        weight = "0%" if returning else f"{MIN_WEIGHT_PERCENT}%"
-        return f"up ready {weight} maxconn:1 #{_comment('router, no model loaded: a request loads one')}\n"
+        percent = 0 if returning else MIN_WEIGHT_PERCENT
+        return f"up ready {percent}% maxconn:1 #{_comment('router, no model loaded: a request loads one')}\n"
     if status.state is State.READY and status.slots_total < 1:
         return f"down #{_comment('error: server reports no slots')}\n"
     if status.state is State.READY:
