@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from devstack.chaos import IncarnationDeferrals
-from devstack.processes import LlamaServer, wait_until
+from devstack.processes import LlamaRouter, LlamaServer, http_get, wait_until
 from devstack.stack import BalancerStack
 from fleet import contract
 from generator.haproxy import model_backend
@@ -159,3 +159,45 @@ def test_a_burst_on_one_model_waits_in_its_own_queue_and_leaves_the_other_alone(
     assert [status for status, _, _ in alone + beside + bursts] == [200] * (20 + 5 * alpha_slots)
     assert alpha_queue_max >= 2 * alpha_slots
     assert beta_queue_max == 0
+
+
+def router_deferred(router: LlamaRouter, model: str) -> float | None:
+    """requests_deferred of one loaded model's child (asking an unloaded model's /metrics would load it)."""
+    status, body = http_get(f"{router.url}/metrics?model={model}")
+    if status != 200:
+        return None
+    for line in body.decode().splitlines():
+        if line.startswith("llamacpp:requests_deferred "):
+            return float(line.split()[1])
+    return None
+
+
+def test_a_router_takes_one_request_for_a_model_it_has_not_loaded_then_all_its_slots(
+        make_llama: Callable[..., LlamaServer], make_router: Callable[..., LlamaRouter], tmp_path: Path) -> None:
+    """Only the router (models discovered) serves alpha: its first alpha request loads alpha, one at a time;
+    once the agent sees it loaded, alpha's pool gets the child's slots, and llama.cpp never defers."""
+    router = make_router("big1", slots=2).start()
+    beta = make_llama("gpu3", slots=2, alias="beta").start()
+    alpha_pool = model_backend("alpha")
+    with BalancerStack(tmp_path / "lb", {"gpu3": beta.address, "big1": router.address}, models={"gpu3": ["beta"]},
+                       top={"models": {"alpha": {}, "beta": {}}, "default_model": "alpha"}) as stack:
+        wait_until(lambda: stack.haproxy.server(alpha_pool, "big1")["agent_status"] == "L7OK"
+                   and stack.haproxy.server(alpha_pool, "big1")["slim"] == "1", timeout=15,
+                   what="the router in alpha's pool, cold: one request at a time")
+        assert "alpha unloaded" in stack.haproxy.server(alpha_pool, "big1")["agent_desc"] + \
+            stack.haproxy.server(alpha_pool, "big1")["last_agt"]
+        cold = complete(stack, {"model": "alpha"})
+        assert (cold.status, cold.json()["model"]) == (200, "alpha")
+        wait_until(lambda: stack.haproxy.server(alpha_pool, "big1")["slim"] == "2", timeout=15,
+                   what="alpha's pool to get the loaded child's 2 slots")
+        models = {model["name"]: model["load"] for model in stack.agents()["big1"]["models"]}
+        assert models == {"alpha": "loaded", "beta": "unloaded"}
+        deferred: list[float | None] = []
+        with ThreadPoolExecutor(7) as pool:
+            burst = [pool.submit(first_token, stack, "alpha", 120) for _ in range(6)]
+            while not all(future.done() for future in burst):
+                deferred.append(router_deferred(router, "alpha"))
+                time.sleep(0.05)  # the sampling period, not a synchronisation
+        assert [future.result()[0] for future in burst] == [200] * 6
+        assert max(value or 0.0 for value in deferred) == 0.0, deferred
+        assert beta.metric("llamacpp:requests_deferred") == 0
