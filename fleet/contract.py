@@ -236,6 +236,8 @@ MODEL_NAMED = "model"
 MODEL_ABSENT = "absent"  # no top-level "model", or "model": null
 MODEL_MALFORMED = "malformed"  # not a JSON object, or "model" is not a string
 MAX_JSON_DEPTH = 128  # deeper bodies are refused: the Lua scanners keep an explicit stack, bounded here
+# More top-level members than any API request has: refused, so the scanners' work per body stays bounded.
+MAX_TOP_LEVEL_MEMBERS = 256
 # JSON-bodied inference routes carry a model; the others (multipart audio, GET /props) go to the default model.
 MODEL_ROUTES = tuple(f"POST:{path}" for method, path, category in ENDPOINTS
                      if method == "POST" and category == INFERENCE and "/audio/" not in path)
@@ -271,8 +273,6 @@ def _no_constant(name: str) -> float:
     raise _NotJson(f"{name} is not JSON")
 
 
-def _last_wins(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    return dict(pairs)
 
 
 def _well_formed(value: object) -> bool:
@@ -296,11 +296,17 @@ def _well_formed(value: object) -> bool:
 
 def request_model(body: bytes) -> tuple[str, str | None]:
     """(MODEL_NAMED, name), (MODEL_ABSENT, None) or (MODEL_MALFORMED, None) for a request body."""
+    members: list[int] = []  # each object's member count; the top level's comes last
+
+    def last_wins(pairs: list[tuple[str, object]]) -> dict[str, object]:
+        members.append(len(pairs))
+        return dict(pairs)
+
     try:
-        data = json.loads(body.decode("utf-8"), object_pairs_hook=_last_wins, parse_constant=_no_constant)
+        data = json.loads(body.decode("utf-8"), object_pairs_hook=last_wins, parse_constant=_no_constant)
     except (ValueError, RecursionError):
         return MODEL_MALFORMED, None
-    if not isinstance(data, dict) or not _well_formed(data):
+    if not isinstance(data, dict) or members[-1] > MAX_TOP_LEVEL_MEMBERS or not _well_formed(data):
         return MODEL_MALFORMED, None
     model = data.get("model")
     if model is None:

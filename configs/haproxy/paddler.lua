@@ -337,12 +337,16 @@ end
 -- Model-aware routing. The model a request names, read the way llama-server's JSON parser reads the body
 -- (fleet/contract.py's request_model is the reference): a JSON object, no NaN, no trailing text, nested at
 -- most MAX_JSON_DEPTH deep; of two top-level "model" members the last, keys compared after unescaping.
--- Returns "model", name | "absent" (none, or null) | "malformed" (anything else). The structure is checked
--- in full, but of the strings only the top-level keys and the model are decoded and checked (escapes,
--- UTF-8, control characters); the others are skipped with a plain search for their closing quote, since
--- Lua's pattern matching costs ~25 ns a character (a 2 KB chat took 0.65 ms, now ~10 us). A body whose
--- only flaw is inside such a string is llama-server's to refuse: it reads no model from it either.
+-- Returns "model", name | "absent" (none, or null) | "malformed" (anything else). The top level is read in
+-- full (at most MAX_TOP_LEVEL_MEMBERS members); the model and the keys that could be "model" are decoded and
+-- checked (escapes, UTF-8, control characters); nested arrays and objects are skipped bracket to bracket
+-- (their brackets must match and nest at most MAX_JSON_DEPTH deep) and other strings quote to quote, with
+-- plain searches: Lua's pattern matching costs ~25 ns a character, a plain search a fraction of that. A body
+-- whose only flaw is inside what is skipped is llama-server's to refuse, and it reads no model from it either.
 local MAX_JSON_DEPTH = 128
+local MAX_TOP_LEVEL_MEMBERS = 256
+local MAX_MODEL_KEY_TEXT = 2 + 5 * 6  -- "model" with each letter escaped (\u006d...), and its quotes
+local MAX_MODEL_TEXT = 2 + 128 * 12  -- the longest model name, every character escaped, and its quotes
 local JSON_ESCAPES = { ['"'] = '"', ["\\"] = "\\", ["/"] = "/", b = "\b", f = "\f", n = "\n", r = "\r", t = "\t" }
 
 local function skip_space(body, i)
@@ -473,88 +477,115 @@ local function scan_scalar(body, i, decode)
   return scan_number(body, i), "other"
 end
 
+local STRUCTURAL = { "[", "]", "{", "}", '"' }
+
+-- The array or object whose opening bracket is at i (at nesting depth `depth`), not read: the index after
+-- its closing bracket, or nil when it does not close, closes with the wrong bracket, or nests deeper than
+-- MAX_JSON_DEPTH. It jumps from one bracket or quote to the next with plain searches (memchr), each kind's
+-- next position kept until passed, so its cost is the number of brackets and strings, not of characters.
+local function skip_container(body, i, depth)
+  local stack, pos, next_at = { string.sub(body, i, i) }, i + 1, {}
+  while true do
+    local at, char
+    for _, kind in ipairs(STRUCTURAL) do
+      local found = next_at[kind]
+      if found ~= false and (found == nil or found < pos) then
+        found = string.find(body, kind, pos, true) or false
+        next_at[kind] = found
+      end
+      if found and (at == nil or found < at) then
+        at, char = found, kind
+      end
+    end
+    if at == nil then
+      return nil
+    elseif char == '"' then
+      pos = skip_string(body, at)
+      if pos == nil then
+        return nil
+      end
+    elseif char == "[" or char == "{" then
+      if depth + #stack >= MAX_JSON_DEPTH then
+        return nil
+      end
+      stack[#stack + 1], pos = char, at + 1
+    elseif stack[#stack] ~= (char == "]" and "[" or "{") then
+      return nil
+    else
+      stack[#stack], pos = nil, at + 1
+      if #stack == 0 then
+        return pos
+      end
+    end
+  end
+end
+
+-- A top-level member's value at i: the index after it, and ("string", text) | ("null") | ("other"); the text
+-- only for the model (decode), and not for one longer than any model name: that one reads as "".
+local function scan_value(body, i, decode)
+  local char = string.sub(body, i, i)
+  if char == "{" or char == "[" then
+    return skip_container(body, i, 1), "other"
+  elseif decode and char == '"' then
+    local after = skip_string(body, i)
+    if after ~= nil and after - i > MAX_MODEL_TEXT then
+      return after, "string", ""
+    end
+  end
+  return scan_scalar(body, i, decode)
+end
+
 function paddler.request_model(body)
   local i = skip_space(body, 1)
   if string.sub(body, i, i) ~= "{" then
     return "malformed"
   end
-  local stack, verdict, model = {}, "absent", nil
-  -- state: what may come next. "key": a key, or "}" right after "{"; "value": a value, or "]" right after
-  -- "["; "next": "," or the end of the container on top of the stack.
-  local state, first, is_model = "key", true, false
-  stack[1], i = "{", i + 1
-  while true do
-    i = skip_space(body, i)
-    local char = string.sub(body, i, i)
-    if char == "" then
+  i = skip_space(body, i + 1)
+  local verdict, model, members = "absent", nil, 0
+  local closing = string.sub(body, i, i) == "}"
+  while not closing do
+    members = members + 1
+    if members > MAX_TOP_LEVEL_MEMBERS or string.sub(body, i, i) ~= '"' then
       return "malformed"
     end
-    local top = stack[#stack]
-    if state == "next" then
-      if char == "," then
-        state, first, i = top == "{" and "key" or "value", false, i + 1
-      elseif (char == "}" and top == "{") or (char == "]" and top == "[") then
-        stack[#stack], i = nil, i + 1
-        if #stack == 0 then
-          if skip_space(body, i) <= #body then
-            return "malformed"
-          end
-          return verdict, model
-        end
-      else
-        return "malformed"
-      end
-    elseif state == "key" then
-      if char == "}" and first then
-        state = "next"
-      else
-        if char ~= '"' then
-          return "malformed"
-        end
-        local after, key
-        if #stack == 1 then
-          after, key = scan_string(body, i, true)
-        else
-          after = skip_string(body, i)
-        end
-        if after == nil then
-          return "malformed"
-        end
-        i = skip_space(body, after)
-        if string.sub(body, i, i) ~= ":" then
-          return "malformed"
-        end
-        state, is_model, i = "value", key == "model", i + 1
-      end
-    elseif char == "]" and first and top == "[" then
-      state = "next"
-    elseif char == "{" or char == "[" then
-      if #stack >= MAX_JSON_DEPTH then
-        return "malformed"
-      end
-      if is_model then
-        verdict, model, is_model = "malformed", nil, false
-      end
-      stack[#stack + 1], i, first = char, i + 1, true
-      state = char == "{" and "key" or "value"
-    else
-      local after, kind, text = scan_scalar(body, i, is_model)
-      if after == nil then
-        return "malformed"
-      end
-      if is_model then
-        if kind == "string" then
-          verdict, model = "model", text
-        elseif kind == "null" then
-          verdict, model = "absent", nil
-        else
-          verdict, model = "malformed", nil
-        end
-        is_model = false
-      end
-      state, i = "next", after
+    -- A key longer than "model" written with every letter escaped cannot be "model": not decoded.
+    local after, key = skip_string(body, i), nil
+    if after ~= nil and after - i <= MAX_MODEL_KEY_TEXT then
+      after, key = scan_string(body, i, true)
     end
+    if after == nil then
+      return "malformed"
+    end
+    i = skip_space(body, after)
+    if string.sub(body, i, i) ~= ":" then
+      return "malformed"
+    end
+    local kind, text
+    after, kind, text = scan_value(body, skip_space(body, i + 1), key == "model")
+    if after == nil then
+      return "malformed"
+    end
+    if key == "model" then
+      if kind == "string" then
+        verdict, model = "model", text
+      elseif kind == "null" then
+        verdict, model = "absent", nil
+      else
+        verdict, model = "malformed", nil
+      end
+    end
+    i = skip_space(body, after)
+    local char = string.sub(body, i, i)
+    closing = char == "}"
+    if not closing and char ~= "," then
+      return "malformed"
+    end
+    i = closing and i or skip_space(body, i + 1)
   end
+  if skip_space(body, i + 1) <= #body then
+    return "malformed"
+  end
+  return verdict, model
 end
 
 -- llama-server's GET /slots: a JSON list with one "is_processing" per slot. Returns slots, busy
