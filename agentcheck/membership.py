@@ -25,7 +25,7 @@ log = logging.getLogger("paddler.agent")
 
 # What a registration may carry: an api_key_env would make the agent send any of its own environment
 # variables (the operator token, say) to an address the caller chose.
-REGISTRATION_KEYS = frozenset({"name", "address", "slots", "api_key"})
+REGISTRATION_KEYS = frozenset({"name", "address", "slots", "api_key", "models"})
 
 
 class Refused(Exception):

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from types import FrameType
 
 from agentcheck.top import agent_url
-from fleet import AgentConfig, duration, parse_address, validate_name, whole_number
+from fleet import AgentConfig, duration, parse_address, validate_model_name, validate_name, whole_number
 
 PROG = "paddler-agent register"
 DEFAULT_TOKEN_ENV = "PADDLER_OPERATOR_TOKEN"
@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--name", required=True, help="the backend's name in the fleet")
     parser.add_argument("--address", required=True, metavar="HOST:PORT", help="where the llama-server listens")
     parser.add_argument("--slots", help="its slot count, if known (the agent reads it from the server anyway)")
+    parser.add_argument("--model", action="append", dest="models", metavar="NAME",
+                        help="a model it serves, repeatable (default: what the agent discovers from the server)")
     parser.add_argument("--heartbeat", metavar="DURATION", default="2s",
                         help="how often to register again, shorter than the agent's registration_timeout "
                              "(default %(default)s)")
@@ -125,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         body["address"] = str(parse_address(args.address))
         if args.slots is not None:
             body["slots"] = parse_slots(args.slots)
+        if args.models:
+            body["models"] = [validate_model_name(model) for model in args.models]
         heartbeat = parse_heartbeat(args.heartbeat)
     except ValueError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)

@@ -576,7 +576,7 @@ async def test_a_backend_registers_heartbeats_and_leaves_through_the_api(api: tu
     ("PUT", "/api/v1/backends/gpu7", {"address": "127.0.0.1:99999"}, 400,
      "backend.address: port must be 1-65535, got '99999'"),
     ("PUT", "/api/v1/backends/gpu7", {"address": "127.0.0.1:9007", "api_key_env": "PADDLER_OPERATOR_TOKEN"}, 400,
-     "api_key_env: not allowed in a registration (allowed: address, api_key, name, slots)"),
+     "api_key_env: not allowed in a registration (allowed: address, api_key, models, name, slots)"),
     ("PUT", "/api/v1/backends/gpu7", ["127.0.0.1:9007"], 400,
      'expected a JSON object like {"name": "gpu7", "address": "10.0.0.17:8080"}'),
     ("PUT", "/api/v1/backends/gpu7", {"name": "gpu8", "address": "127.0.0.1:9007"}, 400,

@@ -126,3 +126,12 @@ def test_a_reread_fleet_file_that_changes_a_backend_or_settings_only_warns() -> 
     assert warnings == ["agent, balancer and statsd settings take effect at the next restart",
                         "'gpu1' changed (address, role or keys): remove it, reload, then add it back"]
     assert str(model["gpu1"].backend.address) == "127.0.0.1:9000"
+
+
+def test_a_registration_may_declare_the_models_it_serves_and_bad_names_are_refused() -> None:
+    model, membership, _ = make("gpu1")
+    membership.register({"name": "gpu7", "address": "127.0.0.1:9007", "models": ["qwen3-8b", "alpha"]})
+    assert model["gpu7"].backend.models == ("qwen3-8b", "alpha")
+    with pytest.raises(Refused, match="models: 'a b' is not allowed as a model name"):
+        membership.register({"name": "gpu8", "address": "127.0.0.1:9008", "models": ["a b"]})
+    assert "gpu8" not in model

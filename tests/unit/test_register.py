@@ -60,6 +60,8 @@ def test_a_refused_token_ends_the_loop_with_status_2_without_deregistering() -> 
     (["--name", "gpu7", "--address", "127.0.0.1:99999"], "port must be 1-65535"),
     (["--name", "gpu7", "--address", "127.0.0.1:8080", "--heartbeat", "1ms"], "must be 100ms-1h"),
     (["--name", "gpu7", "--address", "127.0.0.1:8080", "--agent", "https://x:1"], "expected http://HOST:PORT"),
+    (["--name", "gpu7", "--address", "127.0.0.1:8080", "--model", "alpha", "--model", "x/y"],
+     "'x/y' is not allowed as a model name"),
 ])
 def test_bad_arguments_exit_2_with_one_line(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(args) == 2
