@@ -19,6 +19,7 @@ import pytest
 
 from devstack.chaos import IncarnationDeferrals
 from devstack.processes import LlamaRouter, LlamaServer, http_get, wait_until
+from devstack.sampling import BackgroundSampler
 from devstack.stack import BalancerStack
 from fleet import contract
 from generator.haproxy import model_backend
@@ -57,23 +58,61 @@ def complete(stack: BalancerStack, body: dict[str, object]) -> Answer:
                    timeout=60)
 
 
+class RouterDeferrals(BackgroundSampler):
+    """``requests_deferred`` of each model's child of a llama.cpp router, sampled once the router says the
+    model is loaded (asking an unloaded model's /metrics would load it)."""
+
+    def __init__(self, router: LlamaRouter, models: list[str], interval: float = 0.05) -> None:
+        super().__init__(interval)
+        self.worst: dict[str, float] = {}
+        for model in models:
+            self.add(model, lambda model=model: self._sample(router, model))  # type: ignore[misc]
+
+    def _sample(self, router: LlamaRouter, model: str) -> bool:
+        status, body = http_get(f"{router.url}/models")
+        loaded = status == 200 and any(entry["id"] == model and entry["status"]["value"] == "loaded"
+                                       for entry in json.loads(body)["data"])
+        value = router_deferred(router, model) if loaded else None
+        if value is not None:
+            self.worst[model] = max(self.worst.get(model, 0.0), value)
+        return value is not None
+
+
 def test_each_request_lands_on_a_server_of_its_model_and_llama_cpp_never_defers(
-        stack: BalancerStack, servers: dict[str, LlamaServer]) -> None:
+        servers: dict[str, LlamaServer], make_router: Callable[..., LlamaRouter], tmp_path: Path) -> None:
+    """Two servers serve alpha, one beta, and a llama.cpp router (models discovered) serves both."""
+    router = make_router("big1", slots=2).start()
+    addresses = {**{name: server.address for name, server in servers.items()}, "big1": router.address}
     rng = random.Random(13)
     models = [rng.choice(["alpha", "beta"]) for _ in range(REQUESTS)]
-    before = {name: server.metric("llamacpp:prompt_tokens_total") or 0.0 for name, server in servers.items()}
-    with IncarnationDeferrals(servers, interval=0.05) as deferrals, ThreadPoolExecutor(CONCURRENCY) as pool:
-        answers = list(pool.map(lambda model: complete(stack, {"model": model}), models, timeout=240))
+    with BalancerStack(tmp_path / "lb", addresses, models={name: [model] for name, (model, _) in SERVERS.items()},
+                       top={"default_model": "alpha", "models": {"alpha": {}, "beta": {}}}) as stack:
+        for name, (model, slots) in SERVERS.items():
+            wait_until(lambda name=name, model=model, slots=slots: pool_serves(stack, model, name, slots),  # type: ignore[misc]
+                       timeout=15, what=f"{name} in {model}'s pool with {slots} slots")
+        before = {name: server.metric("llamacpp:tokens_predicted_total") or 0.0 for name, server in servers.items()}
+        with (IncarnationDeferrals(servers, interval=0.05) as deferrals, RouterDeferrals(router, ["alpha", "beta"])
+              as router_deferrals, ThreadPoolExecutor(CONCURRENCY) as pool):
+            answers = list(pool.map(lambda model: complete(stack, {"model": model}), models, timeout=240))
+        loads = {model["name"]: model["load"] for model in stack.agents()["big1"]["models"]}
     statuses = Counter(answer.status for answer in answers)
     assert statuses == {200: REQUESTS}, statuses
-    # Each server's alias is its model, and llama-server names it in every answer.
+    # Each plain server's alias is its model, a router's child is named after its model, and llama-server
+    # names it in every answer.
     assert [answer.json()["model"] for answer in answers] == models
-    served = {name: (server.metric("llamacpp:prompt_tokens_total") or 0.0) - before[name]
+    served = {name: (server.metric("llamacpp:tokens_predicted_total") or 0.0) - before[name]
               for name, server in servers.items()}
-    print(f"prompt tokens per server: {served}; requests per model: {Counter(models)}")
+    served.update({f"big1/{model}": router_metric(router, model, "llamacpp:tokens_predicted_total") or 0.0
+                   for model in ("alpha", "beta")})
+    print(f"tokens predicted per server (8 a request): {served}; requests per model: {Counter(models)}; "
+          f"router's models afterwards: {loads}; router children's deferred at most: {router_deferrals.worst}")
+    # Every token of each model came from a server of that model, and every server took part.
+    assert served["gpu1"] + served["gpu2"] + served["big1/alpha"] == 8 * models.count("alpha"), served
+    assert served["gpu3"] + served["big1/beta"] == 8 * models.count("beta"), served
     assert all(tokens > 0 for tokens in served.values()), served
     assert deferrals.worst() == 0, deferrals.nonzero[:10]
     assert all(deferrals.incarnations(name) == 1 for name in servers), deferrals.sample_counts
+    assert all(value == 0 for value in router_deferrals.worst.values()), router_deferrals.worst
 
 
 def test_the_balancer_answers_what_no_llama_server_should(stack: BalancerStack) -> None:
@@ -82,6 +121,7 @@ def test_the_balancer_answers_what_no_llama_server_should(stack: BalancerStack) 
     assert [model["id"] for model in listed.json()["data"]] == ["alpha", "beta"]
 
     unknown = complete(stack, {"model": "gamma"})
+    print(f"404 model_not_found answered in {unknown.seconds * 1000:.1f} ms")
     assert (unknown.status, unknown.body.decode()) == (404, contract.MODEL_NOT_FOUND)
     assert unknown.json()["error"]["code"] == "model_not_found"
 
@@ -161,15 +201,19 @@ def test_a_burst_on_one_model_waits_in_its_own_queue_and_leaves_the_other_alone(
     assert beta_queue_max == 0
 
 
-def router_deferred(router: LlamaRouter, model: str) -> float | None:
-    """requests_deferred of one loaded model's child (asking an unloaded model's /metrics would load it)."""
+def router_metric(router: LlamaRouter, model: str, name: str) -> float | None:
+    """A metric of one loaded model's child (asking an unloaded model's /metrics would load it)."""
     status, body = http_get(f"{router.url}/metrics?model={model}")
     if status != 200:
         return None
     for line in body.decode().splitlines():
-        if line.startswith("llamacpp:requests_deferred "):
+        if line.startswith(f"{name} "):
             return float(line.split()[1])
     return None
+
+
+def router_deferred(router: LlamaRouter, model: str) -> float | None:
+    return router_metric(router, model, "llamacpp:requests_deferred")
 
 
 def test_a_router_takes_one_request_for_a_model_it_has_not_loaded_then_all_its_slots(
