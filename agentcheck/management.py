@@ -116,8 +116,8 @@ async def agents(request: web.Request) -> web.Response:
 
 async def fleet_health(request: web.Request) -> web.Response:
     """Paddler-style aggregated health, from the agent's view of llama.cpp; ``?model=NAME``: the same over the
-    backends serving that model and only its slots (no ``requests_buffered``: the buffer is not per model), or
-    404 ``model_not_found`` when no backend serves it (declared in the fleet, or discovered on a ready one)."""
+    backends serving that model, only its slots and its own queue, or 404 ``model_not_found`` when no backend
+    serves it (declared in the fleet, or discovered on a ready one)."""
     snapshot = request.app[SNAPSHOT_KEY]()
     if "model" in request.query:
         name = request.query["model"]
@@ -126,7 +126,8 @@ async def fleet_health(request: web.Request) -> web.Response:
             shown = name if len(name) <= 128 else name[:128] + "..."
             return web.json_response({"error": {"code": 404, "type": "model_not_found",
                                                 "message": f"no backend serves the model {shown!r}"}}, status=404)
-        body, status = health(served["usable"], served["slots_idle"], served["slots_processing"], None)
+        body, status = health(served["usable"], served["slots_idle"], served["slots_processing"],
+                              served["requests_buffered"])
         return web.json_response(body, status=status)
     totals = snapshot["totals"]
     body, status = health(snapshot["usable"], totals["slots_idle"], totals["slots_processing"],

@@ -61,6 +61,12 @@ class FleetCollector(Collector):
         yield from per_backend.values()
         yield from (states, drained, poll_seconds, polls, failures)
         yield from self._models(snapshot["agents"])
+        buffered = GaugeMetricFamily("paddler_model_requests_buffered", "Requests waiting for a model's slots: "
+                                     "its picker queue, or its HAProxy backend's", labels=["model"])
+        for model_name, row in sorted(snapshot["models"].items()):
+            if row["requests_buffered"] is not None:
+                buffered.add_metric([model_name], row["requests_buffered"])
+        yield buffered
         if "spare_servers" in snapshot:
             spares = snapshot["spare_servers"]
             yield GaugeMetricFamily("paddler_spare_servers_used", "HAProxy spare servers carrying a backend",

@@ -36,22 +36,31 @@ class BalancerProbe:
     picker's answer, the probe stops and reports nothing.
     """
 
-    def __init__(self, session: aiohttp.ClientSession, url: str, interval: float) -> None:
+    def __init__(self, session: aiohttp.ClientSession, url: str, interval: float,
+                 models: tuple[str, ...] = ()) -> None:
+        """``models``: the fleet's routed models, whose queues HAProxy reports one by one (/health?model=)."""
         self._session = session
         self._url = url
         self._interval = interval
+        self._models = models
         self.requests_buffered: int | None = None
+        self.requests_buffered_by_model: dict[str, int] = {}
         self.balancer_is_picker = False
 
     async def run(self) -> None:
         while not self.balancer_is_picker:
-            self.requests_buffered = await self._read()
+            self.requests_buffered = await self._read(self._url)
+            by_model = {}
+            for model in self._models:
+                if not self.balancer_is_picker and (waiting := await self._read(self._url, model)) is not None:
+                    by_model[model] = waiting
+            self.requests_buffered_by_model = by_model
             await asyncio.sleep(self._interval)
         log.info("the balancer's /health is the picker's own: requests_buffered comes from the picker")
 
-    async def _read(self) -> int | None:
+    async def _read(self, url: str, model: str | None = None) -> int | None:
         try:
-            async with self._session.get(self._url,
+            async with self._session.get(url, params={"model": model} if model else None,
                                          timeout=aiohttp.ClientTimeout(total=self._interval * 0.8)) as response:
                 if response.headers.get(PICKER_SOURCE_HEADER) == "picker":
                     self.balancer_is_picker = True
@@ -65,7 +74,7 @@ class BalancerProbe:
 class StatsdReporter:
     """Gauges every ``interval``: fleet totals as ``<prefix>.slots_idle`` (Paddler's names),
     per backend as ``<prefix>.backends.<name>.slots_idle``, and per model, over the backends serving it,
-    as ``<prefix>.model.<model>.slots_idle`` (``statsd_name``)."""
+    as ``<prefix>.model.<model>.slots_idle`` and ``.requests_buffered`` (``statsd_name``)."""
 
     def __init__(self, config: StatsdConfig, snapshot: Snapshot) -> None:
         self._config = config
@@ -82,13 +91,19 @@ class StatsdReporter:
             for agent in snapshot["agents"]:
                 pipe.gauge(f"backends.{agent['name']}.slots_idle", agent["slots_idle"])
                 pipe.gauge(f"backends.{agent['name']}.slots_processing", agent["slots_processing"])
-            per_model: dict[str, tuple[int, int]] = {}
+            per_model: dict[str, tuple[int, int, int | None]] = {}
             for model, served in snapshot["models"].items():
-                idle, processing = per_model.get(statsd_name(model), (0, 0))
-                per_model[statsd_name(model)] = idle + served["slots_idle"], processing + served["slots_processing"]
-            for name, (idle, processing) in per_model.items():
+                idle, processing, buffered = per_model.get(statsd_name(model), (0, 0, None))
+                waiting = served["requests_buffered"]
+                if waiting is not None:
+                    buffered = (buffered or 0) + waiting
+                per_model[statsd_name(model)] = (idle + served["slots_idle"],
+                                                 processing + served["slots_processing"], buffered)
+            for name, (idle, processing, buffered) in per_model.items():
                 pipe.gauge(f"model.{name}.slots_idle", idle)
                 pipe.gauge(f"model.{name}.slots_processing", processing)
+                if buffered is not None:
+                    pipe.gauge(f"model.{name}.requests_buffered", buffered)
 
     def close(self) -> None:
         self._client.close()

@@ -89,9 +89,18 @@ class Agent:
             return self.picker.waiting or None
         return haproxy + self.picker.waiting
 
+    def requests_buffered_for(self, model: str) -> int | None:
+        """Requests waiting for one model: in the picker's queue for it, or in its HAProxy backend's."""
+        if self._probe is None or self._probe.balancer_is_picker:
+            return self.picker.waiting_for(model)
+        haproxy = self._probe.requests_buffered_by_model.get(model)
+        if haproxy is None:
+            return self.picker.waiting_for(model) or None
+        return haproxy + self.picker.waiting_for(model)
+
     def snapshot(self) -> dict[str, Any]:
         return fleet_snapshot(self.model, self.replies.reply_for, self.requests_buffered(),
-                              self.discovery.acknowledged, self.spares)
+                              self.discovery.acknowledged, self.spares, self.requests_buffered_for)
 
     async def start(self) -> None:
         settings = self.settings
@@ -118,7 +127,8 @@ class Agent:
         elif settings.fleet.balancer.spare_servers:
             log.info("HAProxy's spare servers stay empty (no balancer.stats_socket): backends that join at run "
                      "time reach HAProxy after paddler-gen haproxy and a reload")
-        self._probe = BalancerProbe(self._session, settings.balancer_health_url, settings.interval)
+        self._probe = BalancerProbe(self._session, settings.balancer_health_url, settings.interval,
+                                    settings.fleet.model_names())
         self._background(self._probe.run(), "balancer-probe")
         if settings.fleet.statsd is not None:
             self._background(StatsdReporter(settings.fleet.statsd, self.snapshot).run(), "statsd")

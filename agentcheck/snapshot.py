@@ -13,13 +13,15 @@ Snapshot = Callable[[], dict[str, Any]]
 
 
 def fleet_snapshot(model: FleetModel, reply_for: Callable[[str], str | None], requests_buffered: int | None,
-                   in_balancer: Callable[[str], bool], spares: SparePool | None = None) -> dict[str, Any]:
+                   in_balancer: Callable[[str], bool], spares: SparePool | None = None,
+                   buffered_for: Callable[[str], int | None] = lambda model: None) -> dict[str, Any]:
     """Per-backend rows plus fleet totals over ready backends (a drained or leaving backend's idle
     slots do not count: nothing new will be sent there). ``in_balancer``: whether Envoy has applied an
     endpoint list naming the backend (agentcheck.eds); until then the picker sends it nothing. With
     HAProxy's spare servers, which one each backend is on (None: its own server line, or none, see
     ``spare_servers.unplaced``). ``models``: per model, the slots of the backends that serve it (see
-    ``_served``) and whether any of them can take a request for it."""
+    ``_served``), whether any of them can take a request for it, and the requests waiting for it
+    (``buffered_for``; None while unknown)."""
     agents = []
     totals = {"slots_idle": 0, "slots_processing": 0, "slots_total": 0}
     models: dict[str, dict[str, Any]] = {}
@@ -59,6 +61,8 @@ def fleet_snapshot(model: FleetModel, reply_for: Callable[[str], str | None], re
             row["slots_processing"] += processing
             row["slots_total"] += total
             row["usable"] = row["usable"] or usable
+    for name, row in models.items():
+        row["requests_buffered"] = buffered_for(name)
     usable = any(member.usable for member in model)
     snapshot = {"agents": agents, "totals": totals, "usable": usable, "requests_buffered": requests_buffered,
                 "models": models}

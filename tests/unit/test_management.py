@@ -646,6 +646,11 @@ class ModelsFleet(Fleet):
         self.membership = Membership(self.model, parse_fleet({"backends": [
             {"name": b.name, "address": str(b.address)} for b in backends]}))
 
+    def snapshot(self) -> dict:
+        # Four requests wait for alpha (its picker queue, or its HAProxy backend); the others' queues are unknown.
+        return fleet_snapshot(self.model, self.replies.reply_for, 3, lambda name: True,
+                              buffered_for={"alpha": 4}.get)
+
 
 @pytest.fixture
 async def models_api() -> AsyncIterator[Api]:
@@ -677,10 +682,11 @@ async def test_agents_list_each_backends_models_declared_and_discovered(models_a
     # Per model, the slots of the balancer's pools (agentcheck.model_routing): the plain server's 4 slots are
     # split between its two declared names, each share counted as busy as it can be.
     assert body["models"] == {
-        "alpha": {"slots_idle": 2, "slots_processing": 2, "slots_total": 4, "usable": True},
-        "beta": {"slots_idle": 0, "slots_processing": 0, "slots_total": 0, "usable": True},
-        "gamma": {"slots_idle": 1, "slots_processing": 1, "slots_total": 2, "usable": True},
-        "delta": {"slots_idle": 0, "slots_processing": 0, "slots_total": 0, "usable": False}}
+        "alpha": {"slots_idle": 2, "slots_processing": 2, "slots_total": 4, "usable": True, "requests_buffered": 4},
+        "beta": {"slots_idle": 0, "slots_processing": 0, "slots_total": 0, "usable": True, "requests_buffered": None},
+        "gamma": {"slots_idle": 1, "slots_processing": 1, "slots_total": 2, "usable": True, "requests_buffered": None},
+        "delta": {"slots_idle": 0, "slots_processing": 0, "slots_total": 0, "usable": False,
+                  "requests_buffered": None}}
 
 
 async def test_an_undeclared_model_a_server_discovers_is_listed_as_such() -> None:
@@ -697,7 +703,8 @@ async def test_an_undeclared_model_a_server_discovers_is_listed_as_such() -> Non
 
 
 @pytest.mark.parametrize(("model", "status", "expected"), [
-    pytest.param("alpha", 200, {"status": "ok", "slots_idle": 2, "slots_processing": 2}, id="two-backends"),
+    pytest.param("alpha", 200, {"status": "ok", "slots_idle": 2, "slots_processing": 2, "requests_buffered": 4},
+                 id="two-backends-and-its-queue"),
     pytest.param("beta", 200, {"status": "ok", "slots_idle": 0, "slots_processing": 0},
                  id="unloaded-on-a-router-a-request-loads-it"),
     pytest.param("gamma", 200, {"status": "ok", "slots_idle": 1, "slots_processing": 1}, id="declared"),
@@ -736,6 +743,8 @@ async def test_metrics_per_model_slots_load_state_and_cold_loads(models_api: Api
     assert value("paddler_model_load_state", "router1", "beta", state="unloaded") == 1
     assert value("paddler_model_load_state", "router1", "beta", state="loaded") == 0
     assert value("paddler_model_load_state", "router1", "alpha", state="loaded") == 1
+    assert samples["paddler_model_requests_buffered", (("model", "alpha"),)] == 4
+    assert ("paddler_model_requests_buffered", (("model", "beta"),)) not in samples  # unknown: no sample
     assert ("paddler_model_load_state", (("backend", "plain1"), ("model", "gamma"), ("state", "loaded"))) \
         not in samples  # declared, not discovered: no load state to tell
     # The fixture's first poll saw alpha unloaded, the next loaded: one cold load; beta never loaded.
@@ -752,7 +761,8 @@ async def test_statsd_reports_each_models_slots_under_a_safe_name() -> None:
         ModelStatus("org/alpha:q4", ModelLoad.LOADED, 2, 1), ModelStatus("beta", ModelLoad.UNLOADED))),
         now=1001.0, window=PollWindow(51.0, 51.0))
     expected = {"p.model.org_alpha_q4.slots_idle:1|g", "p.model.org_alpha_q4.slots_processing:1|g",
-                "p.model.alpha.slots_idle:1|g", "p.model.delta.slots_idle:0|g", "p.model.beta.slots_processing:0|g"}
+                "p.model.alpha.slots_idle:1|g", "p.model.alpha.requests_buffered:4|g", "p.model.delta.slots_idle:0|g",
+                "p.model.beta.slots_processing:0|g"}
     try:
         reporter = StatsdReporter(StatsdConfig(Address("127.0.0.1", receiver.getsockname()[1]), prefix="p"),
                                   state.snapshot)
