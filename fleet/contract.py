@@ -50,6 +50,7 @@ HAPROXY_LUA_ENV = {
     "models": "PADDLER_MODELS",
     "default_model": "PADDLER_DEFAULT_MODEL",
     "max_request_body": "PADDLER_MAX_REQUEST_BODY",
+    "affinity": "PADDLER_AFFINITY",  # "on", or absent
 }
 
 # HAProxy 2.6 hands a server that comes back UP queued requests it does not count, unless its weight is 0

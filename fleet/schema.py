@@ -352,6 +352,9 @@ class BalancerConfig:
     # With model-aware routing the balancer reads each request's body to find its model: a larger body gets
     # 413. HAProxy holds the whole body in one buffer (tune.bufsize is sized from this); Envoy buffers it.
     max_request_body: int = key(whole_number(16 * 1024, 16 * 1024 * 1024), 1024 * 1024)
+    # Prompt-cache affinity (docs/affinity.md): a conversation's next turn goes to the server that served
+    # the last one while that server has a slot free.
+    affinity: bool = key(_boolean, False)
 
     exclusive: ClassVar[tuple[tuple[str, str], ...]] = ()
 

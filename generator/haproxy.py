@@ -79,17 +79,21 @@ def pool_context(fleet: Fleet) -> list[dict[str, Any]]:
 
 
 def model_context(fleet: Fleet) -> dict[str, Any]:
-    """The frontend's model routing and what paddler.lua reads for it; nothing for a one-model fleet."""
-    if not fleet.routes_by_model():
-        return {"model_routing": None}
-    default = fleet.request_default_model()
-    names = fleet.model_names()
-    return {"model_routing": {
+    """What the frontend does with request bodies: read them (routing by model, affinity), and route by
+    model; nothing for a one-model fleet without affinity."""
+    reads_body = fleet.routes_by_model() or fleet.balancer.affinity
+    body_reading = {
         "route_keys": list(contract.MODEL_ROUTES),
-        "default_backend": model_backend(default or names[0]),
         "body_wait": haproxy_duration(BODY_WAIT),
         "max_request_body": fleet.balancer.max_request_body,
         "bufsize": fleet.balancer.max_request_body + HEADERS_ROOM,
+    } if reads_body else None
+    if not fleet.routes_by_model():
+        return {"body_reading": body_reading, "model_routing": None, "affinity": fleet.balancer.affinity}
+    default = fleet.request_default_model()
+    names = fleet.model_names()
+    return {"body_reading": body_reading, "affinity": fleet.balancer.affinity, "model_routing": {
+        "default_backend": model_backend(default or names[0]),
         "models_body": contract.models_list(names),
         "not_found_body": contract.MODEL_NOT_FOUND,
         "not_json_body": contract.BODY_NOT_JSON,
@@ -110,9 +114,12 @@ def lua_env(fleet: Fleet) -> list[tuple[str, Any]]:
         env.append((contract.HAPROXY_LUA_ENV["models"], "/".join(
             f"{model},{queue_limit},{round(queue_timeout * 1000)}" for model, (queue_limit, queue_timeout)
             in limits.items())))
-        env.append((contract.HAPROXY_LUA_ENV["max_request_body"], balancer.max_request_body))
         if (default := fleet.request_default_model()) is not None:
             env.append((contract.HAPROXY_LUA_ENV["default_model"], default))
+    if balancer.affinity:
+        env.append((contract.HAPROXY_LUA_ENV["affinity"], "on"))
+    if fleet.routes_by_model() or balancer.affinity:
+        env.append((contract.HAPROXY_LUA_ENV["max_request_body"], balancer.max_request_body))
     return env
 
 

@@ -56,6 +56,12 @@ local settings = {
 local held = {}
 local next_id = 0
 
+-- Prompt-cache affinity: which server served each conversation, per backend (paddler.remember): two
+-- generations of at most AFFINITY_ENTRIES keys each (a key found in the older one moves to the newer), so
+-- memory is bounded and recent keys stay.
+local AFFINITY_ENTRIES = 65536
+local affinity_memory = {}
+
 -- Handover. A reload forks a new worker while the old one finishes its streams and its queue on the
 -- same llama-servers; each counts only its own requests against maxconn, so together they can send a
 -- server twice its slots. Neither can see the other, so the new worker asks each llama-server how many
@@ -288,21 +294,82 @@ end
 
 -- The pool a request goes to, from its body's model (see request_model): a backend name, or why none:
 -- "too_large" (past PADDLER_MAX_REQUEST_BODY), "malformed", "absent" (no model and no default), "unknown".
+-- Also returns what request_model read for affinity, when the body was read.
 function paddler.pool_for(body, announced)
   if #body > settings.max_request_body or announced > settings.max_request_body then
     return "too_large"
   end
-  local verdict, model = paddler.request_model(body)
+  local verdict, model, fields = paddler.request_model(body)
   if verdict == "absent" then
-    return settings.default_pool or "absent"
+    return settings.default_pool or "absent", fields
   elseif verdict == "model" then
-    return settings.model_pools[model] or "unknown"
+    return settings.model_pools[model] or "unknown", fields
   end
   return verdict
 end
 
-function paddler.pool(txn)
-  return paddler.pool_for(txn.f:req_body() or "", tonumber(txn.f:req_body_size()) or 0)
+local function digest(txn, key)
+  return txn.c:xxh64(key)
+end
+
+-- Reads a model route's body: with routing by model, sets txn.paddler_pool (see pool_for); with affinity,
+-- keeps the request's affinity keys (hashed) in the transaction for paddler_affine and paddler_remember.
+function paddler.read(txn)
+  local body, announced = txn.f:req_body() or "", tonumber(txn.f:req_body_size()) or 0
+  local fields
+  if settings.model_pools ~= nil then
+    local pool
+    pool, fields = paddler.pool_for(body, announced)
+    txn:set_var("txn.paddler_pool", pool)
+  elseif #body <= settings.max_request_body and announced <= settings.max_request_body then
+    fields = select(3, paddler.request_model(body))
+  end
+  if not settings.affinity or fields == nil then
+    return
+  end
+  local remember, lookups = paddler.affinity_keys(body, fields, txn.sf:req_hdr("x-session-id"))
+  for index, key in ipairs(remember) do
+    remember[index] = digest(txn, key)
+  end
+  for index, key in ipairs(lookups) do
+    lookups[index] = digest(txn, key)
+  end
+  txn:set_priv({ remember = remember, lookups = lookups })
+end
+
+-- Backend, after paddler_admit: the server that served this conversation, if it has a slot free now
+-- (txn.paddler_affine; haproxy.cfg's use-server rules send the request there), else nothing: leastconn
+-- chooses, and the request never waits for its affine server.
+function paddler.affine(txn)
+  local keys = txn:get_priv()
+  local memory = affinity_memory[txn.f:be_name()]
+  if type(keys) ~= "table" or memory == nil then
+    return
+  end
+  local servers = core.backends[txn.f:be_name()].servers
+  for _, key in ipairs(keys.lookups) do
+    local name = paddler.recall(memory, key)
+    local server = name and servers[name]
+    if server ~= nil and paddler.has_free_slot(server:get_stats()) then
+      txn:set_var("txn.paddler_affine", name)
+      return
+    end
+  end
+end
+
+-- Response: remember which server served the conversation.
+function paddler.remember_server(txn)
+  local keys = txn:get_priv()
+  local server = txn.sf:srv_name()
+  if type(keys) ~= "table" or server == nil or server == "" then
+    return
+  end
+  local backend = txn.f:be_name()
+  local memory = affinity_memory[backend] or paddler.new_memory()
+  affinity_memory[backend] = memory
+  for _, key in ipairs(keys.remember) do
+    paddler.remember(memory, key, server)
+  end
 end
 
 local UNKNOWN_MODEL_HEALTH = '{"error":{"code":404,"type":"model_not_found","message":"no such model in this fleet"}}'
@@ -347,6 +414,11 @@ local MAX_JSON_DEPTH = 128
 local MAX_TOP_LEVEL_MEMBERS = 256
 local MAX_MODEL_KEY_TEXT = 2 + 5 * 6  -- "model" with each letter escaped (\u006d...), and its quotes
 local MAX_MODEL_TEXT = 2 + 128 * 12  -- the longest model name, every character escaped, and its quotes
+-- Affinity: the top-level strings that name a conversation (decoded like the model, as long), the messages
+-- counted per request, and how much of a completion's prompt tells its conversation apart.
+local DECODED_FIELDS = { prompt_cache_key = true, user = true }
+local MAX_CONVERSATION_MESSAGES = 4096
+local PROMPT_LEAD_BYTES = 256
 local JSON_ESCAPES = { ['"'] = '"', ["\\"] = "\\", ["/"] = "/", b = "\b", f = "\f", n = "\n", r = "\r", t = "\t" }
 
 local function skip_space(body, i)
@@ -535,13 +607,39 @@ local function scan_value(body, i, decode)
   return scan_scalar(body, i, decode)
 end
 
+-- The elements of the array at start: the index after each (at most MAX_CONVERSATION_MESSAGES), skipped
+-- as the scanner skips nested values; what affinity keys a conversation by (see paddler.affinity_keys).
+local function element_ends(body, start)
+  local ends, i = {}, skip_space(body, start + 1)
+  while string.sub(body, i, i) ~= "]" and #ends < MAX_CONVERSATION_MESSAGES do
+    local char, after = string.sub(body, i, i), nil
+    if char == "{" or char == "[" then
+      after = skip_container(body, i, 2)
+    else
+      after = scan_scalar(body, i, false)
+    end
+    if after == nil then
+      return ends
+    end
+    ends[#ends + 1] = after
+    i = skip_space(body, after)
+    if string.sub(body, i, i) == "," then
+      i = skip_space(body, i + 1)
+    end
+  end
+  return ends
+end
+
+-- Returns the verdict and model (see above), and, for prompt-cache affinity, what the body says about its
+-- conversation: { prompt_cache_key =, user = } (short strings), and the messages array (messages_start,
+-- message_ends) or the prompt string (prompt_start, prompt_end); of repeated keys the last, as for model.
 function paddler.request_model(body)
   local i = skip_space(body, 1)
   if string.sub(body, i, i) ~= "{" then
     return "malformed"
   end
   i = skip_space(body, i + 1)
-  local verdict, model, members = "absent", nil, 0
+  local verdict, model, members, fields = "absent", nil, 0, {}
   local closing = string.sub(body, i, i) == "}"
   while not closing do
     members = members + 1
@@ -560,8 +658,8 @@ function paddler.request_model(body)
     if string.sub(body, i, i) ~= ":" then
       return "malformed"
     end
-    local kind, text
-    after, kind, text = scan_value(body, skip_space(body, i + 1), key == "model")
+    local start, kind, text = skip_space(body, i + 1), nil, nil
+    after, kind, text = scan_value(body, start, key == "model" or DECODED_FIELDS[key])
     if after == nil then
       return "malformed"
     end
@@ -573,6 +671,13 @@ function paddler.request_model(body)
       else
         verdict, model = "malformed", nil
       end
+    elseif DECODED_FIELDS[key] then
+      fields[key] = kind == "string" and text ~= "" and text or nil
+    elseif key == "messages" then
+      fields.messages_start = string.sub(body, start, start) == "[" and start or nil
+      fields.message_ends = fields.messages_start and element_ends(body, start)
+    elseif key == "prompt" then
+      fields.prompt_start, fields.prompt_end = kind == "string" and start or nil, after
     end
     i = skip_space(body, after)
     local char = string.sub(body, i, i)
@@ -585,7 +690,76 @@ function paddler.request_model(body)
   if skip_space(body, i + 1) <= #body then
     return "malformed"
   end
-  return verdict, model
+  return verdict, model, fields
+end
+
+-- Prompt-cache affinity: what a request's conversation is known by, in order (docs/affinity.md):
+-- OpenAI's prompt_cache_key, the X-Session-Id header, the user field, else the conversation itself.
+-- Returns the keys the server that serves it is remembered under, and the keys to look up, best first.
+-- A chat is known by its messages: a follow-up turn repeats the previous request's messages and adds the
+-- answer and a new question, so it looks up its messages but the last two (the previous turn), then all
+-- but the last, then all, then the first alone (a system prompt other conversations share); it is
+-- remembered under all its messages and under the first alone. A completion is known by its prompt's
+-- first PROMPT_LEAD_BYTES bytes.
+function paddler.affinity_keys(body, fields, session)
+  local named = (fields.prompt_cache_key and "k:" .. fields.prompt_cache_key)
+                or (session and session ~= "" and "s:" .. session) or (fields.user and "u:" .. fields.user)
+  if named then
+    return { named }, { named }
+  end
+  local ends = fields.message_ends
+  if ends and #ends > 0 then
+    local start = fields.messages_start
+    local function upto(count)
+      return "m:" .. string.sub(body, start, ends[count] - 1)
+    end
+    local lookups, seen = {}, {}
+    for _, count in ipairs({ #ends - 2, #ends - 1, #ends, 1 }) do
+      if count >= 1 and not seen[count] then
+        seen[count] = true
+        lookups[#lookups + 1] = upto(count)
+      end
+    end
+    return { upto(#ends), upto(1) }, lookups
+  end
+  if fields.prompt_start then
+    local lead = "p:" .. string.sub(body, fields.prompt_start, math.min(fields.prompt_end - 1,
+                                                                       fields.prompt_start + PROMPT_LEAD_BYTES - 1))
+    return { lead }, { lead }
+  end
+  return {}, {}
+end
+
+function paddler.remember(memory, key, server)
+  if memory.current[key] == nil then
+    memory.size = memory.size + 1
+    if memory.size > AFFINITY_ENTRIES then
+      memory.previous, memory.current, memory.size = memory.current, {}, 1
+    end
+  end
+  memory.current[key] = server
+end
+
+function paddler.recall(memory, key)
+  local server = memory.current[key]
+  if server == nil then
+    server = memory.previous[key]
+    if server ~= nil then
+      paddler.remember(memory, key, server)
+    end
+  end
+  return server
+end
+
+function paddler.new_memory()
+  return { current = {}, previous = {}, size = 0 }
+end
+
+-- The load guard: an affine server takes the request only with a slot free now (HAProxy's own count), so a
+-- request never waits for it, nor makes llama.cpp queue. Each item: {status=, weight=, scur=, slim=}.
+function paddler.has_free_slot(stats)
+  return paddler.is_usable(stats.status) and (tonumber(stats.weight) or 0) > 0
+         and (tonumber(stats.scur) or 0) < (tonumber(stats.slim) or 0)
 end
 
 -- llama-server's GET /slots: a JSON list with one "is_processing" per slot. Returns slots, busy
@@ -799,6 +973,10 @@ local function read_settings()
     max_buffered_requests = paddler.required_env(os.getenv, "PADDLER_MAX_BUFFERED_REQUESTS", "number"),
     buffered_request_timeout_ms = paddler.required_env(os.getenv, "PADDLER_BUFFERED_REQUEST_TIMEOUT_MS", "number"),
   } }
+  settings.affinity = os.getenv("PADDLER_AFFINITY") == "on"
+  if settings.affinity then
+    settings.max_request_body = paddler.required_env(os.getenv, "PADDLER_MAX_REQUEST_BODY", "number")
+  end
   local models = os.getenv("PADDLER_MODELS")
   if models ~= nil then
     local pools, model_pools = paddler.parse_models(models, settings.backend)
@@ -822,7 +1000,9 @@ if core ~= nil and core.register_action ~= nil then
   core.register_action("paddler_admit", { "http-req" }, paddler.admit, 0)
   core.register_service("paddler_health", "http", paddler.health)
   core.register_fetches("paddler_route", paddler.route)
-  core.register_fetches("paddler_pool", paddler.pool)
+  core.register_action("paddler_read", { "http-req" }, paddler.read, 0)
+  core.register_action("paddler_affine", { "http-req" }, paddler.affine, 0)
+  core.register_action("paddler_remember", { "http-res" }, paddler.remember_server, 0)
   if handover.reloaded and os.getenv("PADDLER_MODELS") == nil then
     handover.gate_until = now_ms() + handover.gate_max_ms
     core.register_task(handover_task)

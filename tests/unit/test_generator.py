@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -66,6 +67,20 @@ def test_each_model_has_a_backend_with_the_servers_that_serve_it_each_asking_for
     assert "    setenv PADDLER_MODELS beta,50,20000/alpha,30,10000\n" in text
     assert "    default_backend llama.alpha\n" in text
     assert "    tune.bufsize 327680\n" in text
+
+
+def test_affinity_reads_bodies_and_sends_each_conversation_to_its_server_by_name() -> None:
+    fleet = load_fleet(GOLDEN / "three-backends.yaml")
+    with_affinity = replace(fleet, balancer=replace(fleet.balancer, affinity=True))
+    text = render_haproxy(with_affinity, lua_dir="/etc/haproxy/paddler")
+    servers = [line.split()[1] for line in text.splitlines() if line.startswith("    server ")]
+    rules = [line.split()[1] for line in text.splitlines() if line.startswith("    use-server ")]
+    assert rules == servers  # every server, spares too, can be a conversation's server
+    assert "    use-server gpu1 if { var(txn.paddler_affine) -m str gpu1 }\n" in text
+    assert "    http-request lua.paddler_read if route_model\n" in text
+    assert "    http-response lua.paddler_remember\n" in text
+    assert "    setenv PADDLER_AFFINITY on\n" in text and "PADDLER_MODELS" not in text
+    assert "use_backend" not in text  # one model: no pool to pick
 
 
 def test_a_one_model_fleet_reads_no_body() -> None:

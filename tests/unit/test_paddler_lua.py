@@ -140,7 +140,7 @@ def pool_for(body: str, announced: int | None = None, default: str | None = "lla
     return run_lua(f"""
 local pools, models = paddler.parse_models("alpha,30,10000/beta,30,10000", "llama")
 paddler.configure_models(models, {json.dumps(default) if default else "nil"}, 64)
-print(paddler.pool_for({json.dumps(body)}, {announced if announced is not None else len(body)}))""")
+print((paddler.pool_for({json.dumps(body)}, {announced if announced is not None else len(body)})))""")
 
 
 @pytest.mark.parametrize(("body", "announced", "default", "pool"), [
@@ -166,3 +166,75 @@ local pools, models = paddler.parse_models("alpha,30,10000/beta,30,10000", "llam
 paddler.configure_models(models, nil, 64)
 print(paddler.health_pool({json.dumps(query)}))""")
     assert out == pool
+
+
+# --- Prompt-cache affinity ---------------------------------------------------------------------
+
+
+def affinity(body: str, session: str | None = None) -> tuple[list[str], list[str]]:
+    out = run_lua(f"""
+local body = {json.dumps(body)}
+local _, _, fields = paddler.request_model(body)
+local remember, lookups = paddler.affinity_keys(body, fields, {json.dumps(session) if session else "nil"})
+print(table.concat(remember, "\\1")) print(table.concat(lookups, "\\1"))""")
+    remember, lookups = (out + "\n").split("\n")[:2]
+    return [key for key in remember.split("\x01") if key], [key for key in lookups.split("\x01") if key]
+
+
+def chat(*contents: str, **fields: object) -> str:
+    roles = ["system", *(["user", "assistant"] * len(contents))]
+    messages = [{"role": role, "content": content} for role, content in zip(roles, contents, strict=False)]
+    return json.dumps({"model": "alpha", "messages": messages, **fields})
+
+
+def test_a_follow_up_turn_looks_up_the_previous_turn_first() -> None:
+    first_remember, first_lookups = affinity(chat("S", "Q1"))
+    second_remember, second_lookups = affinity(chat("S", "Q1", "A1", "Q2"))
+    assert second_lookups[0] == first_remember[0]  # the previous turn's messages, exactly
+    assert second_remember[1] == first_remember[1] == second_lookups[-1] == first_lookups[0]  # the system prompt
+    _, third_lookups = affinity(chat("S", "Q1", "A1", "Q2", "A2", "Q3"))
+    assert third_lookups[0] == second_remember[0]
+
+
+def test_named_keys_come_first_in_their_order() -> None:
+    body = chat("S", "Q1", prompt_cache_key="pck", user="bob")
+    assert affinity(body, "sess") == (["k:pck"], ["k:pck"])
+    assert affinity(chat("S", "Q1", user="bob"), "sess") == (["s:sess"], ["s:sess"])
+    assert affinity(chat("S", "Q1", user="bob")) == (["u:bob"], ["u:bob"])
+    assert affinity(chat("S", "Q1", user="")) == affinity(chat("S", "Q1"))  # an empty name names nothing
+
+
+def test_a_completion_is_known_by_its_prompts_first_256_bytes() -> None:
+    short, _ = affinity(json.dumps({"prompt": "hello"}))
+    assert short == ['p:"hello"']
+    long_prompt = "x" * 300
+    remember, lookups = affinity(json.dumps({"prompt": long_prompt}))
+    assert remember == lookups == ['p:"' + "x" * 255]
+    assert affinity(json.dumps({"prompt": long_prompt + " and more"}))[1] == lookups
+
+
+def test_a_body_without_a_conversation_has_no_key() -> None:
+    assert affinity(json.dumps({"model": "alpha", "input": "embed me"})) == ([], [])
+
+
+def test_the_memory_keeps_two_generations_and_recalls_into_the_newer() -> None:
+    out = run_lua("""
+local memory = paddler.new_memory()
+for i = 1, 65536 do paddler.remember(memory, "k" .. i, "gpu1") end
+paddler.remember(memory, "fresh", "gpu2")
+print(memory.size, paddler.recall(memory, "k1"), memory.size, paddler.recall(memory, "fresh"),
+      paddler.recall(memory, "never"))""")
+    assert out.split() == ["1", "gpu1", "2", "gpu2", "nil"]
+
+
+@pytest.mark.parametrize(("stats", "free"), [
+    ({"status": "UP", "weight": "100", "scur": "1", "slim": "2"}, True),
+    ({"status": "UP", "weight": "100", "scur": "2", "slim": "2"}, False),
+    ({"status": "UP", "weight": "0", "scur": "0", "slim": "2"}, False),
+    ({"status": "DOWN", "weight": "100", "scur": "0", "slim": "2"}, False),
+    ({"status": "DRAIN", "weight": "100", "scur": "0", "slim": "2"}, False),
+    ({"status": "no check", "weight": "57", "scur": "0", "slim": "1"}, True),
+])
+def test_the_load_guard_wants_a_slot_free_now(stats: dict[str, str], free: bool) -> None:
+    table = ", ".join(f"{key}={json.dumps(value)}" for key, value in stats.items())
+    assert run_lua(f"print(paddler.has_free_slot({{{table}}}))") == str(free).lower()
