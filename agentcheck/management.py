@@ -25,6 +25,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import re
 from collections.abc import Awaitable, Callable, Iterable
 from importlib import resources
 
@@ -37,7 +38,7 @@ from prometheus_client.registry import CollectorRegistry
 from agentcheck.eds import EndpointDiscovery
 from agentcheck.membership import Membership, Refused
 from agentcheck.model import FleetModel, Origin
-from agentcheck.picker import LEASE_ID_PATTERN, BufferFull, BufferTimeout, Picker
+from agentcheck.picker import LEASE_ID_PATTERN, Affinity, BufferFull, BufferTimeout, Picker
 from agentcheck.replies import AgentCheckReplies
 from agentcheck.reporting import PICKER_SOURCE_HEADER
 from agentcheck.snapshot import Snapshot, health
@@ -63,6 +64,10 @@ Handler = Callable[[web.Request], Awaitable[web.Response]]
 ENDPOINT_HEADER = "x-paddler-endpoint"  # the header Envoy's override_host policy reads
 LEASE_HEADER = "x-paddler-lease"
 MODEL_HEADER = "x-paddler-model"  # the model the request names, which the lease must serve (model-aware routing)
+# The request's conversation (prompt-cache affinity): "r=<keys>;l=<keys>", each key 16 hex digits (paddler.lua).
+AFFINITY_HEADER = "x-paddler-affinity"
+_AFFINITY_KEYS = r"[0-9a-f]{16}(?:,[0-9a-f]{16}){0,7}"
+AFFINITY_PATTERN = re.compile(rf"r=(?P<remember>{_AFFINITY_KEYS});l=(?P<lookups>{_AFFINITY_KEYS})")
 VERDICT_HEADER = "x-paddler-verdict"
 AGENT_AUTHORITY = "paddler-agent"  # the :authority paddler.lua and Envoy's /health route send here
 LOCAL_HOST_NAMES = ("localhost", AGENT_AUTHORITY, contract.AGENT_CLUSTER)  # the last: Envoy's xDS requests
@@ -224,8 +229,13 @@ async def acquire(request: web.Request) -> web.Response:
     model = request.headers.get(MODEL_HEADER)
     if model is not None and not MODEL_NAME_PATTERN.fullmatch(model):
         return _error(400, f"{MODEL_HEADER} is not a model name")
+    affinity = None
+    if (conversation := request.headers.get(AFFINITY_HEADER)) is not None:
+        if (keys := AFFINITY_PATTERN.fullmatch(conversation)) is None:
+            return _error(400, f"{AFFINITY_HEADER} is not r=<keys>;l=<keys> with 1-8 keys of 16 hex digits each")
+        affinity = Affinity(tuple(keys["remember"].split(",")), tuple(keys["lookups"].split(",")))
     try:
-        lease = await request.app[PICKER_KEY].acquire(model)
+        lease = await request.app[PICKER_KEY].acquire(model, affinity)
     except BufferFull:
         return _overloaded(contract.BUFFER_FULL, "buffer_full")
     except BufferTimeout:

@@ -38,7 +38,7 @@ import heapq
 import re
 import secrets
 import time
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -46,6 +46,8 @@ from agentcheck.model import FleetModel, Member, Role
 from agentcheck.model_routing import model_share
 from agentcheck.status import ModelLoad, ModelStatus
 
+# Prompt-cache affinity: conversation keys remembered per model, the most recent this many.
+AFFINITY_ENTRIES = 65536
 LEASE_MAX_AGE = 3600.0  # a lease never released (client gone mid-stream) stops counting after this
 # A picked request needs a moment to reach llama.cpp's slot; a poll that started sooner than this
 # after the lease may not show it yet, so the lease keeps counting until a later poll.
@@ -73,6 +75,15 @@ class BufferFull(PickerError):
 
 class BufferTimeout(PickerError):
     """No slot became free within buffered_request_timeout."""
+
+
+@dataclass(frozen=True)
+class Affinity:
+    """What Envoy's filter says about a request's conversation (docs/affinity.md): the keys the backend that
+    takes it is remembered under, and those to look up, best first."""
+
+    remember: tuple[str, ...]
+    lookups: tuple[str, ...]
 
 
 @dataclass
@@ -118,6 +129,9 @@ class Picker:
         self._settled_by = float("-inf")  # after opening: place nothing before every backend's poll, or this
         # (issued_at, backend, alternates, model) of recent leases: what a retry from that backend may land on
         self._offered: deque[tuple[float, str, tuple[str, ...], str | None]] = deque()
+        # (model, conversation key) → the backend that last took it, oldest first (bounded, most recent kept).
+        self._affine: OrderedDict[tuple[str | None, str], str] = OrderedDict()
+        self._affinity_of: dict[asyncio.Future[Lease], Affinity] = {}  # waiting requests' conversations
 
     @property
     def waiting(self) -> int:
@@ -220,13 +234,15 @@ class Picker:
         self._trusted_from = float("-inf")  # once settled, for good
         return True
 
-    def _try_lease(self, model: str | None = None) -> Lease | None:
+    def _try_lease(self, model: str | None = None, affinity: Affinity | None = None) -> Lease | None:
         candidates = self.candidates(model)
         if not self._settled(candidates):
             return None
         free = self._free(candidates, model)
-        # Most free slots first; among equals the larger server, then the name, for a stable order.
-        name = max(free, key=lambda n: (free[n], self._total(n, model), n), default=None)
+        # The backend that took this conversation last, if it has a slot free now (the load guard: never wait
+        # for it); else most free slots first; among equals the larger server, then the name, for a stable order.
+        name = self._affine_choice(free, model, affinity) or max(
+            free, key=lambda n: (free[n], self._total(n, model), n), default=None)
         if name is None or free[name] <= 0:
             if model is None:
                 return None
@@ -240,7 +256,23 @@ class Picker:
         self._offered.append((now, name, alternates, model))
         self._leases.setdefault(name, {})[lease.id] = lease
         self._by_id[lease.id] = lease
+        if affinity is not None:
+            self._remember(model, affinity, name)
         return lease
+
+    def _affine_choice(self, free: dict[str, int], model: str | None, affinity: Affinity | None) -> str | None:
+        for key in affinity.lookups if affinity is not None else ():
+            name = self._affine.get((model, key))
+            if name is not None and free.get(name, 0) > 0:
+                return name
+        return None
+
+    def _remember(self, model: str | None, affinity: Affinity, name: str) -> None:
+        for key in affinity.remember:
+            self._affine[model, key] = name
+            self._affine.move_to_end((model, key))
+        while len(self._affine) > AFFINITY_ENTRIES:
+            self._affine.popitem(last=False)
 
     def _cold(self, candidates: list[str], model: str) -> str | None:
         """A backend that serves ``model`` without having it loaded (a llama.cpp router) and runs no request for
@@ -276,11 +308,11 @@ class Picker:
             pass
         return lease_id
 
-    async def acquire(self, model: str | None = None) -> Lease:
-        """A lease on the best backend (for ``model``: one that serves it) now, or after waiting in that
-        model's FIFO."""
+    async def acquire(self, model: str | None = None, affinity: Affinity | None = None) -> Lease:
+        """A lease on the best backend (for ``model``: one that serves it; for a conversation: the one that took
+        it last, when it has a slot free) now, or after waiting in that model's FIFO."""
         if not self._queues.get(model):
-            lease = self._try_lease(model)
+            lease = self._try_lease(model, affinity)
             if lease is not None:
                 return lease
         max_waiting, timeout = self._limits(model)
@@ -289,6 +321,8 @@ class Picker:
         waiter: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
         queue = self._queues.setdefault(model, deque())
         queue.append(waiter)
+        if affinity is not None:
+            self._affinity_of[waiter] = affinity
         lease = None
         try:
             async with asyncio.timeout(timeout):
@@ -297,6 +331,7 @@ class Picker:
         except TimeoutError:
             raise BufferTimeout() from None
         finally:
+            self._affinity_of.pop(waiter, None)
             if waiter in queue:
                 queue.remove(waiter)
             if not queue and self._queues.get(model) is queue:
@@ -381,7 +416,7 @@ class Picker:
                 if head.done():  # timed out or cancelled, about to be removed by its owner
                     queue.popleft()
                     continue
-                lease = self._try_lease(model)
+                lease = self._try_lease(model, self._affinity_of.get(head))
                 if lease is None:
                     break
                 queue.popleft()

@@ -91,8 +91,6 @@ def models_context(fleet: Fleet) -> dict[str, Any] | None:
             "agent_unavailable_body": AGENT_UNAVAILABLE,
         },
         "default_model": fleet.request_default_model(),
-        # The filter reads bodies up to max_request_body; Envoy answers 413 itself past its own buffer limit.
-        "buffer_limit": max(limit, ENVOY_DEFAULT_BUFFER_LIMIT),
         "body_too_large_body": contract.body_too_large(limit),
         "agent_unavailable_body": AGENT_UNAVAILABLE,
     }
@@ -134,7 +132,21 @@ def envoy_context(fleet: Fleet, lua_dir: str = DEFAULT_LUA_DIR) -> dict[str, Any
         "not_exposed_body": contract.NOT_EXPOSED,
         "lua_path": envoy_lua_path(lua_dir),
         "models": models_context(fleet),
+        "affinity": affinity_settings(fleet),
+        # The filter reads bodies up to max_request_body; Envoy answers 413 itself past its own buffer limit.
+        "buffer_limit": max(balancer.max_request_body, ENVOY_DEFAULT_BUFFER_LIMIT),
     }
+
+
+def affinity_settings(fleet: Fleet) -> dict[str, Any] | None:
+    """The filter's settings for prompt-cache affinity (docs/affinity.md); with routing by model the routes
+    and the body bound are already there."""
+    if not fleet.balancer.affinity:
+        return None
+    if fleet.routes_by_model():
+        return {"affinity": True}
+    return {"affinity": True, "model_routes": dict.fromkeys(contract.MODEL_ROUTES, True),
+            "max_request_body": fleet.balancer.max_request_body}
 
 
 def render_envoy(fleet: Fleet, lua_dir: str = DEFAULT_LUA_DIR) -> str:

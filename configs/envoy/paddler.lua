@@ -46,7 +46,10 @@
 
 local paddler = {}
 
+local bit = require("bit")
+
 local ENDPOINT_HEADER = "x-paddler-endpoint"
+local AFFINITY_HEADER = "x-paddler-affinity"
 local VERDICT_HEADER = "x-paddler-verdict"
 local LEASE_HEADER = "x-paddler-lease"
 local UPSTREAM_HEADER = "x-paddler-upstream"  -- added by the llama routes, for this filter only
@@ -137,6 +140,14 @@ function paddler.read_settings(metadata)
     return nil, "route metadata's routes is not a table"
   end
   settings.models = metadata:get("models")
+  settings.affinity = metadata:get("affinity") == true
+  if settings.models == nil and settings.affinity then
+    settings.model_routes = metadata:get("model_routes")
+    settings.max_request_body = tonumber(metadata:get("max_request_body"))
+    if type(settings.model_routes) ~= "table" or settings.max_request_body == nil then
+      return nil, "route metadata's affinity needs model_routes and max_request_body"
+    end
+  end
   if settings.models == nil then
     return settings
   end
@@ -207,6 +218,11 @@ local MAX_JSON_DEPTH = 128
 local MAX_TOP_LEVEL_MEMBERS = 256
 local MAX_MODEL_KEY_TEXT = 2 + 5 * 6  -- "model" with each letter escaped (\u006d...), and its quotes
 local MAX_MODEL_TEXT = 2 + 128 * 12  -- the longest model name, every character escaped, and its quotes
+-- Affinity (as in the HAProxy bridge): the top-level strings that name a conversation, the messages counted
+-- per request, and how much of a completion's prompt tells its conversation apart.
+local DECODED_FIELDS = { prompt_cache_key = true, user = true }
+local MAX_CONVERSATION_MESSAGES = 4096
+local PROMPT_LEAD_BYTES = 256
 local JSON_ESCAPES = { ['"'] = '"', ["\\"] = "\\", ["/"] = "/", b = "\b", f = "\f", n = "\n", r = "\r", t = "\t" }
 
 local function skip_space(body, i)
@@ -427,13 +443,39 @@ local function scan_value(body, i, decode)
   return scan_scalar(body, i, decode)
 end
 
+-- The elements of the array at start: the index after each (at most MAX_CONVERSATION_MESSAGES), skipped
+-- as the scanner skips nested values; what affinity keys a conversation by (see paddler.affinity_keys).
+local function element_ends(body, start)
+  local ends, i = {}, skip_space(body, start + 1)
+  while string.sub(body, i, i) ~= "]" and #ends < MAX_CONVERSATION_MESSAGES do
+    local char, after = string.sub(body, i, i), nil
+    if char == "{" or char == "[" then
+      after = skip_container(body, i, 2)
+    else
+      after = scan_scalar(body, i, false)
+    end
+    if after == nil then
+      return ends
+    end
+    ends[#ends + 1] = after
+    i = skip_space(body, after)
+    if string.sub(body, i, i) == "," then
+      i = skip_space(body, i + 1)
+    end
+  end
+  return ends
+end
+
+-- Returns the verdict and model (see above), and, for prompt-cache affinity, what the body says about its
+-- conversation: { prompt_cache_key =, user = } (short strings), and the messages array (messages_start,
+-- message_ends) or the prompt string (prompt_start, prompt_end); of repeated keys the last, as for model.
 function paddler.request_model(body)
   local i = skip_space(body, 1)
   if string.sub(body, i, i) ~= "{" then
     return "malformed"
   end
   i = skip_space(body, i + 1)
-  local verdict, model, members = "absent", nil, 0
+  local verdict, model, members, fields = "absent", nil, 0, {}
   local closing = string.sub(body, i, i) == "}"
   while not closing do
     members = members + 1
@@ -452,8 +494,8 @@ function paddler.request_model(body)
     if string.sub(body, i, i) ~= ":" then
       return "malformed"
     end
-    local kind, text
-    after, kind, text = scan_value(body, skip_space(body, i + 1), key == "model")
+    local start, kind, text = skip_space(body, i + 1), nil, nil
+    after, kind, text = scan_value(body, start, key == "model" or DECODED_FIELDS[key])
     if after == nil then
       return "malformed"
     end
@@ -465,6 +507,13 @@ function paddler.request_model(body)
       else
         verdict, model = "malformed", nil
       end
+    elseif DECODED_FIELDS[key] then
+      fields[key] = kind == "string" and text ~= "" and text or nil
+    elseif key == "messages" then
+      fields.messages_start = string.sub(body, start, start) == "[" and start or nil
+      fields.message_ends = fields.messages_start and element_ends(body, start)
+    elseif key == "prompt" then
+      fields.prompt_start, fields.prompt_end = kind == "string" and start or nil, after
     end
     i = skip_space(body, after)
     local char = string.sub(body, i, i)
@@ -477,7 +526,77 @@ function paddler.request_model(body)
   if skip_space(body, i + 1) <= #body then
     return "malformed"
   end
-  return verdict, model
+  return verdict, model, fields
+end
+
+-- Prompt-cache affinity: what a request's conversation is known by, in order (docs/affinity.md):
+-- OpenAI's prompt_cache_key, the X-Session-Id header, the user field, else the conversation itself.
+-- Returns the keys the server that serves it is remembered under, and the keys to look up, best first.
+-- A chat is known by its messages: a follow-up turn repeats the previous request's messages and adds the
+-- answer and a new question, so it looks up its messages but the last two (the previous turn), then all
+-- but the last, then all, then the first alone (a system prompt other conversations share); it is
+-- remembered under all its messages and under the first alone. A completion is known by its prompt's
+-- first PROMPT_LEAD_BYTES bytes.
+function paddler.affinity_keys(body, fields, session)
+  local named = (fields.prompt_cache_key and "k:" .. fields.prompt_cache_key)
+                or (session and session ~= "" and "s:" .. session) or (fields.user and "u:" .. fields.user)
+  if named then
+    return { named }, { named }
+  end
+  local ends = fields.message_ends
+  if ends and #ends > 0 then
+    local start = fields.messages_start
+    local function upto(count)
+      return "m:" .. string.sub(body, start, ends[count] - 1)
+    end
+    local lookups, seen = {}, {}
+    for _, count in ipairs({ #ends - 2, #ends - 1, #ends, 1 }) do
+      if count >= 1 and not seen[count] then
+        seen[count] = true
+        lookups[#lookups + 1] = upto(count)
+      end
+    end
+    return { upto(#ends), upto(1) }, lookups
+  end
+  if fields.prompt_start then
+    local lead = "p:" .. string.sub(body, fields.prompt_start, math.min(fields.prompt_end - 1,
+                                                                       fields.prompt_start + PROMPT_LEAD_BYTES - 1))
+    return { lead }, { lead }
+  end
+  return {}, {}
+end
+
+-- FNV-1a over a string, twice from different offsets: 64 bits as 16 hex digits (LuaJIT has no hash library;
+-- the multiplication by the FNV prime, 2^24 + 403, is split so that every step stays exact in a double).
+function paddler.digest(text)
+  local first, second = 0x811c9dc5, 0x050c5d1f
+  for i = 1, #text do
+    local byte = string.byte(text, i)
+    first = bit.bxor(first, byte)
+    first = bit.tobit(bit.lshift(first, 24) + first * 403)
+    second = bit.bxor(second, byte)
+    second = bit.tobit(bit.lshift(second, 24) + second * 403)
+  end
+  return bit.tohex(first) .. bit.tohex(second)
+end
+
+-- What the picker is told about a request's conversation (x-paddler-affinity): "r=<keys>;l=<keys>", the
+-- digests it is remembered under and those to look up, best first (affinity_keys); nil when it has none.
+function paddler.affinity_header(body, fields, session)
+  local remember, lookups = paddler.affinity_keys(body, fields, session)
+  if #lookups == 0 then
+    return nil
+  end
+  local digests = {}
+  local function hashed(keys)
+    local out = {}
+    for index, key in ipairs(keys) do
+      digests[key] = digests[key] or paddler.digest(key)
+      out[index] = digests[key]
+    end
+    return table.concat(out, ",")
+  end
+  return "r=" .. hashed(remember) .. ";l=" .. hashed(lookups)
 end
 
 -- In a fleet that routes by model: the model a request goes to (nil: any server), or nil and the status and
@@ -488,18 +607,18 @@ function paddler.choose_model(key, body, settings)
   elseif not settings.model_routes[key] then
     return settings.default_model
   end
-  local verdict, name = paddler.request_model(body)
+  local verdict, name, fields = paddler.request_model(body)
   if verdict == "malformed" then
     return nil, "400", settings.body_not_json_body
   elseif verdict == "absent" then
     if settings.default_model == nil then
       return nil, "400", settings.model_missing_body
     end
-    return settings.default_model
+    return settings.default_model, nil, nil, fields
   elseif settings.models[name] ~= true then
     return nil, "404", settings.model_not_found_body
   end
-  return name
+  return name, nil, nil, fields
 end
 
 -- The body of a model route as text, or nil when it is larger than max_request_body: refused from its
@@ -555,23 +674,31 @@ function paddler.on_request(request_handle)
   end
 
   local acquire = paddler.agent_headers("/api/v1/picker/acquire", settings.picker_token)
-  if settings.models ~= nil then
-    local key = paddler.route_key(headers:get(":method"), headers:get(":path"))
-    local text = ""
-    if settings.model_routes[key] then
-      text = bounded_body(request_handle, headers:get("content-length"), settings.max_request_body)
-      if text == nil then
-        request_handle:respond({ [":status"] = "413", ["content-type"] = "application/json" },
-                               settings.body_too_large_body)
-        return
-      end
+  local key = paddler.route_key(headers:get(":method"), headers:get(":path"))
+  local session = headers:get("x-session-id")
+  local text, fields = "", nil
+  if (settings.models ~= nil or settings.affinity) and settings.model_routes[key] then
+    -- Reading the body yields: header handles taken before it are not used after it.
+    text = bounded_body(request_handle, headers:get("content-length"), settings.max_request_body)
+    if text == nil and settings.models ~= nil then
+      request_handle:respond({ [":status"] = "413", ["content-type"] = "application/json" },
+                             settings.body_too_large_body)
+      return
     end
-    local model, status, answer = paddler.choose_model(key, text, settings)
+  end
+  if settings.models ~= nil then
+    local model, status, answer
+    model, status, answer, fields = paddler.choose_model(key, text, settings)
     if status ~= nil then
       request_handle:respond({ [":status"] = status, ["content-type"] = "application/json" }, answer)
       return
     end
     acquire[MODEL_HEADER] = model
+  elseif text ~= nil and text ~= "" then
+    fields = select(3, paddler.request_model(text))
+  end
+  if settings.affinity and fields ~= nil then
+    acquire[AFFINITY_HEADER] = paddler.affinity_header(text, fields, session)
   end
   local reply_headers, reply_body = request_handle:httpCall(AGENT_CLUSTER, acquire, "", settings.picker_timeout_ms)
   local status = reply_headers[":status"]

@@ -1,4 +1,5 @@
-"""Prompt-cache affinity behind the generated HAProxy config: real llama-servers, real agent, real HAProxy.
+"""Prompt-cache affinity behind the generated HAProxy and Envoy configs: real llama-servers, real agent, real
+proxies.
 
 Conversations of four turns, each turn sending the whole history. A follow-up turn "hits" when llama-server
 reports that it took at least half its prompt from its cache (``timings.cache_n``): the history is most of a
@@ -63,22 +64,23 @@ def servers(make_llama: Callable[..., LlamaServer]) -> dict[str, LlamaServer]:
     return {name: make_llama(name, slots=slots).start() for name, slots in SERVERS.items()}
 
 
-def affinity_stack(tmp_path: Path, servers: dict[str, LlamaServer], affinity: bool) -> BalancerStack:
+def affinity_stack(tmp_path: Path, servers: dict[str, LlamaServer], affinity: bool, kind: str) -> BalancerStack:
     return BalancerStack(tmp_path / "lb", {name: server.address for name, server in servers.items()},
-                         balancer={"affinity": affinity})
+                         balancer={"affinity": affinity}, kind=kind)
 
 
+@pytest.mark.parametrize("kind", ["haproxy", "envoy"])
 @pytest.mark.parametrize("affinity", [True, False], ids=["affinity", "slots-only"])
 def test_follow_up_turns_find_their_history_in_the_cache_with_affinity(
-        servers: dict[str, LlamaServer], tmp_path: Path, affinity: bool) -> None:
-    with affinity_stack(tmp_path, servers, affinity) as stack:
+        servers: dict[str, LlamaServer], tmp_path: Path, affinity: bool, kind: str) -> None:
+    with affinity_stack(tmp_path, servers, affinity, kind) as stack:
         stack.wait_slots(SERVERS)
         with IncarnationDeferrals(servers, interval=0.05) as deferrals:
             sessions = run_sessions(stack, lambda session: {})
     follow_ups = [turn for turns in sessions for turn in turns[1:]]
     statuses = Counter(turn["status"] for turns in sessions for turn in turns)
     share = sum(hit(turn) for turn in follow_ups) / len(follow_ups)
-    print(f"affinity={affinity}: {share:.0%} of {len(follow_ups)} follow-up turns took at least half their "
+    print(f"{kind} affinity={affinity}: {share:.0%} of {len(follow_ups)} follow-up turns took at least half their "
           f"prompt from the cache; statuses {dict(statuses)}")
     misses = [(session, index, turn["cache_n"], turn["prompt_n"]) for session, turns in enumerate(sessions)
               for index, turn in enumerate(turns) if index and not hit(turn)]
@@ -91,11 +93,12 @@ def test_follow_up_turns_find_their_history_in_the_cache_with_affinity(
     # 82-92% of follow-ups back to the same server (docs/affinity.md); nothing to assert about it.
 
 
+@pytest.mark.parametrize("kind", ["haproxy", "envoy"])
 def test_one_key_on_every_request_still_spreads_when_its_server_is_full(
-        servers: dict[str, LlamaServer], tmp_path: Path) -> None:
+        servers: dict[str, LlamaServer], tmp_path: Path, kind: str) -> None:
     """Every request names one session: its server fills, and the rest go to the others, never waiting
     while a slot is free and never past a server's slots."""
-    with affinity_stack(tmp_path, servers, True) as stack:
+    with affinity_stack(tmp_path, servers, True, kind) as stack:
         stack.wait_slots(SERVERS)
         before = {name: server.metric("llamacpp:tokens_predicted_total") or 0.0 for name, server in servers.items()}
         with IncarnationDeferrals(servers, interval=0.05) as deferrals, ThreadPoolExecutor(6) as pool:
@@ -105,7 +108,7 @@ def test_one_key_on_every_request_still_spreads_when_its_server_is_full(
                 headers={"X-Session-Id": "everyone"}, timeout=60), range(60), timeout=300))
         served = {name: ((server.metric("llamacpp:tokens_predicted_total") or 0.0) - before[name]) / 64
                   for name, server in servers.items()}
-    print(f"one key, 60 requests 6 at a time, requests per server: {served}")
+    print(f"{kind}: one key, 60 requests 6 at a time, requests per server: {served}")
     assert Counter(answer.status for answer in answers) == {200: 60}
     assert deferrals.worst() == 0, deferrals.nonzero[:10]
     assert all(count > 0 for count in served.values()), served

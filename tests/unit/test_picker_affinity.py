@@ -1,0 +1,72 @@
+"""The picker's prompt-cache affinity: a conversation goes back to the backend that took it while that backend
+has a slot free, else wherever the picker would send it; the memory is bounded.
+
+The fleet of tests/unit/test_picker.py: small (2 slots) and large (4 slots). Without affinity the picker sends
+a request to large (most free slots), so a conversation remembered on small shows affinity at work."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from agentcheck import picker as picker_module
+from agentcheck.model import FleetModel
+from agentcheck.picker import Affinity, Picker
+from tests.unit.test_picker import Clock, make, poll, ready
+
+
+def turn(number: int) -> Affinity:
+    """Turn ``number`` of one conversation: remembered under its own key, looking up the previous turn's."""
+    return Affinity(remember=(f"{number:016x}",), lookups=(f"{number - 1:016x}",))
+
+
+async def placed_on_small(model: FleetModel, picker: Picker, clock: Clock, affinity: Affinity) -> None:
+    """Run one request of a conversation on small (large busy with other work meanwhile), then free all."""
+    poll(model, clock, large=ready(4, 4))
+    lease = await picker.acquire(affinity=affinity)
+    assert lease.backend == "small"
+    picker.release(lease.id)
+    poll(model, clock, small=ready(2), large=ready(4))
+
+
+async def test_a_follow_up_goes_to_the_backend_that_took_its_previous_turn() -> None:
+    model, picker, clock = make()
+    await placed_on_small(model, picker, clock, turn(1))
+    assert (await picker.acquire(affinity=turn(2))).backend == "small"
+    assert (await picker.acquire(affinity=turn(9))).backend == "large"  # a conversation nobody has seen
+
+
+async def test_the_affine_backend_is_skipped_while_it_has_no_free_slot() -> None:
+    model, picker, clock = make()
+    await placed_on_small(model, picker, clock, turn(1))
+    held = [await picker.acquire(affinity=turn(2)) for _ in range(2)]
+    assert [lease.backend for lease in held] == ["small", "small"]
+    assert (await picker.acquire(affinity=turn(2))).backend == "large"  # small is full: no wait for it
+    picker.release(held[0].id)
+    # The conversation's turn 2 was last taken by large: turn 3 follows it there, not back to small.
+    assert (await picker.acquire(affinity=turn(3))).backend == "large"
+
+
+async def test_a_waiting_conversation_takes_the_first_slot_that_frees_on_its_backend() -> None:
+    model, picker, clock = make(max_waiting=5)
+    await placed_on_small(model, picker, clock, turn(1))
+    held = [await picker.acquire() for _ in range(6)]  # every slot of small and large
+    waiting = asyncio.ensure_future(picker.acquire(affinity=turn(2)))
+    await asyncio.sleep(0)
+    assert picker.waiting == 1
+    picker.release(next(lease for lease in held if lease.backend == "small").id)
+    granted = await waiting
+    assert granted.backend == "small"
+    for lease in (*held, granted):
+        picker.release(lease.id)
+    assert (await picker.acquire(affinity=turn(3))).backend == "small"  # the queued grant was remembered
+
+
+async def test_the_memory_keeps_the_most_recent_conversations(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(picker_module, "AFFINITY_ENTRIES", 3)
+    model, picker, clock = make()
+    for number in range(1, 6):
+        await placed_on_small(model, picker, clock, Affinity((f"{number:016x}",), ("ffffffffffffffff",)))
+    assert (await picker.acquire(affinity=Affinity(("aaaaaaaaaaaaaaaa",), (f"{1:016x}",)))).backend == "large"
+    assert (await picker.acquire(affinity=Affinity(("bbbbbbbbbbbbbbbb",), (f"{5:016x}",)))).backend == "small"
