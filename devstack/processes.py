@@ -73,10 +73,10 @@ def http_get(url: str, timeout: float = 2.0, headers: dict[str, str] | None = No
         return 0, b""
 
 
-def llama_metric(url: str, name: str, api_key: str | None = None) -> float | None:
+def llama_metric(url: str, name: str, api_key: str | None = None, query: str = "") -> float | None:
     """One gauge from a llama-server's /metrics (needs --metrics); None when it does not answer."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
-    status, body = http_get(url + "/metrics", headers=headers)
+    status, body = http_get(url + "/metrics" + query, headers=headers)
     if status != 200:
         return None
     for line in body.decode().splitlines():
@@ -285,6 +285,11 @@ class LlamaRouter(_Process):
         if status != 200:
             return {}
         return {entry["id"]: entry["status"]["value"] for entry in json.loads(body)["data"]}
+
+    def metric(self, model: str, name: str) -> float | None:
+        """One gauge of a loaded model's child, from the router's ``/metrics?model=`` (which, like ``/slots``,
+        loads a model that is not loaded: ask only for loaded ones)."""
+        return llama_metric(f"{self.url}", name, query=f"?model={model}")
 
     def busy_slots(self, model: str) -> int | None:
         """Slots processing in a loaded model's child, from the router's ``/slots?model=`` (which loads a model

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from devstack.processes import LlamaServer, http_get, wait_until
+from devstack.processes import LlamaRouter, LlamaServer, http_get, wait_until
 from devstack.sampling import DeferralWatch
 from devstack.stack import BalancerStack
 from fleet import contract
@@ -195,3 +195,31 @@ def test_a_burst_on_one_model_does_not_hold_back_another(models: Models) -> None
     assert {run.status for run in quiet + beta_during + alpha} == {200}
     assert beta_during, "alpha's queue drained before beta asked once"
     assert all(beta == 0 for _, beta in queues), queues
+
+
+def test_a_router_takes_one_request_for_a_model_it_has_not_loaded_then_all_its_slots(
+        make_llama: Callable[..., LlamaServer], make_router: Callable[..., LlamaRouter], tmp_path: Path) -> None:
+    """Only the router (models discovered) serves alpha: the picker places one alpha request there at a time
+    until the agent sees alpha loaded, then the child's slots; llama.cpp never defers."""
+    router = make_router("big1", slots=SLOTS).start()
+    beta = make_llama("beta-1", slots=SLOTS, alias="beta").start()
+    stack = BalancerStack(tmp_path / "lb", {"beta-1": beta.address, "big1": router.address}, kind="envoy",
+                          models={"beta-1": ["beta"]}, top={"models": {"alpha": {}, "beta": {}},
+                                                            "default_model": "alpha"})
+    with stack:
+        stack.wait_slots({"beta-1": SLOTS})
+        wait_until(lambda: stack.agents()["big1"]["state"] == "ready" and stack.agents()["big1"]["in_balancer"],
+                   timeout=15, what="the router ready, nothing loaded, in Envoy's endpoints")
+        cold = chat(stack.url, "alpha")
+        assert (cold.status, cold.json()["model"]) == (200, "alpha")
+        wait_until(lambda: {model["name"]: model["load"] for model in stack.agents()["big1"]["models"]}
+                   == {"alpha": "loaded", "beta": "unloaded"}, timeout=15, what="the agent to see alpha loaded")
+        deferred: list[float | None] = []
+        with ThreadPoolExecutor(7) as pool:
+            burst = [pool.submit(chat, stack.url, "alpha", 120) for _ in range(6)]
+            while not all(future.done() for future in burst):
+                deferred.append(router.metric("alpha", "llamacpp:requests_deferred"))
+                time.sleep(0.05)  # the sampling period, not a synchronisation
+        assert [future.result().status for future in burst] == [200] * 6
+        assert max(value or 0.0 for value in deferred) == 0.0, deferred
+        assert beta.metric("llamacpp:requests_deferred") == 0

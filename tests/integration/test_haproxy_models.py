@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from devstack.chaos import IncarnationDeferrals
-from devstack.processes import LlamaRouter, LlamaServer, http_get, wait_until
+from devstack.processes import LlamaRouter, LlamaServer, wait_until
 from devstack.sampling import BackgroundSampler
 from devstack.stack import BalancerStack
 from fleet import contract
@@ -69,10 +69,7 @@ class RouterDeferrals(BackgroundSampler):
             self.add(model, lambda model=model: self._sample(router, model))  # type: ignore[misc]
 
     def _sample(self, router: LlamaRouter, model: str) -> bool:
-        status, body = http_get(f"{router.url}/models")
-        loaded = status == 200 and any(entry["id"] == model and entry["status"]["value"] == "loaded"
-                                       for entry in json.loads(body)["data"])
-        value = router_deferred(router, model) if loaded else None
+        value = router_deferred(router, model) if router.models().get(model) == "loaded" else None
         if value is not None:
             self.worst[model] = max(self.worst.get(model, 0.0), value)
         return value is not None
@@ -102,7 +99,7 @@ def test_each_request_lands_on_a_server_of_its_model_and_llama_cpp_never_defers(
     assert [answer.json()["model"] for answer in answers] == models
     served = {name: (server.metric("llamacpp:tokens_predicted_total") or 0.0) - before[name]
               for name, server in servers.items()}
-    served.update({f"big1/{model}": router_metric(router, model, "llamacpp:tokens_predicted_total") or 0.0
+    served.update({f"big1/{model}": router.metric(model, "llamacpp:tokens_predicted_total") or 0.0
                    for model in ("alpha", "beta")})
     print(f"tokens predicted per server (8 a request): {served}; requests per model: {Counter(models)}; "
           f"router's models afterwards: {loads}; router children's deferred at most: {router_deferrals.worst}")
@@ -201,19 +198,8 @@ def test_a_burst_on_one_model_waits_in_its_own_queue_and_leaves_the_other_alone(
     assert beta_queue_max == 0
 
 
-def router_metric(router: LlamaRouter, model: str, name: str) -> float | None:
-    """A metric of one loaded model's child (asking an unloaded model's /metrics would load it)."""
-    status, body = http_get(f"{router.url}/metrics?model={model}")
-    if status != 200:
-        return None
-    for line in body.decode().splitlines():
-        if line.startswith(f"{name} "):
-            return float(line.split()[1])
-    return None
-
-
 def router_deferred(router: LlamaRouter, model: str) -> float | None:
-    return router_metric(router, model, "llamacpp:requests_deferred")
+    return router.metric(model, "llamacpp:requests_deferred")
 
 
 def test_a_router_takes_one_request_for_a_model_it_has_not_loaded_then_all_its_slots(
