@@ -15,11 +15,15 @@
 --   lua.paddler_route   sample fetch: the request as llama-server will route it, "METHOD:path",
 --                       the path decoded the way llama-server's HTTP library does it (see
 --                       route_key below). haproxy.cfg's allow-list ACLs match it exactly.
---   lua.paddler_pool    sample fetch, routing by model only: the backend of the model the request's
---                       JSON body names (request_model reads it as llama-server will), or why none:
---                       too_large, malformed, absent, unknown. haproxy.cfg answers those itself.
---                       Each model's backend has its own queue and limits (PADDLER_MODELS), and
---                       GET /health?model=NAME answers for one model.
+--   lua.paddler_read    http-request action on the routes whose JSON body names a model: with routing
+--                       by model, sets txn.paddler_pool to the model's backend, or why none:
+--                       too_large, malformed, absent, unknown (haproxy.cfg answers those itself; each
+--                       model's backend has its own queue and limits, PADDLER_MODELS, and
+--                       GET /health?model=NAME answers for one model); with affinity (PADDLER_AFFINITY),
+--                       keeps the request's conversation keys.
+--   lua.paddler_affine  http-request action (backend): txn.paddler_affine = the server that served the
+--                       conversation, when it has a slot free now (use-server rules send it there).
+--   lua.paddler_remember  http-response action: remembers which server served the conversation.
 --   handover task       only in a worker started by a reload (master-worker mode, SIGUSR2): the
 --                       old worker still runs its streams, and feeds its queue to the same
 --                       llama-servers, while this one starts counting from zero. See "Handover".
