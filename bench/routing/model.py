@@ -1,4 +1,5 @@
-"""The service model of a llama.cpp server, and the ideal queue computed with it.
+"""SIMULATOR (benchmarks only, not llama.cpp): the service model of a llama.cpp server, with its
+prompt cache, and the ideal queue computed with it.
 
 Pure Python: no I/O, no asyncio, no clock of its own. ``ServerState`` is the one
 implementation of the rules below; ``ideal()`` drives it in virtual time and the real-time
@@ -14,20 +15,74 @@ Service model (llama.cpp-like continuous batching), per server:
 - The server runs steps back to back while any slot is taken; an idle server starts a step
   as soon as a request is admitted.
 - At a step's start, every slotted request not yet in the batch joins it (FIFO); the step
-  lasts ``step_seconds(busy)`` plus, for each request joining at this step,
-  ``prompt_tokens * prompt_ms_per_token / 1000``: prompt processing slows everyone's step.
+  lasts ``step_seconds(busy)`` plus, for each request joining at this step, its UNCACHED
+  prompt tokens times ``prompt_ms_per_token``: prompt processing slows everyone's step.
+  (llama.cpp splits a long prompt into ``n_batch`` chunks over several steps; the model
+  charges it in one.)
 - At the step's end every request in the batch emits one token. A request's first token
   is its time to first token; a request that has emitted ``output_tokens`` tokens finishes
   and frees its slot at that step's end.
 - A cancelled request (client gone) frees its slot at once; a step already running keeps
   its computed duration.
+
+Prompt cost, calibrated: prompt processing per token is ``PP_TG_RATIO`` (80) times cheaper than
+one single-stream decode step, unless a server says otherwise. llama.cpp's own llama-bench
+figures for a 7B model on one GPU: 4,494 t/s pp512 vs 54.7 t/s tg128 (ratio 82; F16, CUDA,
+ggml-org/llama.cpp pull request 3776), and on an RTX 4090 18,155 t/s pp512 vs 236 t/s tg128
+(ratio 77; qwen2 3B Q4_0, pull request 12183).
+
+Prompt cache (llama-server's, ``PromptCache``): text is tokenized as one token per 4 bytes
+(``tokens``), deterministic; a common prefix of ``n`` bytes is ``n // 4`` shared tokens.
+
+- Each slot keeps its last prompt plus what it generated. A request that gets a slot reuses
+  the longest common token prefix with it, at most ``prompt_tokens - 1`` (llama.cpp always
+  evaluates the last prompt token again), and pays only the rest.
+- Which idle slot: the one whose cached text shares the longest prefix with the request, if
+  that is more than ``SLOT_PROMPT_SIMILARITY`` (llama-server's ``--slot-prompt-similarity``,
+  0.1) of its prompt; else the least recently used one.
+- Host memory (``--cache-ram``, 8192 MiB by default in the pinned build): a slot's text is
+  saved there before another prompt overwrites it (unless it would keep all of it); a
+  request whose prefix is longer in host memory than in its slot restores it from there
+  (copy time not charged). The size limit is in tokens (``ServerSpec.cache_tokens``,
+  default 65,536 = 8192 MiB / 128 KiB, the f16 KV of one token of an 8B Llama-3-class
+  model); least recently used entries are evicted first; an entry that another one extends
+  is replaced by it.
 """
 
 from __future__ import annotations
 
 import heapq
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
+
+PP_TG_RATIO = 80.0  # prompt tokens processed per decode-step time (see the module docstring)
+SLOT_PROMPT_SIMILARITY = 0.1  # llama-server's --slot-prompt-similarity default
+CACHE_RAM_TOKENS = 65_536  # --cache-ram 8192 MiB / 128 KiB of f16 KV per token (8B, GQA)
+BYTES_PER_TOKEN = 4
+TOKEN = "tok "  # what the simulator generates, one token (4 bytes)
+
+
+def tokens(text: str) -> int:
+    """SIMULATOR tokenizer: one token per 4 bytes of (UTF-8) text, at least 1."""
+    return max(1, len(text.encode()) // BYTES_PER_TOKEN)
+
+
+def common_tokens(a: str, b: str) -> int:
+    """Tokens two texts share at their start: whole 4-byte tokens of their common prefix."""
+    low, high = 0, min(len(a), len(b))
+    while low < high:  # longest common prefix by bisection: slices compare in C
+        middle = (low + high + 1) // 2
+        if a[:middle] == b[:middle]:
+            low = middle
+        else:
+            high = middle - 1
+    return len(a[:low].encode()) // BYTES_PER_TOKEN
+
+
+def chat_template(messages: list[tuple[str, str]]) -> str:
+    """SIMULATOR chat template (ChatML, as Qwen's): the prompt text a chat's (role, content) list becomes."""
+    return "".join(f"<|im_start|>{role}\n{content}<|im_end|>\n" for role, content in messages) + \
+        "<|im_start|>assistant\n"
 
 
 @dataclass(frozen=True)
@@ -38,7 +93,8 @@ class ServerSpec:
     slots: int
     token_ms: float  # one decode step with a single busy slot
     batch_slowdown: float = 0.1  # each extra busy slot makes the step this much longer (fraction)
-    prompt_ms_per_token: float = 0.05  # prompt processing, paid in the step a request joins
+    prompt_ms_per_token: float | None = None  # per uncached prompt token; None: token_ms / PP_TG_RATIO
+    cache_tokens: int = CACHE_RAM_TOKENS  # host-memory prompt cache (--cache-ram), in tokens
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -47,8 +103,13 @@ class ServerSpec:
             raise ValueError(f"{self.name}: slots must be >= 1")
         if not self.token_ms > 0:
             raise ValueError(f"{self.name}: token_ms must be > 0")
-        if self.batch_slowdown < 0 or self.prompt_ms_per_token < 0:
-            raise ValueError(f"{self.name}: batch_slowdown and prompt_ms_per_token must be >= 0")
+        if self.batch_slowdown < 0 or self.prompt_ms < 0 or self.cache_tokens < 0:
+            raise ValueError(f"{self.name}: batch_slowdown, prompt_ms_per_token and cache_tokens must be >= 0")
+
+    @property
+    def prompt_ms(self) -> float:
+        """Milliseconds per uncached prompt token."""
+        return self.token_ms / PP_TG_RATIO if self.prompt_ms_per_token is None else self.prompt_ms_per_token
 
     def step_seconds(self, busy: int) -> float:
         """Duration of one decode step with ``busy`` requests in the batch (prompt cost apart)."""
@@ -56,8 +117,9 @@ class ServerSpec:
             raise ValueError("a step needs at least one busy slot")
         return self.token_ms / 1000 * (1 + self.batch_slowdown * (busy - 1))
 
-    def prompt_seconds(self, prompt_tokens: int) -> float:
-        return prompt_tokens * self.prompt_ms_per_token / 1000
+    def prompt_seconds(self, prompt_tokens: float) -> float:
+        """Processing ``prompt_tokens`` uncached prompt tokens."""
+        return prompt_tokens * self.prompt_ms / 1000
 
     def tokens_per_second_full(self) -> float:
         """Decode throughput with every slot busy."""
@@ -67,9 +129,12 @@ class ServerSpec:
 @dataclass(frozen=True)
 class RequestSpec:
     id: int
-    arrival: float  # seconds from the start of the run
+    arrival: float  # seconds from the start of the run (a follow-up turn: see ``follows``)
     prompt_tokens: int
     output_tokens: int
+    text: str = ""  # the prompt as the server reads it: what its cache compares ("": nothing to reuse)
+    follows: int | None = None  # a conversation's previous turn: sent ``think`` seconds after that one ends
+    think: float = 0.0
 
     def __post_init__(self) -> None:
         if self.prompt_tokens < 0:
@@ -85,11 +150,53 @@ class Outcome:
     ttft: float  # seconds from arrival to the first token
     e2e: float  # seconds from arrival to the last token
     deferred: bool  # waited inside the server for a slot
+    cached_tokens: int = 0  # prompt tokens reused from the server's cache
+    arrival: float = 0.0  # when it was sent (a follow-up turn's depends on when its previous turn ended)
+
+
+class PromptCache:
+    """llama-server's host-memory prompt cache (``--cache-ram``): whole texts, least recently used first out,
+    at most ``limit`` tokens in all."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._entries: OrderedDict[str, int] = OrderedDict()  # text -> its tokens, oldest use first
+        self.size = 0
+
+    def __contains__(self, text: str) -> bool:
+        return text in self._entries
+
+    def best(self, text: str) -> tuple[int, str | None]:
+        """The entry sharing the longest token prefix with ``text``: (tokens shared, entry)."""
+        best, entry = 0, None
+        for candidate in self._entries:
+            shared = common_tokens(text, candidate)
+            if shared > best:
+                best, entry = shared, candidate
+        return best, entry
+
+    def touch(self, text: str) -> None:
+        self._entries.move_to_end(text)
+
+    def save(self, text: str) -> None:
+        """Keep ``text`` (most recently used); entries it extends go; the oldest go while over the limit."""
+        size = tokens(text)
+        if not text or size > self.limit:
+            return
+        for entry in [e for e in self._entries if text.startswith(e)]:
+            self.size -= self._entries.pop(entry)
+        self._entries[text] = size
+        self.size += size
+        while self.size > self.limit:
+            _, evicted = self._entries.popitem(last=False)
+            self.size -= evicted
 
 
 @dataclass
 class _Slot:
     request: RequestSpec
+    index: int  # which of the server's slots (each keeps its own cached text)
+    cached: int = 0  # prompt tokens reused from the cache
     in_batch: bool = False
     emitted: int = 0
 
@@ -107,6 +214,13 @@ class ServerState:
         self.deferred_count = 0  # requests that ever had to wait in the internal FIFO
         self.completed = 0
         self.last_emitted: tuple[int, ...] = ()  # ids that emitted a token at the last end_step
+        self._texts = [""] * spec.slots  # each slot's cache: its last prompt and what it generated
+        self._used = [0] * spec.slots  # when each slot last took a request (a counter)
+        self._uses = 0
+        self.host = PromptCache(spec.cache_tokens)
+        self.reused: dict[int, int] = {}  # request id -> prompt tokens it reused (set when it gets a slot)
+        self.prompt_tokens_total = 0  # over every request that got a slot
+        self.cached_tokens_total = 0
 
     @property
     def busy(self) -> int:
@@ -139,15 +253,22 @@ class ServerState:
         if request_id in self._slots:
             raise ValueError(f"request {request_id} is already on {self.spec.name}")
         if self.free > 0 and not self._deferred:
-            self._slots[request_id] = _Slot(spec)
+            self._seat(request_id, spec)
             return False
         self._deferred.append((request_id, spec))
         self.deferred_count += 1
         return True
 
+    def cached_if_sent(self, spec: RequestSpec) -> int:
+        """The prompt tokens ``spec`` would reuse here if it got a free slot now (there must be one)."""
+        return self._plan(spec)[1]
+
     def cancel(self, request_id: int) -> bool:
         """Forget a request (client gone); its slot frees at once. False if unknown."""
-        if self._slots.pop(request_id, None) is None:
+        slot = self._slots.pop(request_id, None)
+        if slot is not None and slot.in_batch:
+            self._texts[slot.index] = slot.request.text + TOKEN * slot.emitted
+        if slot is None:
             before = len(self._deferred)
             self._deferred = deque(item for item in self._deferred if item[0] != request_id)
             if len(self._deferred) == before:
@@ -166,7 +287,8 @@ class ServerState:
         for slot in self._slots.values():
             if not slot.in_batch:
                 slot.in_batch = True
-                prompt += self.spec.prompt_seconds(slot.request.prompt_tokens)
+                self._texts[slot.index] = slot.request.text
+                prompt += self.spec.prompt_seconds(slot.request.prompt_tokens - slot.cached)
         self._step_end = now + self.spec.step_seconds(len(self._slots)) + prompt
         return self._step_end
 
@@ -190,6 +312,7 @@ class ServerState:
                 first.append(request_id)
             if slot.emitted >= slot.request.output_tokens:
                 finished.append(request_id)
+                self._texts[slot.index] = slot.request.text + TOKEN * slot.emitted
                 del self._slots[request_id]
                 self.completed += 1
         self.last_emitted = tuple(emitted)
@@ -200,7 +323,34 @@ class ServerState:
         """Free slots go to the oldest deferred requests."""
         while self._deferred and len(self._slots) < self.spec.slots:
             request_id, spec = self._deferred.popleft()
-            self._slots[request_id] = _Slot(spec)
+            self._seat(request_id, spec)
+
+    def _plan(self, spec: RequestSpec) -> tuple[int, int, str | None]:
+        """llama-server's choice for a request among the idle slots: (slot, prompt tokens reused, the host
+        cache entry to restore first or None)."""
+        taken = {slot.index for slot in self._slots.values()}
+        idle = [index for index in range(self.spec.slots) if index not in taken]
+        shared = {index: common_tokens(spec.text, self._texts[index]) if spec.text else 0 for index in idle}
+        best = max(idle, key=lambda index: (shared[index], -index))
+        if shared[best] <= SLOT_PROMPT_SIMILARITY * spec.prompt_tokens:
+            best = min(idle, key=lambda index: (self._used[index], index))  # least recently used
+        host, entry = self.host.best(spec.text) if spec.text else (0, None)
+        reuse, restore = (host, entry) if host > shared[best] else (shared[best], None)
+        return best, max(0, min(reuse, spec.prompt_tokens - 1)), restore
+
+    def _seat(self, request_id: int, spec: RequestSpec) -> None:
+        index, cached, restore = self._plan(spec)
+        old = self._texts[index]
+        if restore is not None:
+            self.host.touch(restore)  # restored: the most recently used entry
+        if old and common_tokens(spec.text, old) < tokens(old):
+            self.host.save(old)  # the slot's cache is about to be overwritten: keep it in host memory
+        self._uses += 1
+        self._used[index] = self._uses
+        self._slots[request_id] = _Slot(spec, index, cached)
+        self.reused[request_id] = cached
+        self.prompt_tokens_total += spec.prompt_tokens
+        self.cached_tokens_total += cached
 
 
 @dataclass
@@ -209,17 +359,23 @@ class _Tracking:
     first: float | None = None
     done: float | None = None
     arrival: float = 0.0
+    cached: int = 0
 
 
 def ideal(trace: list[RequestSpec], fleet: list[ServerSpec]) -> list[Outcome]:
     """The ideal queue: one perfect FIFO in front of the whole fleet, with exact instant knowledge.
 
     Discrete-event simulation in virtual time. In arrival order (ties by id), a request goes
-    to a server with a free slot the moment one exists: the one whose step would be fastest
-    with it (lowest ``step_seconds(busy + 1)``), ties by more free slots, then name. It is
-    never sent to a full server, so it never defers. Events at the same instant are taken
-    together: steps end (slots free), arrivals join the queue, the queue is dispatched, then
-    every server with work and no running step starts one. Outcomes come in ``trace`` order.
+    to a server with a free slot the moment one exists: the one where its first step would
+    end soonest, knowing every server's prompt cache exactly (``step_seconds(busy + 1)`` plus
+    its uncached prompt there), ties by more free slots, then name. So the ideal has perfect
+    affinity while the server that holds a conversation's cache has a slot free, and trades
+    it for speed when another server's step would still be faster; it never waits for a
+    particular server. It is never sent to a full server, so it never defers. A follow-up
+    turn (``follows``) arrives ``think`` seconds after its previous turn ended. Events at the
+    same instant are taken together: steps end (slots free), arrivals join the queue, the
+    queue is dispatched, then every server with work and no running step starts one.
+    Outcomes come in ``trace`` order.
     """
     if not trace:
         return []
@@ -233,16 +389,21 @@ def ideal(trace: list[RequestSpec], fleet: list[ServerSpec]) -> list[Outcome]:
         if request.id in tracking:
             raise ValueError(f"request id {request.id} appears twice")
         tracking[request.id] = _Tracking(arrival=request.arrival)
+    followers: dict[int, RequestSpec] = {}
+    for request in trace:
+        if request.follows is not None:
+            if request.follows not in tracking or request.follows in followers:
+                raise ValueError(f"request {request.id} follows {request.follows}: unknown, or taken")
+            followers[request.follows] = request
 
     servers = [ServerState(spec) for spec in sorted(fleet, key=lambda s: s.name)]
-    arrivals = sorted(trace, key=lambda r: (r.arrival, r.id))
+    arrivals = [(r.arrival, r.id, r) for r in trace if r.follows is None]
+    heapq.heapify(arrivals)
     queue: deque[RequestSpec] = deque()
     step_ends: list[tuple[float, int]] = []  # (time, server index); one per running server
-    next_arrival = 0
 
-    while next_arrival < len(arrivals) or step_ends:
-        now = min(arrivals[next_arrival].arrival if next_arrival < len(arrivals) else float("inf"),
-                  step_ends[0][0] if step_ends else float("inf"))
+    while arrivals or step_ends:
+        now = min(arrivals[0][0] if arrivals else float("inf"), step_ends[0][0] if step_ends else float("inf"))
         touched = set()  # servers that may need a step now: their step ended, or they got a request
         while step_ends and step_ends[0][0] == now:
             _, index = heapq.heappop(step_ends)
@@ -253,16 +414,20 @@ def ideal(trace: list[RequestSpec], fleet: list[ServerSpec]) -> list[Outcome]:
                 tracking[request_id].first = now
             for request_id in finished:
                 tracking[request_id].done = now
-        while next_arrival < len(arrivals) and arrivals[next_arrival].arrival == now:
-            queue.append(arrivals[next_arrival])
-            next_arrival += 1
+                follower = followers.get(request_id)
+                if follower is not None:
+                    tracking[follower.id].arrival = now + follower.think
+                    heapq.heappush(arrivals, (now + follower.think, follower.id, follower))
+        while arrivals and arrivals[0][0] == now:
+            queue.append(heapq.heappop(arrivals)[2])
         while queue:
-            best = _fastest_with_free_slot(servers)
+            best = _first_token_soonest(servers, queue[0])
             if best is None:
                 break
             request = queue.popleft()
             servers[best].admit(request.id, request)
             tracking[request.id].server = servers[best].spec.name
+            tracking[request.id].cached = servers[best].reused.pop(request.id)
             touched.add(best)
         for index in sorted(touched):
             if servers[index].needs_step:
@@ -272,17 +437,18 @@ def ideal(trace: list[RequestSpec], fleet: list[ServerSpec]) -> list[Outcome]:
     for request in trace:
         t = tracking[request.id]
         assert t.first is not None and t.done is not None, "every request finishes once events run out"
-        outcomes.append(Outcome(id=request.id, server=t.server, ttft=t.first - t.arrival,
-                                e2e=t.done - t.arrival, deferred=False))
+        outcomes.append(Outcome(id=request.id, server=t.server, ttft=t.first - t.arrival, e2e=t.done - t.arrival,
+                                deferred=False, cached_tokens=t.cached, arrival=t.arrival))
     return outcomes
 
 
-def _fastest_with_free_slot(servers: list[ServerState]) -> int | None:
+def _first_token_soonest(servers: list[ServerState], request: RequestSpec) -> int | None:
     best, best_key = None, None
     for index, state in enumerate(servers):  # sorted by name, so the first of equal keys wins on name
         if state.free <= 0:
             continue
-        key = (state.spec.step_seconds(state.busy + 1), -state.free)
+        uncached = request.prompt_tokens - state.cached_if_sent(request)
+        key = (state.spec.step_seconds(state.busy + 1) + state.spec.prompt_seconds(uncached), -state.free)
         if best_key is None or key < best_key:
             best, best_key = index, key
     return best

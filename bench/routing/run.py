@@ -1,13 +1,18 @@
 """Routing quality: every strategy against the ideal queue, on one heterogeneous SIMULATED fleet.
 
-For each scenario (offered load as a fraction of capacity; plus one where part of the load
-bypasses the balancer) one seeded trace is generated, served by the ideal queue (a discrete-event
-simulation with the simulator's own service model) and replayed in real time through each strategy
-in front of a fresh simulator. Prints a table, writes bench/results/latest.json and a PNG of TTFT
-distributions.
+For each scenario (offered load as a fraction of capacity: Poisson requests with no prompt reuse; the
+same with part of the load bypassing the balancer; conversations whose turns reuse their history) one
+seeded workload is generated, served by the ideal queue (a discrete-event simulation with the
+simulator's own service model and prompt cache) and replayed in real time through each strategy in
+front of a fresh simulator. Prints progress and a table, writes bench/results/latest.json (with
+``--append``, adds to it, replacing rows of the same strategy, scenario and load) and a PNG of TTFT
+distributions. Per run, ``cached_token_ratio`` is the simulator's count of prompt tokens reused from
+its cache over all prompt tokens. Peers (bench/peers.sh) that are not installed are skipped, and so
+are chat-only peers in the /completion scenarios.
 
-    python -m bench.routing.run                                   # the default report (< 10 min)
-    python -m bench.routing.run --fleet a:2:8,b:8:12 --loads 0.5,0.9 --seed 7 --strategies paddler-haproxy
+    python -m bench.routing.run --conversation-load 0        # the Poisson and bypass report
+    python -m bench.routing.run --loads 0.8 --bypass-load 0 --conversation-load 0.8 \
+        --strategies leastconn,paddler-haproxy-slots-only,paddler-haproxy-affinity,sglang-cache_aware
 """
 
 from __future__ import annotations
@@ -19,14 +24,30 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.routing.loadgen import Result, TraceConfig, capacity_requests_per_second, make_trace, replay
+from bench.routing.loadgen import (
+    Conversation,
+    ConversationConfig,
+    Result,
+    TraceConfig,
+    capacity_requests_per_second,
+    conversation_trace,
+    make_conversations,
+    make_trace,
+    mean_output_tokens,
+    mean_prompt_tokens,
+    new_prompt_tokens,
+    replay,
+    replay_conversations,
+)
 from bench.routing.model import RequestSpec, ServerSpec, ideal
 from bench.routing.simulator import parse_fleet
-from bench.routing.strategies import STRATEGIES, run_strategy
+from bench.routing.strategies import CHAT_ONLY, STRATEGIES, peer, peer_command, peer_version, run_strategy
 from devstack.processes import http_get, wait_until
 from fleet import BalancerConfig
 
@@ -36,10 +57,19 @@ RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 @dataclass(frozen=True)
 class Scenario:
-    name: str
+    name: str  # "poisson", "bypass" (open loop, /completion) or "conversation" (chat sessions)
     load: float
     pattern: str = "poisson"
     bypass_fraction: float = 0.0
+
+
+@dataclass
+class Workload:
+    """A scenario's requests: the trace the ideal serves, and for conversations the sessions replayed."""
+
+    trace: list[RequestSpec]
+    conversations: list[Conversation] | None = None
+    rate: float = 0.0  # requests (Poisson) or sessions (conversations) per second
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -59,21 +89,35 @@ def summarise(trace: list[RequestSpec], ttfts: list[float], e2es: list[float], c
     }
 
 
-def ideal_run(trace: list[RequestSpec], fleet: list[ServerSpec]) -> dict[str, Any]:
+def ratio(part: int, whole: int) -> float | None:
+    return part / whole if whole else None
+
+
+def ideal_run(trace: list[RequestSpec], fleet: list[ServerSpec]) -> tuple[dict[str, Any], list[float]]:
+    """The ideal queue's row and its sorted TTFTs."""
     outcomes = ideal(trace, fleet)
-    arrival = {r.id: r.arrival for r in trace}
-    finished_at = max((arrival[o.id] + o.e2e for o in outcomes), default=0.0)
-    return summarise(trace, [o.ttft for o in outcomes], [o.e2e for o in outcomes], len(outcomes), 0,
-                     sum(o.deferred for o in outcomes), finished_at)
+    finished_at = max((o.arrival + o.e2e for o in outcomes), default=0.0)
+    row = summarise(trace, [o.ttft for o in outcomes], [o.e2e for o in outcomes], len(outcomes), 0,
+                    sum(o.deferred for o in outcomes), finished_at)
+    row["cached_token_ratio"] = ratio(sum(o.cached_tokens for o in outcomes), sum(r.prompt_tokens for r in trace))
+    return row, sorted(o.ttft for o in outcomes)
 
 
-def measured_run(trace: list[RequestSpec], results: list[Result], deferrals: int,
+def measured_run(trace: list[RequestSpec], results: list[Result], stats: dict[str, dict[str, int]],
                  timeout: float) -> dict[str, Any]:
-    arrival = {r.id: r.arrival for r in trace}
+    """A strategy's row from what the client saw and the simulator's counters (``/sim/stats``)."""
     ok = [r for r in results if r.status == 200 and r.ttft is not None]
     refused = [r for r in results if r.status != 200]
+    deferrals = sum(server["deferred_total"] for server in stats.values())
     summary = summarise(trace, [r.ttft for r in ok], [r.e2e for r in ok], len(ok), len(refused), deferrals,
-                        max((arrival[r.id] + r.e2e for r in ok), default=0.0))
+                        max((r.sent + r.e2e for r in ok), default=0.0))
+    summary["sent"] = len(results)  # a conversation whose turn failed sends none of its later turns
+    summary["cached_token_ratio"] = ratio(sum(server["cached_tokens"] for server in stats.values()),
+                                          sum(server["prompt_tokens"] for server in stats.values()))
+    reported = [r for r in ok if r.cached_tokens is not None and r.prompt_tokens]
+    if reported:  # what the answers said (timings.cache_n): the measure against real llama-servers
+        summary["cached_token_ratio_reported"] = ratio(sum(r.cached_tokens or 0 for r in reported),
+                                                       sum(r.prompt_tokens or 0 for r in reported))
     summary["refused_by_status"] = {str(s): sum(1 for r in refused if r.status == s)
                                     for s in sorted({r.status for r in refused})}
     summary["refused_late"] = sum(1 for r in refused if r.e2e > timeout + 1.0)
@@ -92,10 +136,30 @@ class Simulator:
             lambda: self.ports_file.exists() and json.loads(self.ports_file.read_text()), timeout=30,
             what="the simulator")
 
-    def deferrals(self) -> int:
+    def stats(self) -> dict[str, dict[str, int]]:
+        """Per server: deferred_total, completed, busy, queued, prompt_tokens, cached_tokens."""
         first = next(iter(self.ports.values()))
         status, body = http_get(f"http://127.0.0.1:{first}/sim/stats")
-        return sum(server["deferred_total"] for server in json.loads(body).values()) if status == 200 else -1
+        if status != 200:
+            raise RuntimeError(f"the simulator's /sim/stats answered {status}")
+        result: dict[str, dict[str, int]] = json.loads(body)
+        return result
+
+    def progress(self, what: str, every: float = 15.0) -> threading.Event:
+        """Print how many requests the fleet has answered every ``every`` seconds until the event is set."""
+        done = threading.Event()
+        started = time.monotonic()
+
+        def report() -> None:
+            while not done.wait(every):
+                try:
+                    answered = sum(server["completed"] for server in self.stats().values())
+                except (OSError, RuntimeError):
+                    continue
+                print(f"    {what}: {answered} answered after {time.monotonic() - started:.0f} s", flush=True)
+
+        threading.Thread(target=report, daemon=True).start()
+        return done
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -105,8 +169,36 @@ class Simulator:
 Distributions = dict[tuple[str, float, str], list[float]]
 
 
+def workload(scenario: Scenario, fleet: list[ServerSpec], seed: int, duration: float) -> Workload:
+    """The scenario's seeded requests at ``scenario.load`` of the fleet's capacity (loadgen's definition: output
+    at full-batch speed plus uncached prompt; for conversations, the prompt a perfect cache would still read)."""
+    if scenario.name == "conversation":
+        sample = conversation_trace(make_conversations(ConversationConfig(seed=seed + 1, duration=300.0)))
+        new = new_prompt_tokens(sample)
+        capacity = capacity_requests_per_second(fleet, sum(r.output_tokens for r in sample) / len(sample),
+                                                sum(new) / len(new))
+        turns_per_session = len(sample) / sum(1 for r in sample if r.follows is None)
+        rate = scenario.load * capacity / turns_per_session
+        conversations = make_conversations(ConversationConfig(seed=seed, duration=duration, session_rate=rate))
+        return Workload(conversation_trace(conversations), conversations, rate)
+    config = TraceConfig(seed=seed, duration=duration, pattern=scenario.pattern)
+    rate = scenario.load * capacity_requests_per_second(fleet, mean_output_tokens(config), mean_prompt_tokens(config))
+    return Workload(make_trace(TraceConfig(seed=seed, duration=duration, rate=rate, pattern=scenario.pattern)),
+                    rate=rate)
+
+
+def peer_report(strategy: str, servers: dict[str, str], slots: dict[str, int]) -> dict[str, Any] | None:
+    """A peer's package, version and exact flags (ports as 0: they change per run), for the report."""
+    found = peer(strategy)
+    if found is None:
+        return None
+    placeholders = {name: f"127.0.0.1:{9000 + index}" for index, name in enumerate(servers)}
+    command = peer_command(strategy, placeholders, slots, 0, 0)
+    return {"package": found[0], "version": peer_version(strategy), "flags": command[command.index("--host"):]}
+
+
 def run(fleet_text: str, scenarios: list[Scenario], strategies: list[str], seed: int, duration: float,
-        agent_interval: str) -> tuple[list[dict[str, Any]], Distributions]:
+        agent_interval: str, conversation_duration: float) -> tuple[list[dict[str, Any]], Distributions]:
     fleet = parse_fleet(fleet_text)
     slots = {spec.name: spec.slots for spec in fleet}
     bypass_target = max(fleet, key=lambda spec: spec.slots).name
@@ -114,33 +206,56 @@ def run(fleet_text: str, scenarios: list[Scenario], strategies: list[str], seed:
     runs = []
     ttfts: Distributions = {}
     for scenario in scenarios:
-        config = TraceConfig(seed=seed, duration=duration, pattern=scenario.pattern)
-        rate = scenario.load * capacity_requests_per_second(fleet, config)
-        trace = make_trace(TraceConfig(seed=seed, duration=duration, rate=rate, pattern=scenario.pattern))
-        reference = ideal_run(trace, fleet)
-        ttfts[scenario.name, scenario.load, "ideal"] = sorted(o.ttft for o in ideal(trace, fleet))
-        rows = [{"strategy": "ideal", **reference}]
+        chat = scenario.name == "conversation"
+        work = workload(scenario, fleet, seed, conversation_duration if chat else duration)
+        reference, ttfts[scenario.name, scenario.load, "ideal"] = ideal_run(work.trace, fleet)
+        print(f"{scenario.name} at {scenario.load:.0%}: {len(work.trace)} requests "
+              f"({work.rate:.2f} {'sessions' if chat else 'requests'}/s)", flush=True)
+        rows = [{"strategy": "ideal", **reference, "scenario": scenario.name, "load": scenario.load}]
+        _vs_ideal(rows[0], reference)
+        print(format_row(rows[0]), flush=True)
         for strategy in strategies:
+            if peer(strategy) is not None and peer_version(strategy) is None:
+                print(f"  {strategy}: skipped, not installed (bash bench/peers.sh)", flush=True)
+                continue
+            if strategy in CHAT_ONLY and not chat:
+                print(f"  {strategy}: skipped, it serves the chat API only", flush=True)
+                continue
+            print(f"  {strategy}: running", flush=True)
             with tempfile.TemporaryDirectory(prefix=f"route-{strategy}-") as tmp:
                 simulator = Simulator(fleet_text, Path(tmp))
                 try:
                     servers = {name: f"127.0.0.1:{port}" for name, port in simulator.ports.items()}
                     with run_strategy(strategy, servers, slots, Path(tmp) / "lb", agent_interval) as url:
-                        bypass_url = f"http://{servers[bypass_target]}" if scenario.bypass_fraction else None
-                        results = asyncio.run(replay(trace, url, bypass_url, scenario.bypass_fraction, seed))
-                    rows.append({"strategy": strategy,
-                                 **measured_run(trace, results, simulator.deferrals(), timeout)})
+                        done = simulator.progress(strategy)
+                        try:
+                            if work.conversations is not None:
+                                results = asyncio.run(replay_conversations(work.conversations, url))
+                            else:
+                                bypass_url = f"http://{servers[bypass_target]}" if scenario.bypass_fraction else None
+                                results = asyncio.run(replay(work.trace, url, bypass_url, scenario.bypass_fraction,
+                                                             seed))
+                        finally:
+                            done.set()
+                    row = {"strategy": strategy, **measured_run(work.trace, results, simulator.stats(), timeout)}
+                    report = peer_report(strategy, servers, slots)
+                    if report is not None:
+                        row["peer"] = report
+                    rows.append(row)
                     ttfts[scenario.name, scenario.load, strategy] = sorted(
                         r.ttft for r in results if r.status == 200 and r.ttft is not None)
                 finally:
                     simulator.stop()
-        for row in rows:
-            ideal_p99 = reference["ttft_p99_s"]
-            row.update(scenario=scenario.name, load=scenario.load,
-                       ttft_p99_vs_ideal=(row["ttft_p99_s"] / ideal_p99) if row["ttft_p99_s"] and ideal_p99 else None)
-            runs.append(row)
+            row.update(scenario=scenario.name, load=scenario.load)
+            _vs_ideal(row, reference)
             print(format_row(row), flush=True)
+        runs.extend(rows)
     return runs, ttfts
+
+
+def _vs_ideal(row: dict[str, Any], reference: dict[str, Any]) -> None:
+    ideal_p99 = reference["ttft_p99_s"]
+    row["ttft_p99_vs_ideal"] = (row["ttft_p99_s"] / ideal_p99) if row["ttft_p99_s"] and ideal_p99 else None
 
 
 def fmt(value: float | None, unit: str = "s") -> str:
@@ -149,10 +264,11 @@ def fmt(value: float | None, unit: str = "s") -> str:
 
 def format_row(row: dict[str, Any]) -> str:
     ratio = row["ttft_p99_vs_ideal"]
-    return (f"{row['scenario']:12} {row['load']:>5.2f} {row['strategy']:16} ttft p50 {fmt(row['ttft_p50_s']):>7} "
+    return (f"{row['scenario']:12} {row['load']:>5.2f} {row['strategy']:26} ttft p50 {fmt(row['ttft_p50_s']):>7} "
             f"p99 {fmt(row['ttft_p99_s']):>7} ({'-' if ratio is None else f'{ratio:.2f}x'} ideal)  "
             f"e2e p99 {fmt(row['e2e_p99_s']):>7}  non-2xx {row['non_2xx']:>3}  deferrals {row['deferrals']:>3}  "
-            f"{row['throughput_rps']:.2f} req/s  {row['completed']}/{row['sent']}")
+            f"{row['throughput_rps']:.2f} req/s  {row['completed']}/{row['sent']}  cached "
+            f"{fmt(row.get('cached_token_ratio'), '')}")
 
 
 def plot(ttfts: Distributions, path: Path) -> None:
@@ -187,19 +303,33 @@ def main() -> int:
     parser.add_argument("--bypass-load", type=float, default=0.8, help="load of the bypass scenario (0: skip it)")
     parser.add_argument("--bypass-fraction", type=float, default=0.25)
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--duration", type=float, default=12.0, help="seconds of arrivals per run")
+    parser.add_argument("--duration", type=float, default=12.0, help="seconds of arrivals per open-loop run")
+    parser.add_argument("--conversation-load", type=float, default=0.8, help="load of the conversation scenario "
+                        "(0: skip it)")
+    parser.add_argument("--conversation-duration", type=float, default=100.0,
+                        help="seconds during which conversations start")
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
     parser.add_argument("--agent-interval", default="1s")
     parser.add_argument("--output", type=Path, default=RESULTS / "latest.json")
+    parser.add_argument("--append", action="store_true",
+                        help="keep the output's other runs (rows of the same strategy, scenario and load are replaced)")
     args = parser.parse_args()
 
-    scenarios = [Scenario("poisson", float(load)) for load in args.loads.split(",")]
+    scenarios = [Scenario("poisson", float(load)) for load in filter(None, args.loads.split(","))]
     if args.bypass_load:
         scenarios.append(Scenario("bypass", args.bypass_load, bypass_fraction=args.bypass_fraction))
+    if args.conversation_load:
+        scenarios.append(Scenario("conversation", args.conversation_load))
     runs, ttfts = run(args.fleet, scenarios, args.strategies.split(","), args.seed, args.duration,
-                      args.agent_interval)
+                      args.agent_interval, args.conversation_duration)
     args.output.parent.mkdir(parents=True, exist_ok=True)
+    if args.append and args.output.exists():
+        fresh = {(row["strategy"], row["scenario"], row["load"]) for row in runs}
+        kept = [row for row in json.loads(args.output.read_text())["runs"]
+                if (row["strategy"], row["scenario"], row["load"]) not in fresh]
+        runs = kept + runs
     args.output.write_text(json.dumps({"fleet": args.fleet, "seed": args.seed, "duration_s": args.duration,
+                                       "conversation_duration_s": args.conversation_duration,
                                        "agent_interval": args.agent_interval, "runs": runs}, indent=1) + "\n")
     plot(ttfts, args.output.with_suffix(".png"))
     print(f"wrote {args.output} and {args.output.with_suffix('.png')}")

@@ -5,18 +5,25 @@ One asyncio process serves every ``ServerSpec`` of a fleet on its own loopback p
 (aiohttp). Each server is a ``ServerState`` from the model, the same code the ideal-queue
 reference ``model.ideal()`` runs in virtual time, driven here in real time by one task per
 server that sleeps until each step's end as the model computes it (``loop.time()``). No
-model weights, no text: every generated token is ``"x"``. Every response carries
+model weights: every generated token is ``model.TOKEN`` (4 bytes). Every response carries
 ``server: llamacpp-simulator`` so nobody mistakes it for llama.cpp.
 
+Prompts are text, so the model's prompt cache (per slot, and host memory like
+``--cache-ram``) works on what clients really send: ``/completion``'s ``prompt`` as is, a
+chat's messages through a ChatML template (``model.chat_template``), tokenized as one token
+per 4 bytes (``model.tokens``), roughly what llama-server's tokenizer gives for English.
+
 Endpoints (llama.cpp-shaped): ``GET /health``, ``/slots``, ``/props``, ``/metrics``;
-``POST /completion`` (``prompt``, ``n_predict``, ``stream``, and the simulator's own
-``n_prompt_tokens``, else ``len(prompt) // 4``, at least 1), ``POST /v1/chat/completions``
-(OpenAI-style, SSE ending with ``data: [DONE]``); plus ``GET /sim/stats`` for the benchmark.
-A client that disconnects frees its slot.
+``POST /completion`` (``prompt``, ``n_predict``, ``stream``), ``POST /v1/chat/completions``
+(OpenAI-style, SSE ending with ``data: [DONE]``); plus ``GET /sim/stats`` for the benchmark
+(per server: deferrals, completions, prompt tokens and the cached ones). Answers report the
+cache like llama-server: ``timings.cache_n`` (reused), ``timings.prompt_n`` (processed),
+``usage.prompt_tokens_details.cached_tokens``. A client that disconnects frees its slot.
 
     python -m bench.routing.simulator --fleet "a:2:20,b:4:25" --ports-file ports.json
 
-Fleet items are ``name:slots:token_ms[:batch_slowdown[:prompt_ms_per_token]]``; the ports
+Fleet items are ``name:slots:token_ms[:batch_slowdown[:prompt_ms_per_token]]`` (``--cache-tokens``:
+every server's host cache, in tokens); the ports
 file (``{"name": port}``) is written atomically once every server listens. SIGTERM or
 SIGINT stops it.
 """
@@ -38,12 +45,11 @@ from typing import Any
 
 from aiohttp import web
 
-from bench.routing.model import RequestSpec, ServerSpec, ServerState
+from bench.routing.model import CACHE_RAM_TOKENS, TOKEN, RequestSpec, ServerSpec, ServerState, chat_template, tokens
 
 SERVER_HEADER = "llamacpp-simulator"
 N_CTX = 4096
 DEFAULT_N_PREDICT = 16  # llama.cpp's n_predict -1 means "until EOS"; the simulator has no EOS
-TOKEN = "x"
 
 _ids = itertools.count()
 
@@ -71,9 +77,9 @@ class SimServer:
         self.tokens_predicted = 0
         self._wake = asyncio.Event()
 
-    def submit(self, prompt_tokens: int, n_predict: int) -> _Live:
+    def submit(self, prompt: str, n_predict: int) -> _Live:
         now = asyncio.get_running_loop().time()
-        request = RequestSpec(next(_ids), now - self.start, prompt_tokens, n_predict)
+        request = RequestSpec(next(_ids), now - self.start, tokens(prompt), n_predict, text=prompt)
         deferred = self.state.admit(request.id, request)
         live = _Live(request, now, deferred)
         self.live[request.id] = live
@@ -83,6 +89,7 @@ class SimServer:
     def release(self, live: _Live) -> None:
         """The request's handler is done: if the request still holds a slot (client gone), free it."""
         self.live.pop(live.request.id, None)
+        self.state.reused.pop(live.request.id, None)
         if not live.done:
             self.state.cancel(live.request.id)
             self._wake.set()
@@ -128,6 +135,8 @@ class SimServer:
             ("llamacpp:requests_deferred", "gauge", "Number of requests deferred.", self.state.queued),
             ("llamacpp:tokens_predicted_total", "counter", "Number of generation tokens processed.",
              self.tokens_predicted),
+            ("llamacpp:prompt_tokens_total", "counter", "Number of prompt tokens processed.",
+             self.state.prompt_tokens_total - self.state.cached_tokens_total),
             ("llamacpp_sim:requests_deferred_total", "counter", "SIMULATOR: requests that ever waited for a slot.",
              self.state.deferred_count),
         ):
@@ -136,13 +145,19 @@ class SimServer:
 
     def stats(self) -> dict[str, int]:
         return {"deferred_total": self.state.deferred_count, "completed": self.state.completed,
-                "busy": self.state.busy, "queued": self.state.queued}
+                "busy": self.state.busy, "queued": self.state.queued,
+                "prompt_tokens": self.state.prompt_tokens_total, "cached_tokens": self.state.cached_tokens_total}
+
+    def cached(self, live: _Live) -> int:
+        """Prompt tokens the request reused from the cache (0 before it had a slot)."""
+        return self.state.reused.get(live.request.id, 0)
 
 
-def _timings(live: _Live, end: float, n: int) -> dict[str, Any]:
+def _timings(live: _Live, end: float, n: int, cached: int) -> dict[str, Any]:
     ttft = (live.first or end) - live.arrived
     return {
-        "prompt_n": live.request.prompt_tokens,
+        "cache_n": cached,  # llama-server: prompt tokens reused from the cache ...
+        "prompt_n": live.request.prompt_tokens - cached,  # ... and the ones it processed
         "predicted_n": n,
         "predicted_ms": (end - (live.first or end)) * 1000,
         "ttft_ms": ttft * 1000,  # simulator: arrival to first token, model time
@@ -169,8 +184,12 @@ def _positive_int(value: Any, default: int) -> int:
     return default
 
 
-def _prompt_tokens(body: dict[str, Any], prompt: str) -> int:
-    return _positive_int(body.get("n_prompt_tokens"), max(1, len(prompt) // 4))
+def _content(message: Any) -> tuple[str, str]:
+    """(role, text) of a chat message; content parts other than text are sent as JSON."""
+    if not isinstance(message, dict):
+        return "user", str(message)
+    content = message.get("content", "")
+    return str(message.get("role", "user")), content if isinstance(content, str) else json.dumps(content)
 
 
 def _sse(data: Any) -> bytes:
@@ -226,17 +245,18 @@ def make_app(server: SimServer, fleet: dict[str, SimServer]) -> web.Application:
         body = await _json_body(request)
         prompt = body.get("prompt", "")
         prompt = prompt if isinstance(prompt, str) else json.dumps(prompt)
-        live = server.submit(_prompt_tokens(body, prompt), _positive_int(body.get("n_predict"), DEFAULT_N_PREDICT))
+        live = server.submit(prompt, _positive_int(body.get("n_predict"), DEFAULT_N_PREDICT))
         try:
             if body.get("stream") is True:
                 return await _stream(
                     request, live,
                     lambda n: {"content": TOKEN, "stop": False, "tokens_predicted": n},
                     lambda end, n: [{"content": "", "stop": True, "model": model_path, "tokens_predicted": n,
-                                     "stop_type": "limit", "timings": _timings(live, end, n)}])
+                                     "stop_type": "limit", "timings": _timings(live, end, n, server.cached(live))}])
             end, n = await _wait_done(live)
             return web.json_response({"content": TOKEN * n, "tokens_predicted": n, "model": model_path,
-                                      "stop": True, "stop_type": "limit", "timings": _timings(live, end, n)})
+                                      "stop": True, "stop_type": "limit",
+                                      "timings": _timings(live, end, n, server.cached(live))})
         finally:
             server.release(live)
 
@@ -246,13 +266,15 @@ def make_app(server: SimServer, fleet: dict[str, SimServer]) -> web.Application:
         if not isinstance(messages, list):
             raise web.HTTPBadRequest(text=json.dumps({"error": "messages must be a list"}),
                                      content_type="application/json")
-        prompt = "\n".join(str(m.get("content", "")) if isinstance(m, dict) else str(m) for m in messages)
         max_tokens = _positive_int(body.get("max_tokens", body.get("max_completion_tokens")), DEFAULT_N_PREDICT)
-        live = server.submit(_prompt_tokens(body, prompt), max_tokens)
+        live = server.submit(chat_template([_content(m) for m in messages]), max_tokens)
         chat_id, created = f"chatcmpl-sim-{live.request.id}", int(time.time())
         base = {"id": chat_id, "created": created, "model": model_path}
-        usage = lambda n: {"prompt_tokens": live.request.prompt_tokens, "completion_tokens": n,  # noqa: E731
-                           "total_tokens": live.request.prompt_tokens + n}
+
+        def usage(n: int) -> dict[str, Any]:
+            return {"prompt_tokens": live.request.prompt_tokens, "completion_tokens": n,
+                    "total_tokens": live.request.prompt_tokens + n,
+                    "prompt_tokens_details": {"cached_tokens": server.cached(live)}}
         try:
             if body.get("stream") is True:
                 def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
@@ -261,14 +283,14 @@ def make_app(server: SimServer, fleet: dict[str, SimServer]) -> web.Application:
                 return await _stream(
                     request, live,
                     lambda n: chunk({"role": "assistant", "content": TOKEN} if n == 1 else {"content": TOKEN}, None),
-                    lambda end, n: [{**chunk({}, "length"), "usage": usage(n), "timings": _timings(live, end, n)},
-                                    b"[DONE]"])
+                    lambda end, n: [{**chunk({}, "length"), "usage": usage(n),
+                                     "timings": _timings(live, end, n, server.cached(live))}, b"[DONE]"])
             end, n = await _wait_done(live)
             return web.json_response({
                 **base, "object": "chat.completion",
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": TOKEN * n},
                              "finish_reason": "length"}],
-                "usage": usage(n), "timings": _timings(live, end, n)})
+                "usage": usage(n), "timings": _timings(live, end, n, server.cached(live))})
         finally:
             server.release(live)
 
@@ -330,8 +352,9 @@ async def serve(fleet: list[ServerSpec], on_ready: OnReady) -> None:
             await runner.cleanup()
 
 
-def parse_fleet(text: str) -> list[ServerSpec]:
-    """``"a:2:20,b:4:25:0.1"`` → ServerSpecs (name:slots:token_ms[:batch_slowdown[:prompt_ms_per_token]])."""
+def parse_fleet(text: str, cache_tokens: int = CACHE_RAM_TOKENS) -> list[ServerSpec]:
+    """``"a:2:20,b:4:25:0.1"`` → ServerSpecs (name:slots:token_ms[:batch_slowdown[:prompt_ms_per_token]]), each
+    with a host cache of ``cache_tokens``."""
     specs = []
     for item in filter(None, (part.strip() for part in text.split(","))):
         fields = item.split(":")
@@ -339,7 +362,7 @@ def parse_fleet(text: str) -> list[ServerSpec]:
             raise ValueError(f"{item!r}: expected name:slots:token_ms[:batch_slowdown[:prompt_ms_per_token]]")
         name, slots, token_ms, *rest = fields
         extra = dict(zip(("batch_slowdown", "prompt_ms_per_token"), map(float, rest), strict=False))
-        specs.append(ServerSpec(name, int(slots), float(token_ms), **extra))
+        specs.append(ServerSpec(name, int(slots), float(token_ms), cache_tokens=cache_tokens, **extra))
     if not specs:
         raise ValueError("empty fleet")
     return specs
@@ -367,9 +390,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fleet", required=True, help="name:slots:token_ms[:batch_slowdown[:prompt_ms_per_token]],...")
     parser.add_argument("--ports-file", required=True, help='written atomically as {"name": port} when ready')
+    parser.add_argument("--cache-tokens", type=int, default=CACHE_RAM_TOKENS,
+                        help=f"each server's host-memory prompt cache in tokens (default {CACHE_RAM_TOKENS})")
     args = parser.parse_args(argv)
     try:
-        fleet = parse_fleet(args.fleet)
+        fleet = parse_fleet(args.fleet, args.cache_tokens)
     except ValueError as exc:
         parser.error(str(exc))
     asyncio.run(_main(fleet, args.ports_file))

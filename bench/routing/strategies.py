@@ -2,19 +2,44 @@
 
 - ``roundrobin``, ``leastconn``: plain HAProxy as most teams run it, no slot limits, no agent (with
   ``option http-no-delay`` like ours, so only the routing differs).
-- ``paddler-haproxy``, ``paddler-envoy``: this project, configs from ``paddler-gen`` with the real agent.
+- ``paddler-haproxy`` (the fleet's defaults, as shipped), ``paddler-haproxy-slots-only``
+  (``balancer.affinity: false``), ``paddler-haproxy-affinity`` (``true``), ``paddler-envoy``: this
+  project, configs from ``paddler-gen`` with the real agent.
+- ``envoy-least_request``: the same Envoy config without the Lua filter (Envoy's own least_request,
+  endpoints still from the agent's EDS).
+- Peers, from PyPI into their own virtualenv (``bench/peers.sh``; ``PADDLER_PEERS_VENV``), skipped when
+  absent: ``sglang-<policy>`` is SGLang's model gateway (``sglang-router --backend openai``),
+  ``vllm-router-<policy>`` vLLM's router. Both get the fleet's slot total as their concurrency limit and
+  Paddler's buffer (30 waiting, 10 s) as their queue, the nearest they have to our semantics. They serve
+  OpenAI's chat API only, so they run the ``conversation`` scenario.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import subprocess
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from devstack.processes import HAProxy, free_port
-from devstack.stack import BalancerStack
+import yaml
 
-STRATEGIES = ("roundrobin", "leastconn", "paddler-haproxy", "paddler-envoy")
+from bench.envoy_picker_bench import without_lua
+from devstack.processes import EnvoyProcess, HAProxy, free_port, wait_until
+from devstack.stack import BalancerStack
+from fleet import BalancerConfig
+
+PEERS_VENV = Path(os.environ.get("PADDLER_PEERS_VENV", Path(__file__).resolve().parents[3] / "peers-venv"))
+SGLANG_POLICIES = ("cache_aware", "power_of_two")
+VLLM_POLICIES = ("cache_aware", "power_of_two")
+PEERS = tuple(f"sglang-{p}" for p in SGLANG_POLICIES) + tuple(f"vllm-router-{p}" for p in VLLM_POLICIES)
+STRATEGIES = ("roundrobin", "leastconn", "paddler-haproxy", "paddler-haproxy-slots-only", "paddler-haproxy-affinity",
+              "paddler-envoy", "envoy-least_request", *PEERS)
+HAPROXY_BALANCER = {"paddler-haproxy": {}, "paddler-haproxy-slots-only": {"affinity": False},
+                    "paddler-haproxy-affinity": {"affinity": True}}
+CHAT_ONLY = frozenset(PEERS)  # strategies that serve /v1/chat/completions only
 
 PLAIN_HAPROXY = """\
 global
@@ -38,10 +63,51 @@ backend llama
 """
 
 
+def peer(name: str) -> tuple[str, str, str] | None:
+    """(package, policy, executable) of a peer strategy, or None for ours and plain ones."""
+    for prefix, package, executable in (("sglang-", "sglang-router", "sglang-router"),
+                                        ("vllm-router-", "vllm-router", "vllm-router")):
+        if name.startswith(prefix):
+            return package, name.removeprefix(prefix), str(PEERS_VENV / "bin" / executable)
+    return None
+
+
+def peer_version(name: str) -> str | None:
+    """The installed version of a peer strategy's package, None when it is not installed."""
+    found = peer(name)
+    if found is None or not Path(found[2]).exists():
+        return None
+    result = subprocess.run([str(PEERS_VENV / "bin" / "python"), "-m", "pip", "show", found[0]],
+                            capture_output=True, text=True)
+    return next((line.split(":", 1)[1].strip() for line in result.stdout.splitlines()
+                 if line.startswith("Version:")), None)
+
+
+def peer_command(name: str, servers: dict[str, str], slots: dict[str, int], port: int,
+                 metrics_port: int) -> list[str]:
+    """How a peer is started (its exact flags go into the report)."""
+    found = peer(name)
+    assert found is not None, name
+    package, policy, executable = found
+    buffer = BalancerConfig()
+    if package == "sglang-router":
+        command = [str(PEERS_VENV / "bin" / "python"), "-m", "sglang_router.launch_router", "--backend", "openai"]
+    else:
+        command = [executable]
+    return [
+        *command, "--host", "127.0.0.1", "--port", str(port),
+        "--worker-urls", *(f"http://{address}" for address in servers.values()),
+        "--policy", policy, "--max-concurrent-requests", str(sum(slots.values())),
+        "--queue-size", str(buffer.max_buffered_requests),
+        "--queue-timeout-secs", str(round(buffer.buffered_request_timeout)),
+        "--prometheus-port", str(metrics_port), "--log-level", "warn" if package == "sglang-router" else "warning"]
+
+
 @contextlib.contextmanager
 def run_strategy(name: str, servers: dict[str, str], slots: dict[str, int], workdir: Path,
-                 agent_interval: str = "1s", balancer: dict | None = None) -> Iterator[str]:
+                 agent_interval: str = "1s") -> Iterator[str]:
     """Start ``name`` in front of ``servers`` (name → host:port); yields the URL to send requests to."""
+    workdir.mkdir(parents=True, exist_ok=True)
     if name in ("roundrobin", "leastconn"):
         port = free_port()
         lines = "\n".join(f"    server {n} {address}" for n, address in servers.items())
@@ -49,7 +115,56 @@ def run_strategy(name: str, servers: dict[str, str], slots: dict[str, int], work
         with HAProxy(config, workdir):
             yield f"http://127.0.0.1:{port}"
         return
-    kind = name.removeprefix("paddler-")
-    with BalancerStack(workdir, servers, kind=kind, interval=agent_interval, balancer=balancer) as stack:
+    if peer(name) is not None:
+        with _peer(name, servers, slots, workdir) as url:
+            yield url
+        return
+    if name == "envoy-least_request":
+        with BalancerStack(workdir / "stack", servers, kind="envoy", interval=agent_interval) as stack:
+            stack.wait_slots(slots, timeout=20)
+            listen, admin = free_port(), free_port()
+            with EnvoyProcess(without_lua(stack.config, listen, admin), workdir / "plain",
+                              f"http://127.0.0.1:{admin}"):
+                ping = {"prompt": "ping", "n_predict": 1}
+                wait_until(lambda: _answers(f"http://127.0.0.1:{listen}/completion", ping), timeout=20,
+                           what="plain Envoy")
+                yield f"http://127.0.0.1:{listen}"
+        return
+    kind = "haproxy" if name in HAPROXY_BALANCER else name.removeprefix("paddler-")
+    with BalancerStack(workdir, servers, kind=kind, interval=agent_interval,
+                       balancer=HAPROXY_BALANCER.get(name)) as stack:
         stack.wait_slots(slots, timeout=20)
         yield stack.url
+
+
+def _answers(url: str, body: dict[str, object]) -> bool:
+    """A proxy in front of the simulator answers ``body`` with a 200."""
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return bool(response.status == 200)
+    except OSError:  # refused, reset, or an HTTP error status
+        return False
+
+
+@contextlib.contextmanager
+def _peer(name: str, servers: dict[str, str], slots: dict[str, int], workdir: Path) -> Iterator[str]:
+    port = free_port()
+    command = peer_command(name, servers, slots, port, free_port())
+    (workdir / "command.yaml").write_text(yaml.safe_dump(command))
+    with open(workdir / "peer.log", "wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        chat = {"messages": [{"role": "user", "content": "ping"}], "max_tokens": 1}
+        wait_until(lambda: process.poll() is None and _answers(url + "/v1/chat/completions", chat), timeout=30,
+                   what=name)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
