@@ -2,13 +2,15 @@
 
 Checks it speaks llama.cpp's API well enough for the real agent (``interpret``), that its
 slots, deferral and streaming behave like the service model says, and that its wall-clock
-timing matches the service model's figures for one request, worked out by hand.
+timing matches the service model's figures for one request, worked out by hand, and that its
+prompt cache answers like llama-server's (``timings.cache_n``, ``cached_tokens``, ``/sim/stats``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import signal
@@ -27,7 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agentcheck.llamacpp import Reply, interpret
 from agentcheck.status import SlotSource, State
-from bench.routing.model import ServerSpec
+from bench.routing.model import TOKEN, ServerSpec, chat_template, common_tokens, tokens
 from bench.routing.simulator import parse_fleet, serve
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -87,8 +89,17 @@ async def sse_events(response: aiohttp.ClientResponse) -> AsyncIterator[tuple[fl
             yield time.perf_counter(), payload.decode() if payload == b"[DONE]" else json.loads(payload)
 
 
+_prompts = itertools.count()
+
+
+def fresh_prompt(prompt_tokens: int) -> str:
+    """``prompt_tokens`` tokens of text no other prompt of this run starts like: nothing to reuse."""
+    head = f"{next(_prompts):04d}"
+    return head + "p" * (4 * prompt_tokens - len(head))
+
+
 async def stream_completion(sim: Sim, name: str, n_predict: int, prompt_tokens: int = 40) -> list[tuple[float, Any]]:
-    body = {"prompt": "hello", "n_predict": n_predict, "stream": True, "n_prompt_tokens": prompt_tokens}
+    body = {"prompt": fresh_prompt(prompt_tokens), "n_predict": n_predict, "stream": True}
     async with sim.session.post(sim.url(name, "/completion"), json=body) as response:
         assert response.status == 200
         assert response.headers["Content-Type"].startswith("text/event-stream")
@@ -152,21 +163,23 @@ async def test_three_requests_on_two_slots_defer_one(sim: Sim) -> None:
     # The deferred one got its slot only when one of the first two finished.
     assert waited["timings"]["ttft_ms"] > min(final["timings"]["e2e_ms"] for final in served)
     stats = await sim.json("a", "/sim/stats")
-    assert stats["a"] == {"deferred_total": 1, "completed": 3, "busy": 0, "queued": 0}
-    assert stats["b"] == {"deferred_total": 0, "completed": 0, "busy": 0, "queued": 0}
+    assert stats["a"] == {"deferred_total": 1, "completed": 3, "busy": 0, "queued": 0, "prompt_tokens": 120,
+                          "cached_tokens": 0}
+    assert stats["b"] == {"deferred_total": 0, "completed": 0, "busy": 0, "queued": 0, "prompt_tokens": 0,
+                          "cached_tokens": 0}
     metrics = await sim.metrics("a")
     assert metrics["llamacpp_sim:requests_deferred_total"] == 1 and metrics["llamacpp:requests_deferred"] == 0
 
 
 async def test_a_stream_carries_exactly_n_predict_token_events(sim: Sim) -> None:
     events = [data for _, data in await stream_completion(sim, "b", n_predict=7)]
-    assert events[:-1] == [{"content": "x", "stop": False, "tokens_predicted": i} for i in range(1, 8)]
+    assert events[:-1] == [{"content": TOKEN, "stop": False, "tokens_predicted": i} for i in range(1, 8)]
     assert events[-1]["stop"] is True and events[-1]["content"] == "" and events[-1]["tokens_predicted"] == 7
 
     async with sim.session.post(sim.url("b", "/completion"), json={"prompt": "hi", "n_predict": 3}) as response:
         answer = await response.json()
-    assert (answer["content"], answer["tokens_predicted"], answer["model"]) == ("xxx", 3, "/sim/b.gguf")
-    assert set(answer["timings"]) >= {"prompt_n", "predicted_n", "predicted_ms"}
+    assert (answer["content"], answer["tokens_predicted"], answer["model"]) == (TOKEN * 3, 3, "/sim/b.gguf")
+    assert set(answer["timings"]) >= {"prompt_n", "cache_n", "predicted_n", "predicted_ms"}
 
 
 async def test_chat_completions_stream_openai_chunks_ending_with_done(sim: Sim) -> None:
@@ -177,14 +190,14 @@ async def test_chat_completions_stream_openai_chunks_ending_with_done(sim: Sim) 
     assert events[-1] == "[DONE]"
     chunks = events[:-1]
     assert all(chunk["object"] == "chat.completion.chunk" for chunk in chunks)
-    assert "".join(chunk["choices"][0]["delta"].get("content", "") for chunk in chunks) == "xxxxx"
+    assert "".join(chunk["choices"][0]["delta"].get("content", "") for chunk in chunks) == TOKEN * 5
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
     assert chunks[-1]["usage"]["completion_tokens"] == 5
 
     async with sim.session.post(sim.url("b", "/v1/chat/completions"),
                                 json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}) as response:
         answer = await response.json()
-    assert answer["choices"][0]["message"] == {"role": "assistant", "content": "xx"}
+    assert answer["choices"][0]["message"] == {"role": "assistant", "content": TOKEN * 2}
 
 
 async def test_a_client_disconnect_frees_its_slot(sim: Sim) -> None:
@@ -207,10 +220,10 @@ async def test_a_client_disconnect_frees_its_slot(sim: Sim) -> None:
 
 
 async def test_wall_clock_timing_matches_the_ideal_queue_prediction(sim: Sim) -> None:
-    # b: 4 slots, 25 ms a token alone, prompt 0.05 ms a token. Alone on it, 400 prompt tokens and 8
-    # predicted: the first token after 25 + 400 * 0.05 = 45 ms, the last 7 steps of 25 ms later.
+    # b: 4 slots, 25 ms a token alone, prompt 25 / 80 = 0.3125 ms a token. Alone on it, 400 fresh prompt
+    # tokens and 8 predicted: the first token after 25 + 400 * 0.3125 = 150 ms, the last 7 steps of 25 ms later.
     prompt_tokens, n_predict = 400, 8
-    predicted_ttft, predicted_e2e = 0.045, 0.220
+    predicted_ttft, predicted_e2e = 0.150, 0.325
     await sim.get("b", "/health")  # the connection is open: we time the request, not the TCP handshake
     ratios = []
     for _ in range(3):
@@ -224,10 +237,45 @@ async def test_wall_clock_timing_matches_the_ideal_queue_prediction(sim: Sim) ->
           "measured/predicted (ttft, e2e): " + ", ".join(f"({t:.3f}, {e:.3f})" for t, e in ratios))
 
 
+async def chat_turn(sim: Sim, name: str, messages: list[dict[str, str]], max_tokens: int) -> dict[str, Any]:
+    body = {"messages": messages, "max_tokens": max_tokens}
+    async with sim.session.post(sim.url(name, "/v1/chat/completions"), json=body) as response:
+        assert response.status == 200
+        answer: dict[str, Any] = await response.json()
+    return answer
+
+
+async def test_a_second_turn_reuses_the_first_on_its_server_and_not_elsewhere(sim: Sim) -> None:
+    system = {"role": "system", "content": "You are a careful assistant. " * 40}
+    messages = [system, {"role": "user", "content": "What is a slot?"}]
+    first = await chat_turn(sim, "b", messages, max_tokens=6)
+    prompt = chat_template([(m["role"], m["content"]) for m in messages])
+    assert first["usage"]["prompt_tokens"] == tokens(prompt)
+    assert first["timings"]["cache_n"] == first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert first["timings"]["prompt_n"] == tokens(prompt)
+
+    messages += [first["choices"][0]["message"], {"role": "user", "content": "And a queue?"}]
+    follow_up = chat_template([(m["role"], m["content"]) for m in messages])
+    again = await chat_turn(sim, "b", messages, max_tokens=3)
+    reused = common_tokens(follow_up, prompt + TOKEN * 6)  # the first prompt and its answer, up to where they part
+    assert again["timings"]["cache_n"] == again["usage"]["prompt_tokens_details"]["cached_tokens"] == reused
+    assert again["timings"]["prompt_n"] == tokens(follow_up) - reused and reused > tokens(prompt)
+
+    elsewhere = await chat_turn(sim, "a", messages, max_tokens=3)  # the same follow-up on a server without it
+    assert elsewhere["timings"]["cache_n"] == 0
+
+    stats = await sim.json("a", "/sim/stats")
+    assert (stats["b"]["prompt_tokens"], stats["b"]["cached_tokens"]) == (tokens(prompt) + tokens(follow_up), reused)
+    assert (stats["a"]["prompt_tokens"], stats["a"]["cached_tokens"]) == (tokens(follow_up), 0)
+    metrics = await sim.metrics("b")
+    assert metrics["llamacpp:prompt_tokens_total"] == tokens(prompt) + tokens(follow_up) - reused
+
+
 def test_parse_fleet() -> None:
     assert parse_fleet("a:2:20, b:4:25:0.2,c:1:5:0:0.1") == [
         ServerSpec("a", 2, 20.0), ServerSpec("b", 4, 25.0, batch_slowdown=0.2),
         ServerSpec("c", 1, 5.0, batch_slowdown=0.0, prompt_ms_per_token=0.1)]
+    assert parse_fleet("a:2:20", cache_tokens=100) == [ServerSpec("a", 2, 20.0, cache_tokens=100)]
     for bad in ("", "a:2", "a:0:20", "a:x:20", "a:1:2:3:4:5"):
         with pytest.raises(ValueError):
             parse_fleet(bad)

@@ -8,7 +8,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bench.routing.model import Outcome, RequestSpec, ServerSpec, ServerState, ideal
+from bench.routing.model import (
+    TOKEN,
+    Outcome,
+    PromptCache,
+    RequestSpec,
+    ServerSpec,
+    ServerState,
+    chat_template,
+    common_tokens,
+    ideal,
+    tokens,
+)
 
 
 def req(id: int, arrival: float = 0.0, prompt: int = 0, out: int = 1) -> RequestSpec:
@@ -231,3 +242,137 @@ def test_every_request_gets_exactly_one_outcome(requests: list[tuple[float, int,
         # Never faster than running alone: prompt + one step per token at batch size 1.
         alone = spec.prompt_seconds(request.prompt_tokens) + spec.step_seconds(1) * request.output_tokens
         assert outcome.e2e >= alone - 1e-9
+
+
+# --- The prompt cache (SIMULATOR's model of llama-server's) ------------------------------------------------
+
+def text(n_tokens: int, fill: str = "a") -> str:
+    return fill * (4 * n_tokens)
+
+
+def turn(id: int, prompt: str, out: int = 2, follows: int | None = None) -> RequestSpec:
+    return RequestSpec(id, 0.0, tokens(prompt), out, text=prompt, follows=follows)
+
+
+def serve(state: ServerState, request: RequestSpec, now: float = 0.0) -> tuple[int, float]:
+    """Run ``request`` alone to its end: (prompt tokens it reused, when it finished)."""
+    state.admit(request.id, request)
+    cached = state.reused.pop(request.id)
+    while state.needs_step:
+        now = state.start_step(now)
+        state.end_step(now)
+    return cached, now
+
+
+def test_tokens_and_common_prefix_count_whole_4_byte_tokens() -> None:
+    assert tokens("") == 1 and tokens("abcd" * 10) == 10 and tokens("abcdefg") == 1
+    assert common_tokens("abcdefgh", "abcdefgX") == 1  # 7 bytes in common: one whole token
+    assert common_tokens("abcdefgh", "abcdefgh") == 2
+    assert common_tokens("x" * 4000 + "A", "x" * 4000 + "B") == 1000
+    assert common_tokens("", "abcd") == 0
+
+
+def test_a_second_turn_on_the_same_slot_reuses_the_first_turns_prompt_and_answer() -> None:
+    state = ServerState(ServerSpec("s", slots=1, token_ms=10, prompt_ms_per_token=1.0))
+    first = chat_template([("system", text(100)), ("user", "hello there?")])
+    cached, _ = serve(state, turn(1, first, out=5))
+    assert cached == 0
+    second = chat_template([("system", text(100)), ("user", "hello there?"), ("assistant", TOKEN * 5),
+                            ("user", "and then?")])
+    cached, _ = serve(state, turn(2, second, follows=1))
+    # Everything the slot held (first prompt + its 5 answer tokens) up to where the texts part.
+    assert cached == common_tokens(second, first + TOKEN * 5) > tokens(first)
+    assert (state.prompt_tokens_total, state.cached_tokens_total) == (tokens(first) + tokens(second), cached)
+
+
+def test_the_same_turn_on_another_server_reuses_nothing() -> None:
+    one, other = (ServerState(ServerSpec(name, slots=1, token_ms=10)) for name in ("one", "other"))
+    prompt = chat_template([("user", text(200))])
+    serve(one, turn(1, prompt))
+    follow_up = prompt + TOKEN * 2 + "<|im_end|>\n"
+    assert other.cached_if_sent(turn(2, follow_up)) == 0
+    assert one.cached_if_sent(turn(2, follow_up)) > 200
+
+
+def test_a_fully_cached_prompt_still_evaluates_its_last_token() -> None:
+    state = ServerState(ServerSpec("s", slots=1, token_ms=10))
+    serve(state, turn(1, text(50)))
+    assert serve(state, turn(2, text(50)))[0] == 49
+
+
+def test_the_cost_model_charges_only_uncached_prompt_tokens() -> None:
+    spec = ServerSpec("s", slots=1, token_ms=10, batch_slowdown=0, prompt_ms_per_token=0.5)
+    state = ServerState(spec)
+    prompt = text(400)
+    state.admit(1, turn(1, prompt, out=1))
+    assert state.start_step(0.0) == pytest.approx(0.010 + 400 * 0.0005)  # nothing cached: all 400
+    state.end_step(0.210)
+    follow_up = prompt + TOKEN + text(20, "b")  # 400 + 1 answer token + 20 new tokens
+    state.admit(2, turn(2, follow_up, out=1))
+    assert state.reused[2] == 401
+    assert state.start_step(1.0) == pytest.approx(1.0 + 0.010 + 20 * 0.0005)  # only the 20 new ones
+
+
+def test_the_idle_slot_with_the_most_similar_prompt_is_chosen_else_the_least_recently_used() -> None:
+    state = ServerState(ServerSpec("s", slots=2, token_ms=10, cache_tokens=0))  # no host cache
+    a, b = text(100, "a"), text(100, "b")
+    state.admit(1, turn(1, a, out=1))
+    state.admit(2, turn(2, b, out=1))
+    now = state.start_step(0.0)
+    state.end_step(now)
+    # Each prompt finds its own slot again, whichever order they come in.
+    assert state.cached_if_sent(turn(3, b + "more")) == 100
+    assert state.cached_if_sent(turn(3, a + "more")) == 100
+    # Unlike both (similarity under 0.1): the least recently used slot, whose cache is lost.
+    assert serve(state, turn(3, text(100, "c")), now)[0] == 0
+    assert state.cached_if_sent(turn(4, a + "more")) == 0  # slot 0 (a's, used first) went to c
+    assert state.cached_if_sent(turn(4, b + "more")) == 100
+
+
+def test_the_host_cache_restores_a_prefix_after_its_slot_was_reused() -> None:
+    state = ServerState(ServerSpec("s", slots=1, token_ms=10, cache_tokens=10_000))
+    conversation = chat_template([("user", text(300))])
+    _, now = serve(state, turn(1, conversation))
+    _, now = serve(state, turn(2, text(300, "z")), now)  # another prompt overwrites the only slot ...
+    assert conversation + TOKEN * 2 in state.host  # ... after its cache went to host memory
+    follow_up = conversation + TOKEN * 2 + "<|im_end|>\n<|im_start|>user\nmore<|im_end|>\n"
+    cached, _ = serve(state, turn(3, follow_up), now)
+    assert cached == common_tokens(follow_up, conversation + TOKEN * 2) > 300
+    without_host = ServerState(ServerSpec("s", slots=1, token_ms=10, cache_tokens=0))
+    for request in (turn(1, conversation), turn(2, text(300, "z"))):
+        serve(without_host, request)
+    assert serve(without_host, turn(3, follow_up))[0] == 0
+
+
+def test_the_host_cache_evicts_the_least_recently_used_at_its_size_limit() -> None:
+    cache = PromptCache(limit=250)
+    cache.save(text(100, "a"))
+    cache.save(text(100, "b"))
+    cache.touch(text(100, "a"))  # a is now the most recently used
+    cache.save(text(100, "c"))  # 300 > 250: b, the least recently used, goes
+    assert (text(100, "a") in cache, text(100, "b") in cache, text(100, "c") in cache) == (True, False, True)
+    assert cache.size == 200
+    cache.save(text(300, "d"))  # larger than the whole cache: not kept, nothing evicted for it
+    assert text(300, "d") not in cache and cache.size == 200
+    cache.save(text(100, "a") + text(20, "e"))  # extends a: replaces it
+    assert text(100, "a") not in cache and cache.size == 220
+    assert cache.best(text(100, "a") + text(5, "q")) == (100, text(100, "a") + text(20, "e"))
+
+
+def test_ideal_sends_a_follow_up_where_its_cache_is_and_counts_what_it_reused() -> None:
+    twins = [ServerSpec("a", slots=2, token_ms=10, prompt_ms_per_token=0.5),
+             ServerSpec("b", slots=2, token_ms=10, prompt_ms_per_token=0.5)]
+    first = chat_template([("user", text(500, "q"))])
+    second = first + TOKEN * 3 + "<|im_end|>\n<|im_start|>user\nnext?<|im_end|>\n<|im_start|>assistant\n"
+    trace = [RequestSpec(0, 0.0, tokens(first), 3, text=first),
+             RequestSpec(1, 0.0, tokens(second), 2, text=second, follows=0, think=1.0),
+             RequestSpec(2, 0.5, 10, 200)]  # keeps a slot of one server busy when the follow-up comes
+    got = ideal(trace, twins)
+    assert got[1].server == got[0].server and got[1].cached_tokens == common_tokens(second, first + TOKEN * 3)
+    assert got[1].arrival == pytest.approx(got[0].e2e + 1.0)  # sent its think time after turn 1 ended
+    # Its first token: the end of request 2's running step (at most 10 ms), then one shared step plus only its
+    # uncached tokens, far from the 0.26 s all of them would cost.
+    joined = 0.010 * 1.1 + (tokens(second) - got[1].cached_tokens) * 0.0005
+    assert joined <= got[1].ttft <= joined + 0.010 < tokens(second) * 0.0005
+    with pytest.raises(ValueError):
+        ideal([RequestSpec(0, 0.0, 1, 1, follows=7)], twins)
