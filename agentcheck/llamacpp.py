@@ -356,6 +356,28 @@ def _requests_processing(body: bytes) -> int | str:
     return "no llamacpp:requests_processing metric"
 
 
+# Fewer generated tokens than this say little about a server's speed.
+MIN_TOKENS_FOR_SPEED = 64
+
+
+def seconds_per_token(body: bytes) -> float | None:
+    """The time each generated token took, from /metrics' llamacpp:tokens_predicted_seconds_total over
+    llamacpp:tokens_predicted_total (llama.cpp counts each request's generation time, so this is per request,
+    at whatever batch sizes it ran); None without both, or before MIN_TOKENS_FOR_SPEED tokens."""
+    try:
+        families = list(text_string_to_metric_families(body.decode("utf-8")))
+    except Exception:  # the parser raises assorted types on garbage; all mean the same here
+        return None
+    values = {sample.name: sample.value for family in families for sample in family.samples}
+    tokens = values.get("llamacpp:tokens_predicted_total")
+    seconds = values.get("llamacpp:tokens_predicted_seconds_total")
+    if tokens is None or seconds is None or not (math.isfinite(tokens) and math.isfinite(seconds)):
+        return None
+    if tokens < MIN_TOKENS_FOR_SPEED or seconds <= 0:
+        return None
+    return seconds / tokens
+
+
 class LlamaCppClient:
     """Fetches a backend's endpoints; never raises for anything the backend does.
 
@@ -419,7 +441,7 @@ class LlamaCppClient:
         if isinstance(slots, Reply) and slots.status == 200:
             status = interpret(None, slots, known.props, None, backend.slots, known.models)
             if status.state is State.READY:
-                return status
+                return replace(status, seconds_per_token=known.seconds_per_token)
         elif props_say_router(known.props):  # a router whose /slots says something else than this build's
             known.router = True
             return await self._poll_router(backend, headers, known, started)
@@ -479,7 +501,8 @@ class LlamaCppClient:
 
     async def _fetch_refresh(self, backend: Backend, headers: dict[str, str]) -> tuple[Reply | HttpError, ...]:
         """One after the other, on the connection the poll keeps alive."""
-        return await self._get(backend, "/props", headers), await self._get(backend, "/v1/models", headers)
+        return (await self._get(backend, "/props", headers), await self._get(backend, "/v1/models", headers),
+                await self._get(backend, "/metrics", headers))
 
     async def _get(self, backend: Backend, path: str, headers: dict[str, str]) -> Reply | HttpError:
         answer = await self._http.get(backend.address.host, backend.address.port, path, headers)
@@ -497,6 +520,7 @@ class _Known:
     props: Reply | None = None
     models: tuple[str, ...] = ()
     router: bool = False
+    seconds_per_token: float | None = None
     refresh: asyncio.Task[tuple[Reply | HttpError, ...]] | None = field(default=None, repr=False)
 
     def store(self, refresh: asyncio.Task[tuple[Reply | HttpError, ...]]) -> None:
@@ -505,13 +529,15 @@ class _Known:
         self.refresh = None
         if refresh.cancelled():
             return
-        props, models = refresh.result()
+        props, models, metrics = refresh.result()
         if isinstance(props, Reply) and props.status == 200 and isinstance(_json(props.body), dict):
             self.props = props
         if isinstance(models, Reply) and models.status == 200:
             listed = model_list(_json(models.body))
             if not isinstance(listed, str):
                 self.models = tuple(name for name, _ in listed)
+        if isinstance(metrics, Reply) and metrics.status == 200:
+            self.seconds_per_token = seconds_per_token(metrics.body) or self.seconds_per_token
 
 
 def _outcome(answer: Reply | HttpError) -> Outcome:

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 
 from agentcheck.model import FleetModel, Member, Role
 from agentcheck.model_routing import model_share
+from agentcheck.policy import speed_class
 from agentcheck.status import ModelLoad, ModelStatus
 
 # Prompt-cache affinity: conversation keys remembered per model, the most recent this many.
@@ -240,9 +241,13 @@ class Picker:
             return None
         free = self._free(candidates, model)
         # The backend that took this conversation last, if it has a slot free now (the load guard: never wait
-        # for it); else most free slots first; among equals the larger server, then the name, for a stable order.
+        # for it); else, among backends with a slot free, the fastest (agentcheck.policy.speed_class), then the
+        # most free slots, the larger server, the name, for a stable order.
+        speeds = {n: self._model[n].status.seconds_per_token for n in free}
+        fastest = min((speed for speed in speeds.values() if speed is not None), default=None)
         name = self._affine_choice(free, model, affinity) or max(
-            free, key=lambda n: (free[n], self._total(n, model), n), default=None)
+            free, key=lambda n: (free[n] > 0, -speed_class(speeds[n], fastest), free[n], self._total(n, model), n),
+            default=None)
         if name is None or free[name] <= 0:
             if model is None:
                 return None

@@ -21,6 +21,7 @@ Pure functions only. HAProxy semantics that shape every line here (see docs/agen
 from __future__ import annotations
 
 import enum
+import math
 import re
 
 from agentcheck.status import BackendStatus, State
@@ -41,13 +42,28 @@ class WeightFormula(enum.Enum):
 DEFAULT_WEIGHT_FORMULA = WeightFormula.IDLE  # chosen by measurement, see docs/agent.md
 
 
+# Servers within this factor of each other's time per token count as equally fast: measurements of identical
+# servers differ by a few percent, and that must not reorder them.
+SPEED_STEP = 1.25
+
+
+def speed_class(seconds_per_token: float | None, fastest: float | None) -> int:
+    """0 for the fastest servers (and whenever a speed is unknown), 1 for up to SPEED_STEP^2 times slower per
+    token than the fastest, and so on: a preference for faster servers that noise does not flip."""
+    if seconds_per_token is None or fastest is None or fastest <= 0 or seconds_per_token <= fastest:
+        return 0
+    return math.floor(math.log(seconds_per_token / fastest) / math.log(SPEED_STEP))
+
+
 def weight_percent(status: BackendStatus, fleet_max_slots: int,
-                   formula: WeightFormula = DEFAULT_WEIGHT_FORMULA) -> int:
+                   formula: WeightFormula = DEFAULT_WEIGHT_FORMULA, fastest: float | None = None) -> int:
     """A weight percentage for a ready backend, never below 1% (0% would mean drained).
 
     HAProxy's leastconn picks the server with the lowest connections/weight among those
     below their maxconn. The weight only orders servers that still have room; busy slots
-    are limited by maxconn and queued by HAProxy whatever the weight.
+    are limited by maxconn and queued by HAProxy whatever the weight. ``fastest``: the fleet's
+    shortest time per token; a slower server's weight shrinks by SPEED_STEP per speed class, so
+    among servers with room leastconn prefers the ones that will answer sooner.
     """
     if status.state is not State.READY or status.slots_total < 1:
         return MIN_WEIGHT_PERCENT
@@ -57,12 +73,13 @@ def weight_percent(status: BackendStatus, fleet_max_slots: int,
         percent = 100 * status.slots_idle / status.slots_total
     else:
         percent = 100 * status.slots_total / max(fleet_max_slots, status.slots_total)
+    percent *= SPEED_STEP ** -speed_class(status.seconds_per_token, fastest)
     return max(MIN_WEIGHT_PERCENT, min(100, round(percent)))
 
 
 def agent_reply(status: BackendStatus, fleet_max_slots: int,
                 formula: WeightFormula = DEFAULT_WEIGHT_FORMULA, drained: bool = False,
-                returning: bool = False, leaving: bool = False) -> str:
+                returning: bool = False, leaving: bool = False, fastest: float | None = None) -> str:
     """The full reply line, ``\\n``-terminated, for a known backend.
 
     ``drained`` is the operator's choice (drain endpoint): HAProxy sends no new requests,
@@ -91,7 +108,7 @@ def agent_reply(status: BackendStatus, fleet_max_slots: int,
         if returning:
             comment = _comment("back from down, weight follows, " + detail)
             return f"up ready 0% maxconn:{status.slots_total} #{comment}\n"
-        weight = weight_percent(status, fleet_max_slots, formula)
+        weight = weight_percent(status, fleet_max_slots, formula, fastest)
         return f"up ready {weight}% maxconn:{status.slots_total} #{_comment(detail)}\n"
     if status.state is State.PENDING:
         # Never vouch for a server we have not seen: HAProxy sends it nothing until the first poll.

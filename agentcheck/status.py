@@ -60,6 +60,10 @@ class BackendStatus:
     # router's slots_total and slots_processing are the sums over its loaded models.
     models: tuple[ModelStatus, ...] = ()
     router: bool = False
+    # Seconds a request waits for each token it generates, averaged over what the server generated so far
+    # (llama.cpp's /metrics); None while unknown (no --metrics, or too few tokens yet). agentcheck.policy's
+    # speed classes turn it into a preference for faster servers.
+    seconds_per_token: float | None = None
     # Each slot's last task id from /slots (None: the slot never ran one). Not part of equality: it tells
     # restarts apart (see restarted), it does not change what the balancer is told.
     slot_tasks: tuple[int | None, ...] = field(default=(), compare=False)

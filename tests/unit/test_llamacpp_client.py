@@ -142,7 +142,7 @@ async def test_a_healthy_server_gets_props_and_models_on_the_first_poll_then_one
 
     assert {status.model for status in statuses} == {"tiny"}
     assert {status.models for status in statuses} == {(ModelStatus("tiny", ModelLoad.LOADED, 2, 1),)}
-    assert paths == ["/slots", "/props", "/v1/models", "/slots", "/slots", "/slots", "/slots"]
+    assert paths == ["/slots", "/props", "/v1/models", "/metrics", "/slots", "/slots", "/slots", "/slots"]
 
 
 async def test_the_last_usable_props_is_kept_when_a_refresh_fails() -> None:
@@ -184,7 +184,8 @@ async def test_props_is_refreshed_when_the_server_is_ready_again() -> None:
     assert first == BackendStatus.down(State.LOADING, "")
     assert then == [BackendStatus(State.READY, slots_total=2, slots_processing=1, slot_source=SlotSource.SLOTS,
                                   model="new")] * 3
-    assert paths == ["/slots", "/props", "/v1/models", "/health", "/slots", "/props", "/v1/models", "/slots", "/slots"]
+    assert paths == ["/slots", "/props", "/v1/models", "/metrics", "/health", "/slots", "/props", "/v1/models",
+                     "/metrics", "/slots", "/slots"]
 
 
 async def test_slot_count_from_props_on_the_first_poll_when_slots_and_metrics_are_disabled() -> None:
@@ -325,3 +326,13 @@ async def test_a_router_poll_that_fails_starts_over_from_slots() -> None:
     assert failed == BackendStatus.down(State.ERROR, "GET /models answered HTTP 500")
     assert again.state is State.READY and again.router
     assert paths == ["/slots", "/models", "/slots", "/models"]
+
+
+async def test_the_time_per_token_comes_from_metrics_with_the_refresh() -> None:
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(text="llamacpp:tokens_predicted_total 400\nllamacpp:tokens_predicted_seconds_total 10\n")
+
+    async with serve({"/slots": slots_one_busy, "/metrics": metrics}) as (backend, _), llama_client() as client:
+        statuses = [await client.poll(backend, None) for _ in range(2)]
+
+    assert [status.seconds_per_token for status in statuses] == [0.025, 0.025]

@@ -22,6 +22,7 @@ from agentcheck.llamacpp import (
     is_router_answer,
     model_list,
     props_say_router,
+    seconds_per_token,
 )
 from agentcheck.status import BackendStatus, ModelLoad, ModelStatus, SlotSource, State
 
@@ -231,3 +232,15 @@ def test_interpret_router_never_raises_and_a_ready_router_adds_up(models: list[A
         assert len(status.reason) <= MAX_REASON_CHARS + 3
     else:
         assert status.slots_total == 0 and status.models == ()
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("llamacpp:tokens_predicted_total 400\nllamacpp:tokens_predicted_seconds_total 10\n", 0.025),
+    ("llamacpp:tokens_predicted_total 63\nllamacpp:tokens_predicted_seconds_total 1\n", None),  # too few tokens
+    ("llamacpp:tokens_predicted_total 400\n", None),
+    ("llamacpp:tokens_predicted_total 400\nllamacpp:tokens_predicted_seconds_total 0\n", None),
+    ("llamacpp:tokens_predicted_total NaN\nllamacpp:tokens_predicted_seconds_total 3\n", None),
+    ("not prometheus {{{", None),
+])
+def test_time_per_token_from_metrics(text: str, expected: float | None) -> None:
+    assert seconds_per_token(text.encode()) == expected

@@ -1,5 +1,6 @@
 """The picker's prompt-cache affinity: a conversation goes back to the backend that took it while that backend
-has a slot free, else wherever the picker would send it; the memory is bounded.
+has a slot free, else wherever the picker would send it; the memory is bounded. And its speed-aware choice:
+among backends with a slot free, a faster speed class first.
 
 The fleet of tests/unit/test_picker.py: small (2 slots) and large (4 slots). Without affinity the picker sends
 a request to large (most free slots), so a conversation remembered on small shows affinity at work."""
@@ -7,6 +8,7 @@ a request to large (most free slots), so a conversation remembered on small show
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import pytest
 
@@ -70,3 +72,16 @@ async def test_the_memory_keeps_the_most_recent_conversations(monkeypatch: pytes
         await placed_on_small(model, picker, clock, Affinity((f"{number:016x}",), ("ffffffffffffffff",)))
     assert (await picker.acquire(affinity=Affinity(("aaaaaaaaaaaaaaaa",), (f"{1:016x}",)))).backend == "large"
     assert (await picker.acquire(affinity=Affinity(("bbbbbbbbbbbbbbbb",), (f"{5:016x}",)))).backend == "small"
+
+
+async def test_among_backends_with_a_free_slot_the_faster_speed_class_comes_first() -> None:
+    model, picker, clock = make()
+    poll(model, clock, small=replace(ready(2), seconds_per_token=0.010),
+         large=replace(ready(4), seconds_per_token=0.030))
+    picks = [(await picker.acquire()).backend for _ in range(4)]
+    assert picks == ["small", "small", "large", "large"]  # small is 3x faster: its 2 slots first, then large's
+
+    model, picker, clock = make()
+    poll(model, clock, small=replace(ready(2), seconds_per_token=0.011),
+         large=replace(ready(4), seconds_per_token=0.012))  # within a quarter: equally fast, most free first
+    assert (await picker.acquire()).backend == "large"

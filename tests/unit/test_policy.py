@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -12,6 +13,7 @@ from agentcheck.policy import (
     WeightFormula,
     agent_reply,
     invalid_request_reply,
+    speed_class,
     unknown_backend_reply,
     weight_percent,
 )
@@ -268,3 +270,21 @@ def test_a_router_with_no_model_loaded_takes_one_request_to_load_one() -> None:
     assert agent_reply(idle_router, 4, returning=True).startswith("up ready 0% maxconn:1 ")
     assert agent_reply(idle_router, 4, drained=True) == (
         "up drain maxconn:1 #drained by operator, router with no model loaded\n")
+
+
+@pytest.mark.parametrize(("seconds", "fastest", "expected"), [
+    (0.010, 0.010, 0), (0.012, 0.010, 0), (0.0124, 0.010, 0), (0.0126, 0.010, 1), (0.016, 0.010, 2),
+    (0.030, 0.010, 4), (0.008, 0.010, 0), (None, 0.010, 0), (0.010, None, 0),
+])
+def test_speed_classes_group_servers_within_a_quarter_of_each_other(
+        seconds: float | None, fastest: float | None, expected: int) -> None:
+    assert speed_class(seconds, fastest) == expected
+
+
+def test_a_slower_server_weighs_less_by_its_speed_class() -> None:
+    fast = BackendStatus(State.READY, slots_total=4, slot_source=SlotSource.SLOTS, seconds_per_token=0.010)
+    slow = replace(fast, seconds_per_token=0.030)  # three times slower: class 4, 1.25^-4 = 0.41
+    assert weight_percent(fast, 4, WeightFormula.IDLE, fastest=0.010) == 100
+    assert weight_percent(slow, 4, WeightFormula.IDLE, fastest=0.010) == 41
+    assert weight_percent(slow, 4, WeightFormula.IDLE) == 100  # no fleet speed known: as before
+    assert agent_reply(slow, 4, fastest=0.010).startswith("up ready 41% maxconn:4 ")
