@@ -166,26 +166,29 @@ def ttft(runs: list[Timed]) -> str:
     return f"median {statistics.median(waits) * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms over {len(waits)}"
 
 
-def model_queue(models: Models, model: str) -> int:
-    """Requests waiting in the picker's queue for one model (the agent's /health?model=)."""
+def model_queue(models: Models, model: str) -> int | None:
+    """Requests waiting in the picker's queue for one model (the agent's /health?model=); None until the agent
+    has found out that the balancer in front is Envoy (its probe of the balancer's /health)."""
     status, body = http_get(f"{models.stack.agent.management_url}/health?model={model}")
     assert status == 200, body
-    return int(json.loads(body)["requests_buffered"])
+    waiting = json.loads(body).get("requests_buffered")
+    return None if waiting is None else int(waiting)
 
 
 def test_a_burst_on_one_model_does_not_hold_back_another(models: Models) -> None:
     """Five times alpha's slots at once, while beta gets one request after another: alpha's queue holds the
     excess, beta's stays empty every time it is looked at, and every request is served."""
     url, zero = models.stack.url, time.monotonic()
+    wait_until(lambda: model_queue(models, "beta") is not None, timeout=10, what="the agent to count beta's queue")
     quiet = [stream(url, "beta", 8, zero) for _ in range(5)]  # beta's time to first token with alpha idle
     burst_size = 5 * 2 * SLOTS  # five times alpha's slots
     beta_during: list[Timed] = []
     queues: list[tuple[int, int]] = []  # (alpha's, beta's) picker queue, sampled between beta's requests
     with ThreadPoolExecutor(burst_size) as pool:
         burst = [pool.submit(stream, url, "alpha", 256, zero) for _ in range(burst_size)]
-        wait_until(lambda: model_queue(models, "alpha") > 0, timeout=30,
+        wait_until(lambda: (model_queue(models, "alpha") or 0) > 0, timeout=30,
                    what="alpha's burst to fill its slots and queue")
-        while (alpha_waiting := model_queue(models, "alpha")) > 0:  # a steady trickle on beta while alpha queues
+        while (alpha_waiting := model_queue(models, "alpha") or 0) > 0:  # a steady trickle on beta while alpha queues
             queues.append((alpha_waiting, model_queue(models, "beta")))
             beta_during.append(stream(url, "beta", 8, zero))
         alpha = [future.result(timeout=120) for future in burst]
