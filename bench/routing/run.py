@@ -47,7 +47,15 @@ from bench.routing.loadgen import (
 )
 from bench.routing.model import RequestSpec, ServerSpec, ideal
 from bench.routing.simulator import parse_fleet
-from bench.routing.strategies import CHAT_ONLY, STRATEGIES, peer, peer_command, peer_version, run_strategy
+from bench.routing.strategies import (
+    CHAT_ONLY,
+    STRATEGIES,
+    PeerFailed,
+    peer,
+    peer_command,
+    peer_version,
+    run_strategy,
+)
 from devstack.processes import http_get, wait_until
 from fleet import BalancerConfig
 
@@ -222,35 +230,48 @@ def run(fleet_text: str, scenarios: list[Scenario], strategies: list[str], seed:
                 print(f"  {strategy}: skipped, it serves the chat API only", flush=True)
                 continue
             print(f"  {strategy}: running", flush=True)
-            with tempfile.TemporaryDirectory(prefix=f"route-{strategy}-") as tmp:
-                simulator = Simulator(fleet_text, Path(tmp))
-                try:
-                    servers = {name: f"127.0.0.1:{port}" for name, port in simulator.ports.items()}
-                    with run_strategy(strategy, servers, slots, Path(tmp) / "lb", agent_interval) as url:
-                        done = simulator.progress(strategy)
-                        try:
-                            if work.conversations is not None:
-                                results = asyncio.run(replay_conversations(work.conversations, url))
-                            else:
-                                bypass_url = f"http://{servers[bypass_target]}" if scenario.bypass_fraction else None
-                                results = asyncio.run(replay(work.trace, url, bypass_url, scenario.bypass_fraction,
-                                                             seed))
-                        finally:
-                            done.set()
-                    row = {"strategy": strategy, **measured_run(work.trace, results, simulator.stats(), timeout)}
-                    report = peer_report(strategy, servers, slots)
-                    if report is not None:
-                        row["peer"] = report
-                    rows.append(row)
-                    ttfts[scenario.name, scenario.load, strategy] = sorted(
-                        r.ttft for r in results if r.status == 200 and r.ttft is not None)
-                finally:
-                    simulator.stop()
+            try:
+                row = _measure(strategy, work, fleet_text, slots, scenario, bypass_target, agent_interval, seed,
+                               timeout, ttfts)
+            except PeerFailed as exc:
+                print(f"  {strategy}: skipped, {exc}", flush=True)
+                continue
+            rows.append(row)
             row.update(scenario=scenario.name, load=scenario.load)
             _vs_ideal(row, reference)
             print(format_row(row), flush=True)
         runs.extend(rows)
     return runs, ttfts
+
+
+def _measure(strategy: str, work: Workload, fleet_text: str, slots: dict[str, int], scenario: Scenario,
+             bypass_target: str, agent_interval: str, seed: int, timeout: float,
+             ttfts: Distributions) -> dict[str, Any]:
+    """One strategy in front of a fresh simulator: its row (TTFTs go into ``ttfts``)."""
+    with tempfile.TemporaryDirectory(prefix=f"route-{strategy}-") as tmp:
+        simulator = Simulator(fleet_text, Path(tmp))
+        try:
+            servers = {name: f"127.0.0.1:{port}" for name, port in simulator.ports.items()}
+            with run_strategy(strategy, servers, slots, Path(tmp) / "lb", agent_interval) as url:
+                done = simulator.progress(strategy)
+                try:
+                    if work.conversations is not None:
+                        results = asyncio.run(replay_conversations(work.conversations, url))
+                    else:
+                        bypass_url = f"http://{servers[bypass_target]}" if scenario.bypass_fraction else None
+                        results = asyncio.run(replay(work.trace, url, bypass_url, scenario.bypass_fraction,
+                                                     seed))
+                finally:
+                    done.set()
+            row = {"strategy": strategy, **measured_run(work.trace, results, simulator.stats(), timeout)}
+            report = peer_report(strategy, servers, slots)
+            if report is not None:
+                row["peer"] = report
+            ttfts[scenario.name, scenario.load, strategy] = sorted(
+                r.ttft for r in results if r.status == 200 and r.ttft is not None)
+            return row
+        finally:
+            simulator.stop()
 
 
 def _vs_ideal(row: dict[str, Any], reference: dict[str, Any]) -> None:

@@ -147,6 +147,10 @@ def _answers(url: str, body: dict[str, object]) -> bool:
         return False
 
 
+class PeerFailed(RuntimeError):
+    """A peer router that would not start or answer (its last log line says why)."""
+
+
 @contextlib.contextmanager
 def _peer(name: str, servers: dict[str, str], slots: dict[str, int], workdir: Path) -> Iterator[str]:
     port = free_port()
@@ -157,8 +161,14 @@ def _peer(name: str, servers: dict[str, str], slots: dict[str, int], workdir: Pa
     try:
         url = f"http://127.0.0.1:{port}"
         chat = {"messages": [{"role": "user", "content": "ping"}], "max_tokens": 1}
-        wait_until(lambda: process.poll() is None and _answers(url + "/v1/chat/completions", chat), timeout=30,
-                   what=name)
+        try:
+            wait_until(lambda: process.poll() is not None or _answers(url + "/v1/chat/completions", chat), timeout=30,
+                       what=name)
+        except TimeoutError:
+            pass
+        if process.poll() is not None or not _answers(url + "/v1/chat/completions", chat):
+            lines = (workdir / "peer.log").read_text(errors="replace").strip().splitlines()
+            raise PeerFailed(f"{name} did not start: {lines[-1] if lines else 'no output'}")
         yield url
     finally:
         process.terminate()
