@@ -202,7 +202,8 @@ def peer_report(strategy: str, servers: dict[str, str], slots: dict[str, int]) -
         return None
     placeholders = {name: f"127.0.0.1:{9000 + index}" for index, name in enumerate(servers)}
     command = peer_command(strategy, placeholders, slots, 0, 0)
-    return {"package": found[0], "version": peer_version(strategy), "flags": command[command.index("--host"):]}
+    flags = command[command.index("sglang_router.launch_router") + 1:] if found[0] == "sglang-router" else command[1:]
+    return {"package": found[0], "version": peer_version(strategy), "flags": flags}
 
 
 def run(fleet_text: str, scenarios: list[Scenario], strategies: list[str], seed: int, duration: float,
