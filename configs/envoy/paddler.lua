@@ -534,9 +534,10 @@ end
 -- Returns the keys the server that serves it is remembered under, and the keys to look up, best first.
 -- A chat is known by its messages: a follow-up turn repeats the previous request's messages and adds the
 -- answer and a new question, so it looks up its messages but the last two (the previous turn), then all
--- but the last, then all, then the first alone (a system prompt other conversations share); it is
--- remembered under all its messages and under the first alone. A completion is known by its prompt's
--- first PROMPT_LEAD_BYTES bytes.
+-- but the last, then all; it is remembered under all its messages. Never under its first message alone:
+-- a system prompt many conversations share is in every server's cache soon, and keying new conversations
+-- by it would send them all to one server. A completion is known by its prompt's first PROMPT_LEAD_BYTES
+-- bytes.
 function paddler.affinity_keys(body, fields, session)
   local named = (fields.prompt_cache_key and "k:" .. fields.prompt_cache_key)
                 or (session and session ~= "" and "s:" .. session) or (fields.user and "u:" .. fields.user)
@@ -549,14 +550,13 @@ function paddler.affinity_keys(body, fields, session)
     local function upto(count)
       return "m:" .. string.sub(body, start, ends[count] - 1)
     end
-    local lookups, seen = {}, {}
-    for _, count in ipairs({ #ends - 2, #ends - 1, #ends, 1 }) do
-      if count >= 1 and not seen[count] then
-        seen[count] = true
+    local lookups = {}
+    for _, count in ipairs({ #ends - 2, #ends - 1, #ends }) do
+      if count >= 2 or count == #ends then
         lookups[#lookups + 1] = upto(count)
       end
     end
-    return { upto(#ends), upto(1) }, lookups
+    return { upto(#ends) }, lookups
   end
   if fields.prompt_start then
     local lead = "p:" .. string.sub(body, fields.prompt_start, math.min(fields.prompt_end - 1,

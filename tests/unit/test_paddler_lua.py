@@ -190,10 +190,19 @@ def chat(*contents: str, **fields: object) -> str:
 def test_a_follow_up_turn_looks_up_the_previous_turn_first() -> None:
     first_remember, first_lookups = affinity(chat("S", "Q1"))
     second_remember, second_lookups = affinity(chat("S", "Q1", "A1", "Q2"))
+    assert first_lookups == first_remember  # a first turn: only itself (a retry)
     assert second_lookups[0] == first_remember[0]  # the previous turn's messages, exactly
-    assert second_remember[1] == first_remember[1] == second_lookups[-1] == first_lookups[0]  # the system prompt
+    assert len(second_lookups) == 3 and second_lookups[-1] == second_remember[0]
     _, third_lookups = affinity(chat("S", "Q1", "A1", "Q2", "A2", "Q3"))
     assert third_lookups[0] == second_remember[0]
+
+
+def test_a_shared_system_prompt_alone_is_never_a_key() -> None:
+    system_prompt = json.dumps([{"role": "system", "content": "S"}])[:-1]  # the first message's JSON text
+    for body in (chat("S", "Q1"), chat("S", "Q1", "A1", "Q2")):
+        remember, lookups = affinity(body)
+        assert f"m:{system_prompt}" not in remember + lookups
+    assert affinity(chat("S")) == ([f"m:{system_prompt}"], [f"m:{system_prompt}"])  # unless it is all there is
 
 
 def test_named_keys_come_first_in_their_order() -> None:
