@@ -75,6 +75,7 @@ class SimServer:
         self.start = start  # loop time of the run's start (arrivals are relative to it)
         self.live: dict[int, _Live] = {}
         self.tokens_predicted = 0
+        self.tokens_predicted_seconds = 0.0  # each emitted token's step time, as llama.cpp sums generation time
         self._wake = asyncio.Event()
 
     def submit(self, prompt: str, n_predict: int) -> _Live:
@@ -107,7 +108,8 @@ class SimServer:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            end = self.state.start_step(loop.time() if step_start is None else step_start)
+            began = loop.time() if step_start is None else step_start
+            end = self.state.start_step(began)
             delay = end - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
@@ -118,6 +120,7 @@ class SimServer:
                 if live is None:
                     continue
                 self.tokens_predicted += 1
+                self.tokens_predicted_seconds += end - began
                 if live.first is None:
                     live.first = end
                 live.done = request_id in done
@@ -135,6 +138,8 @@ class SimServer:
             ("llamacpp:requests_deferred", "gauge", "Number of requests deferred.", self.state.queued),
             ("llamacpp:tokens_predicted_total", "counter", "Number of generation tokens processed.",
              self.tokens_predicted),
+            ("llamacpp:tokens_predicted_seconds_total", "counter", "Predict process time.",
+             self.tokens_predicted_seconds),
             ("llamacpp:prompt_tokens_total", "counter", "Number of prompt tokens processed.",
              self.state.prompt_tokens_total - self.state.cached_tokens_total),
             ("llamacpp_sim:requests_deferred_total", "counter", "SIMULATOR: requests that ever waited for a slot.",
