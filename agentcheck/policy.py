@@ -56,14 +56,13 @@ def speed_class(seconds_per_token: float | None, fastest: float | None) -> int:
 
 
 def weight_percent(status: BackendStatus, fleet_max_slots: int,
-                   formula: WeightFormula = DEFAULT_WEIGHT_FORMULA, fastest: float | None = None) -> int:
+                   formula: WeightFormula = DEFAULT_WEIGHT_FORMULA) -> int:
     """A weight percentage for a ready backend, never below 1% (0% would mean drained).
 
     HAProxy's leastconn picks the server with the lowest connections/weight among those
     below their maxconn. The weight only orders servers that still have room; busy slots
-    are limited by maxconn and queued by HAProxy whatever the weight. ``fastest``: the fleet's
-    shortest time per token; a slower server's weight shrinks by SPEED_STEP per speed class, so
-    among servers with room leastconn prefers the ones that will answer sooner.
+    are limited by maxconn and queued by HAProxy whatever the weight. (Scaling it by speed class was
+    measured and made p99 time to first token worse on 2 of 3 seeds: docs/agent.md.)
     """
     if status.state is not State.READY or status.slots_total < 1:
         return MIN_WEIGHT_PERCENT
@@ -73,13 +72,12 @@ def weight_percent(status: BackendStatus, fleet_max_slots: int,
         percent = 100 * status.slots_idle / status.slots_total
     else:
         percent = 100 * status.slots_total / max(fleet_max_slots, status.slots_total)
-    percent *= SPEED_STEP ** -speed_class(status.seconds_per_token, fastest)
     return max(MIN_WEIGHT_PERCENT, min(100, round(percent)))
 
 
 def agent_reply(status: BackendStatus, fleet_max_slots: int,
                 formula: WeightFormula = DEFAULT_WEIGHT_FORMULA, drained: bool = False,
-                returning: bool = False, leaving: bool = False, fastest: float | None = None) -> str:
+                returning: bool = False, leaving: bool = False) -> str:
     """The full reply line, ``\\n``-terminated, for a known backend.
 
     ``drained`` is the operator's choice (drain endpoint): HAProxy sends no new requests,
@@ -108,7 +106,7 @@ def agent_reply(status: BackendStatus, fleet_max_slots: int,
         if returning:
             comment = _comment("back from down, weight follows, " + detail)
             return f"up ready 0% maxconn:{status.slots_total} #{comment}\n"
-        weight = weight_percent(status, fleet_max_slots, formula, fastest)
+        weight = weight_percent(status, fleet_max_slots, formula)
         return f"up ready {weight}% maxconn:{status.slots_total} #{_comment(detail)}\n"
     if status.state is State.PENDING:
         # Never vouch for a server we have not seen: HAProxy sends it nothing until the first poll.

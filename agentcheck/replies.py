@@ -2,8 +2,7 @@
 
 Checks are the hot path (one per backend per ``agent-inter``), so each backend's reply is
 computed once per change and served from the cache until the model says the member changed.
-Weights are relative to the largest backend ever seen ready, and to the shortest time per token seen
-(agentcheck.policy.speed_class); a new maximum or minimum rescales them all.
+Weights are relative to the largest backend ever seen ready; a new maximum rescales them all.
 A backend back from a ``down`` reply, or restarted between two polls that both found it ready, is
 answered 0% for ``return_window`` seconds (agentcheck.policy says why): the replies remember what they
 last said, so the window starts at the first ready one.
@@ -47,7 +46,6 @@ class AgentCheckReplies:
         self._return_window = return_window
         self._clock = clock
         self._largest_slots = 0
-        self._fastest: float | None = None  # the shortest time per token seen on a ready backend
         self._cache: dict[str, str] = {}
         # Backends back from a down reply → when their first reply after it was up (None: not yet).
         self._returning: dict[str, float | None] = {}
@@ -67,13 +65,8 @@ class AgentCheckReplies:
                      self._return_window)
             self._returning[current.name] = None
             self._cache.pop(current.name, None)
-        speed = status.seconds_per_token if current.ready else None
-        rescaled = False  # every weight is relative to the largest and the fastest backend
         if current.ready and status.slots_total > self._largest_slots:
-            self._largest_slots, rescaled = status.slots_total, True
-        if speed is not None and (self._fastest is None or speed < self._fastest):
-            self._fastest, rescaled = speed, True
-        if rescaled:
+            self._largest_slots = status.slots_total
             self._cache.clear()
         elif (previous is None or previous.status != status or previous.drained != current.drained
               or previous.leaving != current.leaving):
@@ -97,8 +90,7 @@ class AgentCheckReplies:
             if member is None:
                 return None
             reply = self._cache[name] = agent_reply(member.status, self._largest_slots, self._formula,
-                                                    drained=member.drained, leaving=member.leaving,
-                                                    fastest=self._fastest)
+                                                    drained=member.drained, leaving=member.leaving)
         return reply
 
     def answer(self, request: Request) -> str:
@@ -154,7 +146,7 @@ class AgentCheckReplies:
             return reply, reply.split(" ", 2)[1]
         returning = any(self._in_return_window(window) for window in (key, name) if window in self._returning)
         reply = agent_reply(model_view(status, share), self._largest_slots, self._formula, drained=member.drained,
-                            returning=returning, leaving=member.leaving, fastest=self._fastest)
+                            returning=returning, leaving=member.leaving)
         return reply, reply.split(" ", 2)[1]
 
     def _in_return_window(self, key: str) -> bool:

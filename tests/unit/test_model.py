@@ -307,12 +307,3 @@ def test_answers_and_their_counts(backends: tuple[Backend, ...], request_: Reque
 
     assert replies.answer(request_) == reply
     assert replies.served == {kind: 1}
-
-
-def test_a_faster_backend_seen_later_rescales_the_others_weights() -> None:
-    model, replies = wired(GPU1, GPU2)
-    model.record_poll("gpu1", replace(ready(4), seconds_per_token=0.030), now=1.0, window=WINDOW)
-    assert replies.reply_for("gpu1").startswith("up ready 100% ")  # the fastest so far
-    model.record_poll("gpu2", replace(ready(4), seconds_per_token=0.010), now=2.0, window=WINDOW)
-    assert replies.reply_for("gpu2").startswith("up ready 100% ")
-    assert replies.reply_for("gpu1").startswith("up ready 41% ")  # three times slower than gpu2

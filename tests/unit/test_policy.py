@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -279,12 +278,3 @@ def test_a_router_with_no_model_loaded_takes_one_request_to_load_one() -> None:
 def test_speed_classes_group_servers_within_a_quarter_of_each_other(
         seconds: float | None, fastest: float | None, expected: int) -> None:
     assert speed_class(seconds, fastest) == expected
-
-
-def test_a_slower_server_weighs_less_by_its_speed_class() -> None:
-    fast = BackendStatus(State.READY, slots_total=4, slot_source=SlotSource.SLOTS, seconds_per_token=0.010)
-    slow = replace(fast, seconds_per_token=0.030)  # three times slower: class 4, 1.25^-4 = 0.41
-    assert weight_percent(fast, 4, WeightFormula.IDLE, fastest=0.010) == 100
-    assert weight_percent(slow, 4, WeightFormula.IDLE, fastest=0.010) == 41
-    assert weight_percent(slow, 4, WeightFormula.IDLE) == 100  # no fleet speed known: as before
-    assert agent_reply(slow, 4, fastest=0.010).startswith("up ready 41% maxconn:4 ")
