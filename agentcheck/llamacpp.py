@@ -492,7 +492,8 @@ class LlamaCppClient:
         return {name: task.result() for name, task in tasks.items() if task.done() and not task.cancelled()}
 
     def _refresh(self, backend: Backend, headers: dict[str, str], known: _Known) -> None:
-        """Start a /props and /v1/models refresh when one is due and none is under way; count the poll."""
+        """Start a /props, /v1/models and /metrics refresh when one is due and none is under way; count the
+        poll."""
         if known.refresh is None and known.polls >= self.PROPS_REFRESH_POLLS:
             known.polls = 0
             known.refresh = asyncio.create_task(self._fetch_refresh(backend, headers), name=f"props-{backend.name}")
@@ -513,8 +514,8 @@ class LlamaCppClient:
 
 @dataclass
 class _Known:
-    """What was learnt about one backend: its last usable /props answer and /v1/models list, the refresh
-    under way if any, and whether it is a llama.cpp router."""
+    """What was learnt about one backend: its last usable /props answer, /v1/models list and time per token
+    (/metrics), the refresh under way if any, and whether it is a llama.cpp router."""
 
     polls: int  # since the last refresh started
     props: Reply | None = None
@@ -524,8 +525,8 @@ class _Known:
     refresh: asyncio.Task[tuple[Reply | HttpError, ...]] | None = field(default=None, repr=False)
 
     def store(self, refresh: asyncio.Task[tuple[Reply | HttpError, ...]]) -> None:
-        """Keep a 200 JSON object from /props and a valid list from /v1/models; anything else leaves the
-        previous answer in place."""
+        """Keep a 200 JSON object from /props, a valid list from /v1/models and a time per token from /metrics;
+        anything else leaves the previous answer in place."""
         self.refresh = None
         if refresh.cancelled():
             return
