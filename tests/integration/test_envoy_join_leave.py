@@ -73,8 +73,10 @@ def test_servers_join_and_leave_a_running_envoy_with_no_restart(make_llama: Call
             left_at = time.monotonic()
             requests_when_left = envoy_counter(stack, leaver, "rq_total") or 0
             # A slot that freed just before DELETE may have been given to a request still on its way to Envoy:
-            # at most one per slot free now. Anything beyond that was placed on a leaving server.
-            in_transit = leaver.slots - (envoy_counter(stack, leaver, "rq_active") or 0)
+            # at most one per slot. Envoy's rq_active cannot say how many: the filter releases a lease when the
+            # answer's last byte passes it, before Envoy counts that stream as ended (seen in CI: both slots
+            # placed again while rq_active still said 2). Anything beyond that was placed on a leaving server.
+            in_transit = leaver.slots
             seen: list[int] = []
 
             def gone() -> bool:
