@@ -85,10 +85,10 @@ def llama_metric(url: str, name: str, api_key: str | None = None, query: str = "
     return None
 
 
-def llama_busy_slots(url: str, api_key: str | None = None) -> int | None:
+def llama_busy_slots(url: str, api_key: str | None = None, query: str = "") -> int | None:
     """How many of a llama-server's slots /slots lists as processing; None when it does not answer."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
-    status, body = http_get(url + "/slots", headers=headers)
+    status, body = http_get(url + "/slots" + query, headers=headers)
     if status != 200:
         return None
     return sum(1 for slot in json.loads(body) if slot.get("is_processing"))
@@ -204,7 +204,25 @@ class _Process:
         self.stop()
 
 
-class LlamaServer(_Process):
+class LlamaEndpoint:
+    """Where a llama-server listening on loopback ``port`` is reached, and whether it answers ``/health`` (200
+    once its model is loaded); shared by the processes here and the containers of tests/containers."""
+
+    port: int
+
+    @property
+    def address(self) -> str:
+        return f"{LOOPBACK}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}"
+
+    def ready(self) -> bool:
+        return http_get(self.url + "/health", timeout=1.0)[0] == 200
+
+
+class LlamaServer(LlamaEndpoint, _Process):
     """A real llama-server serving ``model`` with ``slots`` parallel slots.
 
     Its ``name`` is also the model alias, so every answer says which server produced it, unless ``alias``
@@ -222,14 +240,6 @@ class LlamaServer(_Process):
         self.ctx_per_slot, self.api_key = ctx_per_slot, api_key
         self.extra_args = extra_args or []
 
-    @property
-    def address(self) -> str:
-        return f"{LOOPBACK}:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.address}"
-
     def command(self) -> list[str]:
         cmd = [str(self.binary), "-m", str(self.model), "--host", LOOPBACK, "--port", str(self.port),
                "-np", str(self.slots), "-c", str(self.slots * self.ctx_per_slot), "--metrics",
@@ -238,9 +248,6 @@ class LlamaServer(_Process):
             cmd += ["--api-key", self.api_key]
         return cmd + self.extra_args
 
-    def ready(self) -> bool:
-        return http_get(self.url + "/health", timeout=1.0)[0] == 200
-
     def metric(self, name: str) -> float | None:
         return llama_metric(self.url, name, self.api_key)
 
@@ -248,7 +255,7 @@ class LlamaServer(_Process):
         return llama_busy_slots(self.url, self.api_key)
 
 
-class LlamaRouter(_Process):
+class LlamaRouter(LlamaEndpoint, _Process):
     """A real llama-server in router mode (``--models-dir``): every ``NAME.gguf`` in ``models_dir`` is model
     NAME, loaded on the first request naming it as a child llama-server with ``slots`` parallel slots (its
     own process, on a loopback port of its own). Ready when the router's ``/health`` answers 200; no model is
@@ -263,21 +270,10 @@ class LlamaRouter(_Process):
         self.ctx_per_slot = ctx_per_slot
         self.extra_args = extra_args or []
 
-    @property
-    def address(self) -> str:
-        return f"{LOOPBACK}:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.address}"
-
     def command(self) -> list[str]:
         return [str(self.binary), "--models-dir", str(self.models_dir), "--host", LOOPBACK, "--port", str(self.port),
                 "-np", str(self.slots), "-c", str(self.slots * self.ctx_per_slot), "--metrics", "-t", "1",
                 "--no-warmup", *self.extra_args]
-
-    def ready(self) -> bool:
-        return http_get(self.url + "/health", timeout=1.0)[0] == 200
 
     def models(self) -> dict[str, str]:
         """Each model's state as the router's own ``/models`` says it (loaded, loading, unloaded)."""
@@ -289,15 +285,12 @@ class LlamaRouter(_Process):
     def metric(self, model: str, name: str) -> float | None:
         """One gauge of a loaded model's child, from the router's ``/metrics?model=`` (which, like ``/slots``,
         loads a model that is not loaded: ask only for loaded ones)."""
-        return llama_metric(f"{self.url}", name, query=f"?model={model}")
+        return llama_metric(self.url, name, query=f"?model={model}")
 
     def busy_slots(self, model: str) -> int | None:
         """Slots processing in a loaded model's child, from the router's ``/slots?model=`` (which loads a model
         that is not loaded: ask only for loaded ones)."""
-        status, body = http_get(f"{self.url}/slots?model={model}")
-        if status != 200:
-            return None
-        return sum(1 for slot in json.loads(body) if slot.get("is_processing"))
+        return llama_busy_slots(self.url, query=f"?model={model}")
 
     def stop(self, timeout: float = 10.0) -> None:
         """The router stops its children on SIGTERM; anything of its process group left after that is killed."""

@@ -19,7 +19,15 @@ from typing import Any
 import yaml
 from testcontainers.core.container import DockerContainer
 
-from devstack.processes import LOOPBACK, StartError, free_port, http_get, llama_busy_slots, llama_metric
+from devstack.processes import (
+    LOOPBACK,
+    LlamaEndpoint,
+    StartError,
+    free_port,
+    http_get,
+    llama_busy_slots,
+    llama_metric,
+)
 
 LABEL = "org.paddler-haproxy.test"
 
@@ -95,7 +103,7 @@ class Service:
             self.container.stop()
 
 
-class LlamaContainer(Service):
+class LlamaContainer(LlamaEndpoint, Service):
     """paddler-llama-server: Debian's llama-server with the tiny model, ``--metrics`` on."""
 
     role = "llama"
@@ -105,17 +113,6 @@ class LlamaContainer(Service):
         super().__init__(image, {"LLAMA_ARG_HOST": LOOPBACK, "LLAMA_ARG_PORT": str(port),
                                  "LLAMA_ARG_N_PARALLEL": str(slots), "LLAMA_ARG_CTX_SIZE": str(slots * ctx_per_slot),
                                  "LLAMA_ARG_ALIAS": alias, "LLAMA_ARG_ENDPOINT_METRICS": "1"})
-
-    @property
-    def address(self) -> str:
-        return f"{LOOPBACK}:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.address}"
-
-    def ready(self) -> bool:
-        return http_get(self.url + "/health", timeout=1.0)[0] == 200
 
     def metric(self, name: str) -> float | None:
         return llama_metric(self.url, name)
