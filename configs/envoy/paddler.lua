@@ -63,6 +63,8 @@ local REQUIRED_SETTINGS = { "picker_timeout_ms", "routes", "slots_forbidden_body
 -- Required too when the route has "models" (a fleet that routes by model); default_model is optional.
 local MODEL_SETTINGS = { "model_routes", "max_request_body", "models_list_body", "model_not_found_body",
                          "body_not_json_body", "model_missing_body", "body_too_large_body", "agent_unavailable_body" }
+-- Required when the route has "affinity" only (one model): the routes whose body is read, and its bound.
+local BODY_SETTINGS = { "model_routes", "max_request_body" }
 local MODEL_LISTINGS = { ["GET:/v1/models"] = true, ["GET:/models"] = true }  -- answered by the filter
 
 -- UTF-8 bytes of a code point; like cpp-httplib, nothing for a lone surrogate.
@@ -121,16 +123,24 @@ function paddler.route_key(method, target)
   return tostring(method) .. ":" .. path
 end
 
+-- Copies each of keys from the route's metadata into settings; the reason when one is missing.
+local function copy_settings(metadata, keys, settings)
+  for _, key in ipairs(keys) do
+    local value = metadata:get(key)
+    if value == nil then
+      return "route metadata lacks " .. key
+    end
+    settings[key] = value
+  end
+end
+
 -- The route's settings as a table, or nil and the reason (naming the key) when one is missing.
 -- metadata is anything with get(self, key): Envoy's route metadata handle.
 function paddler.read_settings(metadata)
   local settings = {}
-  for _, key in ipairs(REQUIRED_SETTINGS) do
-    local value = metadata:get(key)
-    if value == nil then
-      return nil, "route metadata lacks " .. key
-    end
-    settings[key] = value
+  local missing = copy_settings(metadata, REQUIRED_SETTINGS, settings)
+  if missing ~= nil then
+    return nil, missing
   end
   settings.picker_timeout_ms = tonumber(settings.picker_timeout_ms)
   if settings.picker_timeout_ms == nil or settings.picker_timeout_ms <= 0 then
@@ -141,29 +151,19 @@ function paddler.read_settings(metadata)
   end
   settings.models = metadata:get("models")
   settings.affinity = metadata:get("affinity") == true
-  if settings.models == nil and settings.affinity then
-    settings.model_routes = metadata:get("model_routes")
-    settings.max_request_body = tonumber(metadata:get("max_request_body"))
-    if type(settings.model_routes) ~= "table" or settings.max_request_body == nil then
-      return nil, "route metadata's affinity needs model_routes and max_request_body"
-    end
-  end
-  if settings.models == nil then
+  if settings.models == nil and not settings.affinity then
     return settings
   end
-  for _, key in ipairs(MODEL_SETTINGS) do
-    local value = metadata:get(key)
-    if value == nil then
-      return nil, "route metadata lacks " .. key
-    end
-    settings[key] = value
+  missing = copy_settings(metadata, settings.models ~= nil and MODEL_SETTINGS or BODY_SETTINGS, settings)
+  if missing ~= nil then
+    return nil, missing
   end
   settings.default_model = metadata:get("default_model")
   settings.max_request_body = tonumber(settings.max_request_body)
   if settings.max_request_body == nil or settings.max_request_body <= 0 then
     return nil, "route metadata's max_request_body is not a positive number"
   end
-  if type(settings.models) ~= "table" or type(settings.model_routes) ~= "table" then
+  if (settings.models ~= nil and type(settings.models) ~= "table") or type(settings.model_routes) ~= "table" then
     return nil, "route metadata's models or model_routes is not a table"
   end
   return settings
