@@ -13,18 +13,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import aiohttp
 import yaml
 
-from devstack.processes import AgentProcess, EnvoyProcess, free_port, wait_until
+from bench.side_by_side import measure, report, simulated_backends
+from devstack.processes import AgentProcess, EnvoyProcess, free_port
 from fleet import parse_fleet
 from generator.envoy import packaged_lua_path, render_envoy
 
@@ -40,42 +36,6 @@ def without_lua(config_text: str, listen_port: int, admin_port: int) -> str:
     return yaml.safe_dump(config)
 
 
-async def measure(urls: dict[str, str], rate: float, seconds: float, path: str = "/completion",
-                  body: str = json.dumps({"prompt": "hi", "n_predict": 1})) -> dict[str, list[float]]:
-    """Open loop: requests alternate between ``urls`` at ``rate`` per second each; latency of each 200."""
-    latencies: dict[str, list[float]] = {name: [] for name in urls}
-    failures: list[str] = []
-
-    async def one(session: aiohttp.ClientSession, name: str) -> None:
-        started = time.perf_counter()
-        async with session.post(urls[name] + path, data=body) as response:
-            await response.read()
-            if response.status != 200:
-                failures.append(f"{name}: {response.status} {(await response.text())[:90]}")
-                return
-        latencies[name].append(time.perf_counter() - started)
-
-    names = list(urls)
-    total = int(rate * seconds) * len(names)
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-        loop = asyncio.get_running_loop()
-        start = loop.time()
-        tasks = []
-        for i in range(total):
-            delay = start + i / (rate * len(names)) - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(session, names[i % len(names)])))
-        await asyncio.gather(*tasks)
-    if failures:
-        raise SystemExit(f"{len(failures)} requests failed: {sorted(set(failures))}")
-    return latencies
-
-
-def quantile(values: list[float], q: float) -> float:
-    return statistics.quantiles(values, n=100)[int(q) - 1]
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rate", type=float, default=200.0, help="requests per second on each path")
@@ -84,12 +44,7 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="envoy-bench-") as tmp:
         workdir = Path(tmp)
-        ports_file = workdir / "ports.json"
-        sim = subprocess.Popen([sys.executable, "-m", "bench.slots_sim", "--count", str(args.backends),
-                                "--slots", "8", "--idle", "--ports-file", str(ports_file)])
-        try:
-            ports = wait_until(lambda: ports_file.exists() and json.loads(ports_file.read_text()), timeout=30,
-                               what="the simulator")
+        with simulated_backends(workdir, args.backends, 8) as ports:
             listen, admin, management = free_port(), free_port(), free_port()
             fleet_data = {"backends": [{"name": f"sim{i}", "address": f"127.0.0.1:{p}"} for i, p in enumerate(ports)],
                           "agent": {"management": f"127.0.0.1:{management}", "interval": "1s"},
@@ -106,17 +61,8 @@ def main() -> int:
                 urls = {"least_request": f"http://127.0.0.1:{plain_listen}", "picker": f"http://127.0.0.1:{listen}"}
                 asyncio.run(measure(urls, args.rate, 2.0))  # warm-up: connections, health checks
                 latencies = asyncio.run(measure(urls, args.rate, args.seconds))
-        finally:
-            sim.terminate()
-            sim.wait()
-
-    print(f"{args.rate:g} requests/s on each path for {args.seconds:g}s, simulated backends (instant answers)")
-    for name, values in latencies.items():
-        print(f"{name:14} n={len(values):5}  p50 {quantile(values, 50) * 1000:6.2f} ms  "
-              f"p99 {quantile(values, 99) * 1000:6.2f} ms")
-    added50 = quantile(latencies["picker"], 50) - quantile(latencies["least_request"], 50)
-    added99 = quantile(latencies["picker"], 99) - quantile(latencies["least_request"], 99)
-    print(f"picker adds    p50 {added50 * 1000:+.2f} ms  p99 {added99 * 1000:+.2f} ms")
+    report(latencies, "least_request", "picker",
+           f"{args.rate:g} requests/s on each path for {args.seconds:g}s, simulated backends (instant answers)")
     return 0
 
 

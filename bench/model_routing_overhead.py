@@ -15,14 +15,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import yaml
 
-from bench.envoy_picker_bench import measure, quantile
+from bench.side_by_side import measure, report, simulated_backends
 from devstack.processes import AgentProcess, HAProxy, free_port, wait_until
 from fleet import parse_fleet
 from generator.haproxy import packaged_lua_path, render_haproxy
@@ -51,12 +50,7 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="model-bench-") as tmp:
         workdir = Path(tmp)
-        ports_file = workdir / "ports.json"
-        sim = subprocess.Popen([sys.executable, "-m", "bench.slots_sim", "--count", str(args.backends),
-                                "--slots", str(SLOTS), "--idle", "--ports-file", str(ports_file)])
-        try:
-            ports = wait_until(lambda: ports_file.exists() and json.loads(ports_file.read_text()), timeout=30,
-                               what="the simulator")
+        with simulated_backends(workdir, args.backends, SLOTS) as ports:
             agent_port, management = free_port(), free_port()
             listens = {"one-model": free_port(), "by-model": free_port()}
 
@@ -90,18 +84,8 @@ def main() -> int:
                 body = chat_body(args.body_bytes)
                 asyncio.run(measure(urls, args.rate, 2.0, "/v1/chat/completions", body))  # warm-up
                 latencies = asyncio.run(measure(urls, args.rate, args.seconds, "/v1/chat/completions", body))
-        finally:
-            sim.terminate()
-            sim.wait()
-
-    print(f"{args.rate:g} requests/s on each path for {args.seconds:g}s, {len(body)}-byte chat bodies, "
-          "simulated backends (instant answers)")
-    for name, values in latencies.items():
-        print(f"{name:10} n={len(values):5}  p50 {quantile(values, 50) * 1000:6.3f} ms  "
-              f"p99 {quantile(values, 99) * 1000:6.3f} ms")
-    added50 = quantile(latencies["by-model"], 50) - quantile(latencies["one-model"], 50)
-    added99 = quantile(latencies["by-model"], 99) - quantile(latencies["one-model"], 99)
-    print(f"routing by model adds  p50 {added50 * 1000:+.3f} ms  p99 {added99 * 1000:+.3f} ms")
+    report(latencies, "one-model", "by-model", f"{args.rate:g} requests/s on each path for {args.seconds:g}s, "
+           f"{len(body)}-byte chat bodies, simulated backends (instant answers)")
     return 0
 
 
