@@ -345,12 +345,12 @@ end
 -- (txn.paddler_affine; haproxy.cfg's use-server rules send the request there), else nothing: leastconn
 -- chooses, and the request never waits for its affine server.
 function paddler.affine(txn)
-  local keys = txn:get_priv()
-  local memory = affinity_memory[txn.f:be_name()]
+  local keys, backend = txn:get_priv(), txn.f:be_name()
+  local memory = affinity_memory[backend]
   if type(keys) ~= "table" or memory == nil then
     return
   end
-  local servers = core.backends[txn.f:be_name()].servers
+  local servers = core.backends[backend].servers
   for _, key in ipairs(keys.lookups) do
     local name = paddler.recall(memory, key)
     local server = name and servers[name]
