@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import aiohttp
@@ -82,21 +82,20 @@ class Agent:
     def requests_buffered(self) -> int | None:
         """Requests waiting in front of the fleet: in the picker's queue (Envoy) or in HAProxy's,
         as its /health last said; None while HAProxy's count is unknown."""
-        if self._probe is None or self._probe.balancer_is_picker:
-            return self.picker.waiting
-        haproxy = self._probe.requests_buffered
-        if haproxy is None:
-            return self.picker.waiting or None
-        return haproxy + self.picker.waiting
+        return self._buffered(self.picker.waiting, lambda probe: probe.requests_buffered)
 
     def requests_buffered_for(self, model: str) -> int | None:
         """Requests waiting for one model: in the picker's queue for it, or in its HAProxy backend's."""
+        return self._buffered(self.picker.waiting_for(model),
+                              lambda probe: probe.requests_buffered_by_model.get(model))
+
+    def _buffered(self, picker: int, haproxy: Callable[[BalancerProbe], int | None]) -> int | None:
         if self._probe is None or self._probe.balancer_is_picker:
-            return self.picker.waiting_for(model)
-        haproxy = self._probe.requests_buffered_by_model.get(model)
-        if haproxy is None:
-            return self.picker.waiting_for(model) or None
-        return haproxy + self.picker.waiting_for(model)
+            return picker
+        counted = haproxy(self._probe)
+        if counted is None:
+            return picker or None
+        return counted + picker
 
     def snapshot(self) -> dict[str, Any]:
         return fleet_snapshot(self.model, self.replies.reply_for, self.requests_buffered(),
