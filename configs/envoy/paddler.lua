@@ -10,7 +10,8 @@
 --   403 or 421 (the agent refused the filter's picker_token or name) -> no header, an error:
 --       least_request, as when the agent is down (a config slip must not become an outage);
 --   anything else (agent down) -> no header, a warning: the cluster falls back to least_request.
--- When the response has streamed to its end, the lease is released so the slot is reused at once.
+-- When the response has streamed to its end, the lease is released so the slot is reused at once, before
+-- the end reaches the client: a client's next request (a conversation's next turn) finds the slot free.
 -- When the server the picker chose refused the connection (Envoy retried it elsewhere, or gave up), the
 -- filter tells the picker as soon as the response starts, so nothing more is placed there.
 --
@@ -735,8 +736,10 @@ function paddler.on_response(response_handle)
   -- Iterating passes each chunk on unbuffered; the loop ends when the (streamed) response does.
   for _ in response_handle:bodyChunks() do
   end
+  -- Synchronous: Envoy holds the response's end while the call runs (the filter's onData answers
+  -- StopIteration during an httpCall), so the slot is free before the client can send its next request.
   local release = paddler.agent_headers("/api/v1/picker/release/" .. state["lease"], token)
-  response_handle:httpCall(AGENT_CLUSTER, release, "", RELEASE_TIMEOUT_MS, true)
+  response_handle:httpCall(AGENT_CLUSTER, release, "", RELEASE_TIMEOUT_MS)
 end
 
 -- Envoy finds its entry points as globals.

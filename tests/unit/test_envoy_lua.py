@@ -163,7 +163,7 @@ def on_request(path: str = "/v1/chat/completions", method: str = "POST", route: 
 ACQUIRE = ("httpCall paddler_agent POST /api/v1/picker/acquire authority=paddler-agent "
            "token=a-picker-token-from-the-env body= timeout=11000 async=false")
 RELEASE_42 = ("httpCall paddler_agent POST /api/v1/picker/release/42 authority=paddler-agent "
-              "token=a-picker-token-from-the-env body= timeout=1000 async=true")
+              "token=a-picker-token-from-the-env body= timeout=1000 async=false")
 
 
 def test_the_file_loads_on_luajit_with_its_globals_and_returns_its_helpers() -> None:
