@@ -30,6 +30,9 @@ POLL_BATCH = 0.01
 # check's own `fall 1` took alive servers out the same way); a crashed one refuses the connection,
 # which takes it down at the first poll, and a stalled one is down after two intervals.
 LATE_POLLS_BEFORE_DOWN = 2
+# Polls asked for out of turn (poll_soon) start at least this far apart on one backend: a burst of requests
+# ending costs a few polls, not one each.
+SOON_SPACING = 0.01
 
 
 class PollCounters:
@@ -72,6 +75,7 @@ class Monitor:
     def __init__(self, model: FleetModel, poll: Poller, interval: float, poll_timeout: float) -> None:
         self._model = model
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._soon: dict[str, asyncio.Event] = {}  # backend → a poll out of turn is wanted
         self._late: Counter[str] = Counter()  # backend → polls in a row that timed out
         self._group: asyncio.TaskGroup | None = None
         self.counters = PollCounters()
@@ -121,6 +125,13 @@ class Monitor:
                 offset = self._interval * index / count
                 self._start(backend, offset=offset - offset % POLL_BATCH)
 
+    def poll_soon(self, name: str) -> None:
+        """Poll this backend now instead of at its turn (the picker could not tell whether the last poll
+        counted a request that has ended since); a poll under way is followed by another. Never two at once."""
+        soon = self._soon.get(name)
+        if soon is not None:
+            soon.set()
+
     def on_member_change(self, previous: Member | None, current: Member | None) -> None:
         """The model's subscription: a backend that joins is polled at once, one removed no more."""
         if previous is None and current is not None and self._group is not None:
@@ -129,6 +140,7 @@ class Monitor:
             task = self._tasks.pop(previous.name, None)
             if task is not None:
                 task.cancel()
+            self._soon.pop(previous.name, None)
             self.counters.forget(previous.name)
             self._late.pop(previous.name, None)
 
@@ -139,10 +151,20 @@ class Monitor:
 
     async def _poll_forever(self, backend: Backend, offset: float) -> None:
         loop = asyncio.get_running_loop()
+        soon = self._soon[backend.name] = asyncio.Event()
         next_at = loop.time() + offset
+        last_started = float("-inf")
         while True:
-            await asyncio.sleep(max(0.0, next_at - loop.time()))
+            try:
+                async with asyncio.timeout(max(0.0, next_at - loop.time())):
+                    await soon.wait()
+                    await asyncio.sleep(max(0.0, last_started + SOON_SPACING - loop.time()))
+            except TimeoutError:
+                pass
+            soon.clear()
+            last_started = loop.time()
             await self.poll_once(backend)
-            next_at += self._interval
-            if next_at < loop.time():  # fell behind (suspended host): skip, don't burst
-                next_at = loop.time() + self._interval
+            if loop.time() >= next_at:  # a poll out of turn keeps the schedule
+                next_at += self._interval
+                if next_at < loop.time():  # fell behind (suspended host): skip, don't burst
+                    next_at = loop.time() + self._interval

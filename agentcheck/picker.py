@@ -42,7 +42,7 @@ from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from agentcheck.model import FleetModel, Member, Role
+from agentcheck.model import FleetModel, Member, PollWindow, Role
 from agentcheck.model_routing import model_share
 from agentcheck.policy import speed_class
 from agentcheck.status import ModelLoad, ModelStatus
@@ -64,6 +64,11 @@ MAX_ALTERNATES = 2  # the llama routes' num_retries: one alternate per retry
 # long after opening (or one poll interval more has passed): placing on each as its poll comes would
 # send the first requests to whichever backend is polled first, not to the one with most room.
 OPEN_SETTLE_SECONDS = 0.3
+# A conversation's backend can look full only because its last poll may have counted a request that has ended
+# since (issued just before the poll: busy() cannot tell, and keeps counting it). Its next turn then waits this
+# long at most for a poll asked for at once, instead of re-reading its whole history on another server: a
+# /slots poll takes milliseconds, a re-prefill far longer (docs/affinity.md).
+AFFINE_POLL_WAIT = 0.1
 
 
 class PickerError(Exception):
@@ -107,16 +112,19 @@ class Picker:
     def __init__(self, model: FleetModel, max_buffered_requests: int, buffered_request_timeout: float,
                  clock: Callable[[], float] = time.monotonic,
                  in_balancer: Callable[[str], bool] = lambda name: True,
-                 limits: Callable[[str], tuple[int, float]] | None = None) -> None:
+                 limits: Callable[[str], tuple[int, float]] | None = None,
+                 poll_soon: Callable[[str], None] = lambda name: None) -> None:
         """``in_balancer(name)``: whether Envoy has this backend's endpoint yet (agentcheck.eds); override_host
         ignores an address its cluster does not have, so nothing is placed on a backend before that.
         ``limits(model)``: (max_buffered_requests, buffered_request_timeout) of that model's queue (Fleet.limits);
-        without it every model's queue has the balancer's."""
+        without it every model's queue has the balancer's. ``poll_soon(name)``: poll that backend now
+        (Monitor.poll_soon), when a request ends that its last poll may still count."""
         self._model = model
         self._in_balancer = in_balancer
         self._max_buffered_requests = max_buffered_requests
         self._buffered_request_timeout = buffered_request_timeout
         self._model_limits = limits or (lambda name: (max_buffered_requests, buffered_request_timeout))
+        self._poll_soon = poll_soon
         self._clock = clock
         # Leases by backend (each in issue order) and by id: polls touch one backend, releases one id.
         self._leases: dict[str, dict[str, Lease]] = {}
@@ -133,6 +141,8 @@ class Picker:
         # (model, conversation key) → the backend that last took it, oldest first (bounded, most recent kept).
         self._affine: OrderedDict[tuple[str | None, str], str] = OrderedDict()
         self._affinity_of: dict[asyncio.Future[Lease], Affinity] = {}  # waiting requests' conversations
+        # backend → (since, future) of conversations waiting for a poll of their backend that began after ``since``
+        self._awaiting_poll: dict[str, list[tuple[float, asyncio.Future[None]]]] = {}
 
     @property
     def waiting(self) -> int:
@@ -272,6 +282,47 @@ class Picker:
                 return name
         return None
 
+    async def _await_affine_poll(self, model: str | None, affinity: Affinity) -> None:
+        """When the conversation's backend has no free slot only because its last poll may still count a request
+        that has ended (``_maybe_counted``), wait for a poll that began after that request's release (asked for
+        then), AFFINE_POLL_WAIT at most."""
+        candidates = self.candidates(model)
+        if not self._settled(candidates):
+            return
+        name = next((name for key in affinity.lookups
+                     if (name := self._affine.get((model, key))) in candidates), None)
+        if name is None or self._total(name, model) - self.busy(name, model) > 0:
+            return
+        poll = self._model[name].poll
+        ended = [lease.released_at for lease in self._leases.get(name, {}).values()
+                 if lease.released_at is not None and self._maybe_counted(lease, poll)]
+        if not ended:
+            return
+        since = max(ended)  # a poll that began after the last of those releases counts none of them
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiting = self._awaiting_poll.setdefault(name, [])
+        waiting.append((since, done))
+        self._poll_soon(name)
+        try:
+            async with asyncio.timeout(AFFINE_POLL_WAIT):
+                await done
+        except TimeoutError:
+            pass
+        finally:
+            waiting.remove((since, done))
+            if not waiting:
+                self._awaiting_poll.pop(name, None)
+
+    @staticmethod
+    def _maybe_counted(lease: Lease, poll: PollWindow | None) -> bool:
+        """A released lease that busy() still counts: the latest poll began before the release and may have
+        seen the request (issued before it finished), but busy() cannot tell (issued within SETTLE_SECONDS of
+        its start, or released while it ran)."""
+        if (poll is None or lease.released_at is None or lease.released_at <= poll.started
+                or lease.issued_at > poll.finished):
+            return False
+        return not (lease.issued_at + SETTLE_SECONDS <= poll.started and poll.finished < lease.released_at)
+
     def _remember(self, model: str | None, affinity: Affinity, name: str) -> None:
         for key in affinity.remember:
             self._affine[model, key] = name
@@ -316,6 +367,8 @@ class Picker:
     async def acquire(self, model: str | None = None, affinity: Affinity | None = None) -> Lease:
         """A lease on the best backend (for ``model``: one that serves it; for a conversation: the one that took
         it last, when it has a slot free) now, or after waiting in that model's FIFO."""
+        if affinity is not None and not self._queues.get(model):
+            await self._await_affine_poll(model, affinity)
         if not self._queues.get(model):
             lease = self._try_lease(model, affinity)
             if lease is not None:
@@ -351,6 +404,8 @@ class Picker:
         if lease is None or lease.released_at is not None:
             return False
         lease.released_at = self._clock()
+        if self._maybe_counted(lease, self._model[lease.backend].poll):
+            self._poll_soon(lease.backend)
         self.wake()
         return True
 
@@ -412,6 +467,10 @@ class Picker:
         """
         if changed is not None:
             self._record_poll(changed)
+            if changed.poll is not None:
+                for since, done in self._awaiting_poll.get(changed.name, ()):
+                    if changed.poll.started >= since and not done.done():
+                        done.set_result(None)
         if self._by_id:
             for name in [changed.name] if changed is not None else list(self._leases):
                 self._prune(name)

@@ -53,7 +53,8 @@ class Agent:
         self.discovery = EndpointDiscovery(self.model)
         self.picker = Picker(self.model, settings.fleet.balancer.max_buffered_requests,
                              settings.fleet.balancer.buffered_request_timeout,
-                             in_balancer=self.discovery.acknowledged, limits=settings.fleet.limits)
+                             in_balancer=self.discovery.acknowledged, limits=settings.fleet.limits,
+                             poll_soon=self._poll_soon)
         balancer = settings.fleet.balancer
         self.spares = (SparePool(self.model, self.replies, RuntimeAPI(balancer.stats_socket), contract.HAPROXY_BACKEND,
                                  contract.spare_server_names(balancer.spare_servers), settings.interval,
@@ -88,6 +89,10 @@ class Agent:
         """Requests waiting for one model: in the picker's queue for it, or in its HAProxy backend's."""
         return self._buffered(self.picker.waiting_for(model),
                               lambda probe: probe.requests_buffered_by_model.get(model))
+
+    def _poll_soon(self, name: str) -> None:
+        if self.monitor is not None:
+            self.monitor.poll_soon(name)
 
     def _buffered(self, picker: int, haproxy: Callable[[BalancerProbe], int | None]) -> int | None:
         if self._probe is None or self._probe.balancer_is_picker:

@@ -170,3 +170,51 @@ async def test_each_poll_is_counted_with_its_window() -> None:
     assert monitor.counters.failures == {}
     window = model["gpu1"].poll
     assert window is not None and 0 <= window.seconds < 0.5
+
+
+async def test_poll_soon_polls_out_of_turn_one_poll_at_a_time_and_keeps_the_schedule() -> None:
+    """An interval of a minute: every poll after the first is one asked for; one asked for while a poll runs
+    follows it, never beside it."""
+    running = 0
+    overlapped = False
+    polls: list[float] = []
+    release_poll = asyncio.Event()
+    hanging = asyncio.Event()
+    polled = asyncio.Condition()
+
+    async def poll(_backend: Backend) -> BackendStatus:
+        nonlocal running, overlapped
+        running += 1
+        overlapped = overlapped or running > 1
+        if len(polls) == 1:
+            hanging.set()
+            await release_poll.wait()  # the second poll hangs until told: poll_soon meanwhile must wait for it
+        running -= 1
+        polls.append(asyncio.get_running_loop().time())
+        async with polled:
+            polled.notify_all()
+        return ready(2)
+
+    async def polls_reach(count: int) -> None:
+        async with polled:
+            await asyncio.wait_for(polled.wait_for(lambda: len(polls) >= count), timeout=2.0)
+
+    model = FleetModel([GPU1])
+    monitor = Monitor(model, poll, interval=60.0, poll_timeout=30.0)
+    run = asyncio.create_task(monitor.run())
+    try:
+        await polls_reach(1)
+        monitor.poll_soon("gpu1")  # the second poll starts and hangs
+        await asyncio.wait_for(hanging.wait(), timeout=2.0)
+        monitor.poll_soon("gpu1")  # asked while it runs: a third poll, after it
+        release_poll.set()
+        await polls_reach(3)
+        monitor.poll_soon("unknown")  # a backend the monitor does not poll: nothing happens
+    finally:
+        run.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await run
+
+    assert len(polls) == 3
+    assert not overlapped
+    assert model["gpu1"].status == ready(2)

@@ -15,7 +15,7 @@ import pytest
 from agentcheck import picker as picker_module
 from agentcheck.model import FleetModel
 from agentcheck.picker import Affinity, Picker
-from tests.unit.test_picker import Clock, make, poll, ready
+from tests.unit.test_picker import BACKENDS, STANDBY, Clock, make, poll, ready
 
 
 def turn(number: int) -> Affinity:
@@ -85,3 +85,66 @@ async def test_among_backends_with_a_free_slot_the_faster_speed_class_comes_firs
     poll(model, clock, small=replace(ready(2), seconds_per_token=0.011),
          large=replace(ready(4), seconds_per_token=0.012))  # within a quarter: equally fast, most free first
     assert (await picker.acquire()).backend == "large"
+
+
+def make_asking() -> tuple[FleetModel, Picker, Clock, list[str]]:
+    """The fleet of make(), with the polls the picker asks for (Monitor.poll_soon) recorded."""
+    asked: list[str] = []
+    clock = Clock()
+    model = FleetModel(BACKENDS, STANDBY)
+    picker = Picker(model, 10, 5.0, clock, poll_soon=asked.append)
+    model.subscribe(picker.on_member_change)
+    poll(model, clock, small=ready(2), large=ready(4), spare=ready(2))
+    return model, picker, clock, asked
+
+
+async def small_full_with_an_ended_turn(model: FleetModel, picker: Picker, clock: Clock) -> None:
+    """Turn 2 of the conversation and another request run on small; a poll right after both were placed counts
+    both (busy() cannot know it did); then turn 2 ends. Small has a slot free, but busy() still counts it."""
+    await placed_on_small(model, picker, clock, turn(1))
+    poll(model, clock, large=ready(4, 4))
+    turn_two = await picker.acquire(affinity=turn(2))
+    other = await picker.acquire()
+    assert (turn_two.backend, other.backend) == ("small", "small")
+    poll(model, clock, in_transit=True, small=ready(2, 2), large=ready(4))
+    picker.release(turn_two.id)
+    assert picker.free_slots()["small"] == 0
+
+
+async def test_a_request_that_ended_right_after_a_poll_that_may_count_it_asks_for_a_poll() -> None:
+    model, picker, clock, asked = make_asking()
+    await small_full_with_an_ended_turn(model, picker, clock)
+    assert asked == ["small"]
+    lease = await picker.acquire()  # placed well after large's poll: its release is not in doubt
+    poll(model, clock, small=ready(2, 1), large=ready(4, 1))
+    picker.release(lease.id)
+    assert asked == ["small"]
+
+
+async def test_the_next_turn_waits_for_that_poll_and_then_finds_its_backend_free() -> None:
+    model, picker, clock, _ = make_asking()
+    await small_full_with_an_ended_turn(model, picker, clock)
+    next_turn = asyncio.ensure_future(picker.acquire(affinity=turn(3)))
+    await asyncio.sleep(0)
+    assert not next_turn.done()  # large has 4 free slots, but turn 3's history is on small
+    poll(model, clock, small=ready(2, 1), large=ready(4))  # began after turn 2's release: settles it
+    assert (await next_turn).backend == "small"
+
+
+async def test_without_that_poll_the_next_turn_goes_elsewhere_after_a_bounded_wait(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(picker_module, "AFFINE_POLL_WAIT", 0.01)
+    model, picker, clock, _ = make_asking()
+    await small_full_with_an_ended_turn(model, picker, clock)
+    async with asyncio.timeout(1):
+        assert (await picker.acquire(affinity=turn(3))).backend == "large"
+
+
+async def test_a_full_backend_with_no_ended_request_in_doubt_is_not_waited_for() -> None:
+    model, picker, clock, asked = make_asking()
+    await placed_on_small(model, picker, clock, turn(1))
+    held = [await picker.acquire(affinity=turn(2)) for _ in range(2)]
+    poll(model, clock, small=ready(2, 2), large=ready(4))
+    assert [lease.backend for lease in held] == ["small", "small"]
+    assert (await picker.acquire(affinity=turn(3))).backend == "large"  # at once: no future task
+    assert asked == []
