@@ -259,7 +259,7 @@ def new_prompt_tokens(trace: list[RequestSpec]) -> list[int]:
 
 
 async def _chat(session: aiohttp.ClientSession, url: str, request_id: int, messages: list[dict[str, str]],
-                max_tokens: int, timeout: float, sent: float) -> tuple[Result, str]:
+                max_tokens: int, timeout: float, sent: float, headers: dict[str, str]) -> tuple[Result, str]:
     """One streamed chat turn: its Result and the answer's text."""
     body = {"messages": messages, "max_tokens": max_tokens, "stream": True, "ignore_eos": True}
     started = time.perf_counter()
@@ -268,7 +268,7 @@ async def _chat(session: aiohttp.ClientSession, url: str, request_id: int, messa
     usage: dict[str, Any] = {}
     timings: dict[str, Any] = {}
     try:
-        async with session.post(url + "/v1/chat/completions", json=body,
+        async with session.post(url + "/v1/chat/completions", json=body, headers=headers,
                                 timeout=aiohttp.ClientTimeout(total=timeout)) as response:
             if response.status != 200:
                 await response.read()
@@ -294,10 +294,11 @@ async def _chat(session: aiohttp.ClientSession, url: str, request_id: int, messa
 
 
 async def replay_conversations(conversations: list[Conversation], balancer_url: str,
-                               timeout: float = 120.0) -> list[Result]:
+                               timeout: float = 120.0, session_header: bool = False) -> list[Result]:
     """Each conversation starts at its time and sends its turns one after another, each ``think`` seconds after
     the previous answer ended, resending the answers as received. A turn that fails ends its conversation
-    (its later turns are never sent)."""
+    (its later turns are never sent). ``session_header``: each turn carries its conversation's id in
+    X-Session-Id."""
     results: list[Result] = []
     connector = aiohttp.TCPConnector(limit=0, force_close=True)
     async with aiohttp.ClientSession(connector=connector) as session:
@@ -307,11 +308,12 @@ async def replay_conversations(conversations: list[Conversation], balancer_url: 
         async def converse(conversation: Conversation) -> None:
             await asyncio.sleep(max(0.0, start + conversation.start - loop.time()))
             messages = [{"role": "system", "content": conversation.system}]
+            headers = {"X-Session-Id": f"session-{conversation.first_id}"} if session_header else {}
             for index, turn in enumerate(conversation.turns):
                 await asyncio.sleep(turn.think)
                 messages.append({"role": "user", "content": turn.question})
                 result, answer = await _chat(session, balancer_url, conversation.first_id + index, messages,
-                                             turn.output_tokens, timeout, loop.time() - start)
+                                             turn.output_tokens, timeout, loop.time() - start, headers)
                 results.append(result)
                 if result.status != 200:
                     return

@@ -49,6 +49,7 @@ from bench.routing.model import RequestSpec, ServerSpec, ideal
 from bench.routing.simulator import parse_fleet
 from bench.routing.strategies import (
     CHAT_ONLY,
+    SESSION_HEADER,
     STRATEGIES,
     PeerFailed,
     peer,
@@ -257,7 +258,8 @@ def _measure(strategy: str, work: Workload, fleet_text: str, slots: dict[str, in
                 done = simulator.progress(strategy)
                 try:
                     if work.conversations is not None:
-                        results = asyncio.run(replay_conversations(work.conversations, url))
+                        results = asyncio.run(replay_conversations(work.conversations, url,
+                                                                   session_header=strategy in SESSION_HEADER))
                     else:
                         bypass_url = f"http://{servers[bypass_target]}" if scenario.bypass_fraction else None
                         results = asyncio.run(replay(work.trace, url, bypass_url, scenario.bypass_fraction,

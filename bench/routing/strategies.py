@@ -35,8 +35,11 @@ PEERS_VENV = Path(os.environ.get("PADDLER_PEERS_VENV", Path(__file__).resolve().
 SGLANG_POLICIES = ("cache_aware", "power_of_two")
 VLLM_POLICIES = ("cache_aware", "power_of_two")
 PEERS = tuple(f"sglang-{p}" for p in SGLANG_POLICIES) + tuple(f"vllm-router-{p}" for p in VLLM_POLICIES)
-STRATEGIES = ("roundrobin", "leastconn", "paddler-haproxy", "paddler-haproxy-slots-only", "paddler-haproxy-affinity",
-              "paddler-envoy", "envoy-least_request", *PEERS)
+STRATEGIES = ("roundrobin", "leastconn", "haproxy-hash-bounded", "paddler-haproxy", "paddler-haproxy-slots-only",
+              "paddler-haproxy-affinity", "paddler-envoy", "envoy-least_request", *PEERS)
+# Strategies whose clients send each conversation's id in X-Session-Id: HAProxy's own hashing has no other key
+# (it cannot hash a JSON body's leading messages), so it gets the one an application would send.
+SESSION_HEADER = frozenset({"haproxy-hash-bounded"})
 HAPROXY_BALANCER = {"paddler-haproxy": {}, "paddler-haproxy-slots-only": {"affinity": False},
                     "paddler-haproxy-affinity": {"affinity": True}}
 CHAT_ONLY = frozenset(PEERS)  # strategies that serve /v1/chat/completions only
@@ -61,6 +64,14 @@ backend llama
     balance {algorithm}
 {servers}
 """
+
+# HAProxy's bounded-load consistent hashing (docs/affinity.md): a session's requests go to the server its id
+# hashes to, unless that server already has 25 % more connections than the average; each server admits its
+# slots (maxconn) and the excess waits in HAProxy's queue, as long as Paddler's buffer lets a request wait.
+HASH_BOUNDED = """hash req.hdr(x-session-id)
+    hash-type consistent
+    hash-balance-factor 125
+    timeout queue {queue_timeout}s"""
 
 
 def peer(name: str) -> tuple[str, str, str] | None:
@@ -108,10 +119,15 @@ def run_strategy(name: str, servers: dict[str, str], slots: dict[str, int], work
                  agent_interval: str = "1s") -> Iterator[str]:
     """Start ``name`` in front of ``servers`` (name → host:port); yields the URL to send requests to."""
     workdir.mkdir(parents=True, exist_ok=True)
-    if name in ("roundrobin", "leastconn"):
+    if name in ("roundrobin", "leastconn", "haproxy-hash-bounded"):
         port = free_port()
-        lines = "\n".join(f"    server {n} {address}" for n, address in servers.items())
-        config = PLAIN_HAPROXY.format(socket=workdir / "haproxy.sock", port=port, algorithm=name, servers=lines)
+        if name == "haproxy-hash-bounded":
+            algorithm = HASH_BOUNDED.format(queue_timeout=round(BalancerConfig().buffered_request_timeout))
+            lines = "\n".join(f"    server {n} {address} maxconn {slots[n]}" for n, address in servers.items())
+        else:
+            algorithm = name
+            lines = "\n".join(f"    server {n} {address}" for n, address in servers.items())
+        config = PLAIN_HAPROXY.format(socket=workdir / "haproxy.sock", port=port, algorithm=algorithm, servers=lines)
         with HAProxy(config, workdir):
             yield f"http://127.0.0.1:{port}"
         return
