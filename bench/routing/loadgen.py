@@ -289,8 +289,11 @@ async def _chat(session: aiohttp.ClientSession, url: str, request_id: int, messa
     except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
         return Result(request_id, 0, ttft, time.perf_counter() - started, False, type(exc).__name__, sent=sent), ""
     cached = timings.get("cache_n", (usage.get("prompt_tokens_details") or {}).get("cached_tokens"))
+    prompt_tokens = usage.get("prompt_tokens")
+    if prompt_tokens is None and "prompt_n" in timings:  # llama-server streams no usage unless asked
+        prompt_tokens = timings["prompt_n"] + timings.get("cache_n", 0)
     return Result(request_id, 200, ttft, time.perf_counter() - started, False, sent=sent,
-                  prompt_tokens=usage.get("prompt_tokens"), cached_tokens=cached), "".join(answer)
+                  prompt_tokens=prompt_tokens, cached_tokens=cached), "".join(answer)
 
 
 async def replay_conversations(conversations: list[Conversation], balancer_url: str,

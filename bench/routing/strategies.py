@@ -36,12 +36,14 @@ SGLANG_POLICIES = ("cache_aware", "power_of_two")
 VLLM_POLICIES = ("cache_aware", "power_of_two")
 PEERS = tuple(f"sglang-{p}" for p in SGLANG_POLICIES) + tuple(f"vllm-router-{p}" for p in VLLM_POLICIES)
 STRATEGIES = ("roundrobin", "leastconn", "haproxy-hash-bounded", "paddler-haproxy", "paddler-haproxy-slots-only",
-              "paddler-haproxy-affinity", "paddler-envoy", "envoy-least_request", *PEERS)
+              "paddler-haproxy-affinity", "paddler-envoy", "paddler-envoy-affinity", "envoy-least_request", *PEERS)
 # Strategies whose clients send each conversation's id in X-Session-Id: HAProxy's own hashing has no other key
 # (it cannot hash a JSON body's leading messages), so it gets the one an application would send.
 SESSION_HEADER = frozenset({"haproxy-hash-bounded"})
-HAPROXY_BALANCER = {"paddler-haproxy": {}, "paddler-haproxy-slots-only": {"affinity": False},
-                    "paddler-haproxy-affinity": {"affinity": True}}
+# This project's strategies: the proxy, and the fleet file's balancer settings beside the defaults.
+PADDLER = {"paddler-haproxy": ("haproxy", {}), "paddler-haproxy-slots-only": ("haproxy", {"affinity": False}),
+           "paddler-haproxy-affinity": ("haproxy", {"affinity": True}), "paddler-envoy": ("envoy", {}),
+           "paddler-envoy-affinity": ("envoy", {"affinity": True})}
 CHAT_ONLY = frozenset(PEERS)  # strategies that serve /v1/chat/completions only
 
 PLAIN_HAPROXY = """\
@@ -146,9 +148,8 @@ def run_strategy(name: str, servers: dict[str, str], slots: dict[str, int], work
                            what="plain Envoy")
                 yield f"http://127.0.0.1:{listen}"
         return
-    kind = "haproxy" if name in HAPROXY_BALANCER else name.removeprefix("paddler-")
-    with BalancerStack(workdir, servers, kind=kind, interval=agent_interval,
-                       balancer=HAPROXY_BALANCER.get(name)) as stack:
+    kind, balancer = PADDLER[name]
+    with BalancerStack(workdir, servers, kind=kind, interval=agent_interval, balancer=balancer) as stack:
         stack.wait_slots(slots, timeout=20)
         yield stack.url
 
