@@ -346,18 +346,21 @@ class Picker:
         return min(cold)[1] if cold else None
 
     def _alternates(self, chosen: str, now: float, model: str | None = None) -> tuple[str, ...]:
-        """Usable backends other than ``chosen`` (serving ``model``) with a slot free beyond those offered as
-        alternates to other requests on ``chosen`` still in transit (issued within SETTLE_SECONDS: a refused
-        connection is retried in that time; requests on other backends fail only if those die too): standby
-        first, then most free."""
+        """Usable backends other than ``chosen`` (serving ``model``), those with a slot free first: free beyond
+        those offered as alternates to other requests on ``chosen`` still in transit (issued within
+        SETTLE_SECONDS: a refused connection is retried in that time; requests on other backends fail only if
+        those die too), standby first, then most free. When fewer are free, the least busy of the others fill
+        the list: a retry that waits in a live server's queue beats one that Envoy's fallback sends back to
+        the dead server (outlier ejection reaches the worker threads only a moment after the refusal)."""
         while self._offered and self._offered[0][0] + SETTLE_SECONDS < now:
             self._offered.popleft()
         offered = Counter(name for _, placed, names, offered_for in self._offered
                           if placed == chosen and offered_for == model for name in names)
         free = {member.name: self._total(member.name, model) - self.busy(member.name, model) - offered[member.name]
-                for member in self._model if member.name != chosen and self._placeable(member)}
-        return tuple(heapq.nlargest(MAX_ALTERNATES, (name for name in free if free[name] > 0),
-                                    key=lambda n: (self._model[n].role is Role.STANDBY, free[n], n)))
+                for member in self._model if member.name != chosen and self._placeable(member)
+                and (model is None or self._share(member, model) is not None)}
+        return tuple(heapq.nlargest(MAX_ALTERNATES, free,
+                                    key=lambda n: (free[n] > 0, self._model[n].role is Role.STANDBY, free[n], n)))
 
     def _new_id(self) -> str:
         while (lease_id := secrets.token_urlsafe(LEASE_ID_BYTES)) in self._by_id:  # 2**-128: never, in practice

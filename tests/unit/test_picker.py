@@ -261,12 +261,22 @@ async def test_a_lease_names_alternates_with_free_slots_idle_standby_first() -> 
 
 async def test_a_free_slot_is_an_alternate_for_one_request_in_transit_at_a_time() -> None:
     model, picker, clock = make()
-    poll(model, clock, spare=ready(1), small=ready(1))
+    poll(model, clock, spare=ready(1), small=ready(2))
     first, second = await picker.acquire(), await picker.acquire()  # large, large
     assert first.alternates == ("10.0.0.3:8080", "10.0.0.1:8080")
-    assert second.alternates == ()  # spare's and small's one slot each are already offered to the first
+    assert second.alternates == ("10.0.0.1:8080", "10.0.0.3:8080")  # spare's one slot is offered to the first
     clock.now += SETTLE_SECONDS + 0.01  # the first has connected by now, or been retried
     assert (await picker.acquire()).alternates == ("10.0.0.3:8080", "10.0.0.1:8080")
+
+
+async def test_with_no_slot_free_elsewhere_a_retry_still_goes_to_a_live_server_never_a_refusing_one() -> None:
+    model, picker, clock = make()
+    poll(model, clock, small=ready(2, processing=2), spare=ready(2, processing=2))
+    lease = await picker.acquire()  # large has the only free slots
+    assert lease.alternates == ("10.0.0.3:8080", "10.0.0.1:8080")  # not Envoy's fallback, which may pick large
+    assert picker.failed(lease.id)
+    poll(model, clock, small=ready(2, processing=1))
+    assert (await picker.acquire()).alternates == ("10.0.0.3:8080",)  # small chosen; large refuses
 
 
 async def test_a_refusing_server_gets_nothing_until_a_poll_that_started_after_the_refusal() -> None:
