@@ -144,8 +144,9 @@ def test_a_killed_server_costs_only_the_requests_running_on_it(make_llama: Calla
     run = kill_and_restart(make_llama, tmp_path)
     # Before the fix each kill lost 1 to 4 requests (4 runs); after it 0 in 48 kills on a dev machine and
     # 1 in one CI run of three kills: at most one over the three rounds.
-    assert all(int(outcome["victim_served"]) > 0 for outcome in run.rounds), run.rounds
-    assert sum(int(outcome["lost"]) for outcome in run.rounds) <= 1, run.rounds
+    rounds = "\n".join(map(str, run.rounds))  # a string: pytest shortens the repr of a list of dicts
+    assert all(int(outcome["victim_served"]) > 0 for outcome in run.rounds), rounds
+    assert sum(int(outcome["lost"]) for outcome in run.rounds) <= 1, rounds
     assert run.after_restart.statuses() == {"200": AFTER_RESTART}, f"after restarts: {run.after_restart.statuses()}"
     assert run.after_restart.served_by()[KILLED] > 0, f"{KILLED} not used after its restart"
 
