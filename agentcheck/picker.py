@@ -167,21 +167,19 @@ class Picker:
             if share is None:
                 return 0
             total, polled = share.slots_total, share.slots_processing
-        poll_started = member.poll.started if member.poll else float("-inf")
-        poll_finished = member.poll.finished if member.poll else float("-inf")
+        poll = member.poll
+        poll_started = poll.started if poll else float("-inf")
         own = 0
         for lease in self._leases.get(name, {}).values():
             if model is not None and lease.model not in (model, None):
                 continue
-            seen_by_poll = lease.issued_at + SETTLE_SECONDS <= poll_started
             if lease.released_at is None:
                 own += 1
-                if not seen_by_poll:
+                if lease.issued_at + SETTLE_SECONDS > poll_started:  # too recent for the poll to show
                     polled += 1
-            elif seen_by_poll and poll_finished < lease.released_at:
-                # The poll counted it and it has ended since. One released *during* the poll may or may
-                # not be in the count: keep counting it (a slot idle until the next poll beats a slot
-                # given twice).
+            elif self._counted_then_ended(lease, poll):
+                # One released *during* the poll may or may not be in the count: it keeps counting
+                # (_maybe_counted); a slot idle until the next poll beats a slot given twice.
                 polled -= 1
         return max(0, min(max(own, polled), total))
 
@@ -321,7 +319,14 @@ class Picker:
         if (poll is None or lease.released_at is None or lease.released_at <= poll.started
                 or lease.issued_at > poll.finished):
             return False
-        return not (lease.issued_at + SETTLE_SECONDS <= poll.started and poll.finished < lease.released_at)
+        return not Picker._counted_then_ended(lease, poll)
+
+    @staticmethod
+    def _counted_then_ended(lease: Lease, poll: PollWindow | None) -> bool:
+        """A released lease the latest poll surely counted (issued SETTLE_SECONDS before it began) and that
+        ended after it finished: busy() takes it off the polled count."""
+        return (poll is not None and lease.released_at is not None
+                and lease.issued_at + SETTLE_SECONDS <= poll.started and poll.finished < lease.released_at)
 
     def _remember(self, model: str | None, affinity: Affinity, name: str) -> None:
         for key in affinity.remember:
