@@ -70,10 +70,13 @@ backend llama
 # HAProxy's bounded-load consistent hashing (docs/affinity.md): a session's requests go to the server its id
 # hashes to, unless that server already has 25 % more connections than the average; each server admits its
 # slots (maxconn) and the excess waits in HAProxy's queue, as long as Paddler's buffer lets a request wait.
-HASH_BOUNDED = """hash req.hdr(x-session-id)
+HASH_BOUNDED = f"""hash req.hdr(x-session-id)
     hash-type consistent
     hash-balance-factor 125
-    timeout queue {queue_timeout}s"""
+    timeout queue {round(BalancerConfig().buffered_request_timeout)}s"""
+# Plain HAProxy strategies: the backend's balance algorithm, and what each server line adds ({slots}: its slots).
+PLAIN_HAPROXY_STRATEGIES = {"roundrobin": ("roundrobin", ""), "leastconn": ("leastconn", ""),
+                            "haproxy-hash-bounded": (HASH_BOUNDED, " maxconn {slots}")}
 
 
 def peer(name: str) -> tuple[str, str, str] | None:
@@ -121,14 +124,11 @@ def run_strategy(name: str, servers: dict[str, str], slots: dict[str, int], work
                  agent_interval: str = "1s") -> Iterator[str]:
     """Start ``name`` in front of ``servers`` (name → host:port); yields the URL to send requests to."""
     workdir.mkdir(parents=True, exist_ok=True)
-    if name in ("roundrobin", "leastconn", "haproxy-hash-bounded"):
+    if name in PLAIN_HAPROXY_STRATEGIES:
         port = free_port()
-        if name == "haproxy-hash-bounded":
-            algorithm = HASH_BOUNDED.format(queue_timeout=round(BalancerConfig().buffered_request_timeout))
-            lines = "\n".join(f"    server {n} {address} maxconn {slots[n]}" for n, address in servers.items())
-        else:
-            algorithm = name
-            lines = "\n".join(f"    server {n} {address}" for n, address in servers.items())
+        algorithm, server_options = PLAIN_HAPROXY_STRATEGIES[name]
+        lines = "\n".join(f"    server {n} {address}" + server_options.format(slots=slots[n])
+                          for n, address in servers.items())
         config = PLAIN_HAPROXY.format(socket=workdir / "haproxy.sock", port=port, algorithm=algorithm, servers=lines)
         with HAProxy(config, workdir):
             yield f"http://127.0.0.1:{port}"
