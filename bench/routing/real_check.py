@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from bench.routing.loadgen import (
@@ -67,21 +69,12 @@ def main() -> None:
     rate = args.load * 2 * TOKENS_PER_SECOND_PER_SERVER / mean_output_tokens(config)
     trace = make_trace(TraceConfig(seed=args.seed, duration=args.duration, rate=rate, **shape))
     print(f"real llama-servers (2 and 4 slots), {len(trace)} requests at {rate:.1f}/s ({args.load:.0%} load)")
-    with tempfile.TemporaryDirectory(prefix="real-check-") as tmp:
-        workdir = Path(tmp)
-        model = write_tiny_model(workdir / "tiny.gguf")
-        servers = [LlamaServer(llama_server_binary(), model, workdir, slots=slots, name=name, ctx_per_slot=2048)
-                   for name, slots in (("small", 2), ("large", 4))]
-        with servers[0], servers[1]:
-            addresses = {s.name: s.address for s in servers}
-            for strategy in args.strategies.split(","):
-                with run_strategy(strategy, addresses, {s.name: s.slots for s in servers},
-                                  workdir / strategy) as url, DeferralWatch({s.name: s for s in servers}) as meter:
-                    results = asyncio.run(replay(trace, url, seed=args.seed))
-                ok = [r.ttft for r in results if r.status == 200 and r.ttft is not None]
-                print(f"{strategy:16} ttft p50 {percentile(ok, 50):.3f}s  p99 {percentile(ok, 99):.3f}s  "
-                      f"non-2xx {sum(r.status != 200 for r in results)}  "
-                      f"llama.cpp deferred-request-seconds {meter.deferred_seconds:.1f}", flush=True)
+    for strategy, url, meter in each_strategy({"small": 2, "large": 4}, args.strategies.split(","), "real-check-"):
+        results = asyncio.run(replay(trace, url, seed=args.seed))
+        ok = [r.ttft for r in results if r.status == 200 and r.ttft is not None]
+        print(f"{strategy:16} ttft p50 {percentile(ok, 50):.3f}s  p99 {percentile(ok, 99):.3f}s  "
+              f"non-2xx {sum(r.status != 200 for r in results)}  "
+              f"llama.cpp deferred-request-seconds {meter.deferred_seconds:.1f}", flush=True)
 
 
 def conversation_check(strategies: list[str], seed: int, duration: float, rate: float) -> None:
@@ -91,25 +84,34 @@ def conversation_check(strategies: list[str], seed: int, duration: float, rate: 
     turns = sum(len(conversation.turns) for conversation in conversations)
     print(f"real llama-servers (3 x 2 slots), {len(conversations)} conversations, {turns} turns, "
           f"{rate:g} sessions/s for {duration:g}s")
-    with tempfile.TemporaryDirectory(prefix="real-conversations-") as tmp:
+    servers = dict.fromkeys(("gpu1", "gpu2", "gpu3"), 2)
+    for strategy, url, meter in each_strategy(servers, strategies, "real-conversations-"):
+        results = asyncio.run(replay_conversations(conversations, url))
+        follow_ups = [r for r in results if r.id not in first_turns and r.status == 200]
+        hits = sum(_hit(r) for r in follow_ups)
+        ttft = [r.ttft for r in follow_ups if r.ttft is not None]
+        print(f"{strategy:26} follow-ups from cache {hits}/{len(follow_ups)} "
+              f"({hits / max(1, len(follow_ups)):.0%})  follow-up ttft p50 {percentile(ttft, 50):.3f}s  "
+              f"p99 {percentile(ttft, 99):.3f}s  non-2xx {sum(r.status != 200 for r in results)}  "
+              f"sent {len(results)}/{turns}  llama.cpp deferred-request-seconds {meter.deferred_seconds:.1f}",
+              flush=True)
+
+
+def each_strategy(slots: dict[str, int], strategies: list[str],
+                  prefix: str) -> Iterator[tuple[str, str, DeferralWatch]]:
+    """Real llama-servers (the tiny model, one per name with its slots), then each strategy in front of them in
+    turn: the strategy, its URL and its deferral meter, running while the caller's loop body does."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp, contextlib.ExitStack() as running:
         workdir = Path(tmp)
         model = write_tiny_model(workdir / "tiny.gguf")
-        servers = [LlamaServer(llama_server_binary(), model, workdir, slots=2, name=name, ctx_per_slot=2048)
-                   for name in ("gpu1", "gpu2", "gpu3")]
-        with servers[0], servers[1], servers[2]:
-            addresses = {s.name: s.address for s in servers}
-            for strategy in strategies:
-                with run_strategy(strategy, addresses, {s.name: s.slots for s in servers},
-                                  workdir / strategy) as url, DeferralWatch({s.name: s for s in servers}) as meter:
-                    results = asyncio.run(replay_conversations(conversations, url))
-                follow_ups = [r for r in results if r.id not in first_turns and r.status == 200]
-                hits = sum(_hit(r) for r in follow_ups)
-                ttft = [r.ttft for r in follow_ups if r.ttft is not None]
-                print(f"{strategy:26} follow-ups from cache {hits}/{len(follow_ups)} "
-                      f"({hits / max(1, len(follow_ups)):.0%})  follow-up ttft p50 {percentile(ttft, 50):.3f}s  "
-                      f"p99 {percentile(ttft, 99):.3f}s  non-2xx {sum(r.status != 200 for r in results)}  "
-                      f"sent {len(results)}/{turns}  llama.cpp deferred-request-seconds {meter.deferred_seconds:.1f}",
-                      flush=True)
+        servers = {name: LlamaServer(llama_server_binary(), model, workdir, slots=count, name=name, ctx_per_slot=2048)
+                   for name, count in slots.items()}
+        for server in servers.values():
+            running.enter_context(server)
+        addresses = {name: server.address for name, server in servers.items()}
+        for strategy in strategies:
+            with run_strategy(strategy, addresses, slots, workdir / strategy) as url, DeferralWatch(servers) as meter:
+                yield strategy, url, meter
 
 
 def _hit(result: Result) -> bool:
