@@ -55,6 +55,7 @@ from bench.routing.strategies import (
     peer,
     peer_command,
     peer_version,
+    proxy_report,
     run_strategy,
 )
 from devstack.processes import http_get, wait_until
@@ -197,11 +198,12 @@ def workload(scenario: Scenario, fleet: list[ServerSpec], seed: int, duration: f
 
 
 def peer_report(strategy: str, servers: dict[str, str], slots: dict[str, int]) -> dict[str, Any] | None:
-    """A peer's package, version and exact flags (ports as 0: they change per run), for the report."""
+    """A peer's package, version and exact flags (or a plain proxy's config; ports as 0, servers as 127.0.0.1:9000
+    on: they change per run), for the report."""
+    placeholders = {name: f"127.0.0.1:{9000 + index}" for index, name in enumerate(servers)}
     found = peer(strategy)
     if found is None:
-        return None
-    placeholders = {name: f"127.0.0.1:{9000 + index}" for index, name in enumerate(servers)}
+        return proxy_report(strategy, placeholders, slots)
     command = peer_command(strategy, placeholders, slots, 0, 0)
     flags = command[command.index("sglang_router.launch_router") + 1:] if found[0] == "sglang-router" else command[1:]
     return {"package": found[0], "version": peer_version(strategy), "flags": flags}

@@ -5,8 +5,10 @@
 - ``paddler-haproxy`` (the fleet's defaults, as shipped), ``paddler-haproxy-slots-only``
   (``balancer.affinity: false``), ``paddler-haproxy-affinity`` (``true``), ``paddler-envoy``: this
   project, configs from ``paddler-gen`` with the real agent.
-- ``envoy-least_request``: the same Envoy config without the Lua filter (Envoy's own least_request,
-  endpoints still from the agent's EDS).
+- ``envoy-least_request``: plain Envoy as most teams run it: a static cluster of the servers, ``LEAST_REQUEST``
+  (two random choices), Envoy's default circuit breakers, no route timeout (answers stream), one worker.
+- ``paddler-envoy-agent-down``: the generated Envoy config without the Lua filter, i.e. its fallback while the
+  agent is away (``least_request`` with every server capped at the fleet's fewest slots, docs/envoy.md).
 - Peers, from PyPI into their own virtualenv (``bench/peers.sh``; ``PADDLER_PEERS_VENV``), skipped when
   absent: ``sglang-<policy>`` is SGLang's model gateway (``sglang-router --backend openai``),
   ``vllm-router-<policy>`` vLLM's router. Both get the fleet's slot total as their concurrency limit and
@@ -23,6 +25,7 @@ import subprocess
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -30,13 +33,16 @@ from bench.envoy_picker_bench import without_lua
 from devstack.processes import EnvoyProcess, HAProxy, free_port, wait_until
 from devstack.stack import BalancerStack
 from fleet import BalancerConfig
+from generator.envoy import envoy_binary
+from generator.haproxy import haproxy_binary
 
 PEERS_VENV = Path(os.environ.get("PADDLER_PEERS_VENV", Path(__file__).resolve().parents[3] / "peers-venv"))
 SGLANG_POLICIES = ("cache_aware", "power_of_two")
 VLLM_POLICIES = ("cache_aware", "power_of_two")
 PEERS = tuple(f"sglang-{p}" for p in SGLANG_POLICIES) + tuple(f"vllm-router-{p}" for p in VLLM_POLICIES)
 STRATEGIES = ("roundrobin", "leastconn", "haproxy-hash-bounded", "paddler-haproxy", "paddler-haproxy-slots-only",
-              "paddler-haproxy-affinity", "paddler-envoy", "paddler-envoy-affinity", "envoy-least_request", *PEERS)
+              "paddler-haproxy-affinity", "paddler-envoy", "paddler-envoy-affinity", "paddler-envoy-agent-down",
+              "envoy-least_request", *PEERS)
 # Strategies whose clients send each conversation's id in X-Session-Id: HAProxy's own hashing has no other key
 # (it cannot hash a JSON body's leading messages), so it gets the one an application would send.
 SESSION_HEADER = frozenset({"haproxy-hash-bounded"})
@@ -126,11 +132,7 @@ def run_strategy(name: str, servers: dict[str, str], slots: dict[str, int], work
     workdir.mkdir(parents=True, exist_ok=True)
     if name in PLAIN_HAPROXY_STRATEGIES:
         port = free_port()
-        algorithm, server_options = PLAIN_HAPROXY_STRATEGIES[name]
-        lines = "\n".join(f"    server {n} {address}" + server_options.format(slots=slots[n])
-                          for n, address in servers.items())
-        config = PLAIN_HAPROXY.format(socket=workdir / "haproxy.sock", port=port, algorithm=algorithm, servers=lines)
-        with HAProxy(config, workdir):
+        with HAProxy(plain_haproxy(name, servers, slots, port, workdir / "haproxy.sock"), workdir):
             yield f"http://127.0.0.1:{port}"
         return
     if peer(name) is not None:
@@ -138,20 +140,77 @@ def run_strategy(name: str, servers: dict[str, str], slots: dict[str, int], work
             yield url
         return
     if name == "envoy-least_request":
+        listen, admin = free_port(), free_port()
+        with _envoy(plain_envoy(servers, listen, admin), workdir, listen, admin) as url:
+            yield url
+        return
+    if name == "paddler-envoy-agent-down":
         with BalancerStack(workdir / "stack", servers, kind="envoy", interval=agent_interval) as stack:
             stack.wait_slots(slots, timeout=20)
             listen, admin = free_port(), free_port()
-            with EnvoyProcess(without_lua(stack.config, listen, admin), workdir / "plain",
-                              f"http://127.0.0.1:{admin}"):
-                ping = {"prompt": "ping", "n_predict": 1}
-                wait_until(lambda: _answers(f"http://127.0.0.1:{listen}/completion", ping), timeout=20,
-                           what="plain Envoy")
-                yield f"http://127.0.0.1:{listen}"
+            with _envoy(without_lua(stack.config, listen, admin), workdir, listen, admin) as url:
+                yield url
         return
     kind, balancer = PADDLER[name]
     with BalancerStack(workdir, servers, kind=kind, interval=agent_interval, balancer=balancer) as stack:
         stack.wait_slots(slots, timeout=20)
         yield stack.url
+
+
+def plain_haproxy(name: str, servers: dict[str, str], slots: dict[str, int], port: int, socket: Path) -> str:
+    """HAProxy's config for a plain HAProxy strategy."""
+    algorithm, server_options = PLAIN_HAPROXY_STRATEGIES[name]
+    lines = "\n".join(f"    server {n} {address}{server_options.format(slots=slots[n])}"
+                      for n, address in servers.items())
+    return PLAIN_HAPROXY.format(socket=socket, port=port, algorithm=algorithm, servers=lines)
+
+
+def proxy_report(name: str, servers: dict[str, str], slots: dict[str, int]) -> dict[str, Any] | None:
+    """For a plain proxy strategy: the proxy, its version and its exact config (ports as 0), for the report."""
+    if name in PLAIN_HAPROXY_STRATEGIES:
+        binary, config = haproxy_binary(), plain_haproxy(name, servers, slots, 0, Path("haproxy.sock"))
+    elif name == "envoy-least_request":
+        binary, config = envoy_binary(), plain_envoy(servers, 0, 0)
+    else:
+        return None
+    if binary is None:
+        return None
+    output = subprocess.run([binary, "--version" if name == "envoy-least_request" else "-v"], capture_output=True,
+                            text=True).stdout.strip().splitlines()
+    version = output[0].split("version: ")[-1] if output else None  # envoy prints its path first
+    return {"package": Path(binary).name, "version": version, "config": config,
+            "flags": ["--concurrency", "1"] if name == "envoy-least_request" else []}
+
+
+def plain_envoy(servers: dict[str, str], listen: int, admin: int) -> str:
+    """Envoy's bootstrap for ``envoy-least_request``: only what a streaming API needs beyond the defaults."""
+    router = {"name": "envoy.filters.http.router",
+              "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
+    manager = {"@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
+                        ".HttpConnectionManager",
+               "stat_prefix": "llm", "http_filters": [router],
+               "route_config": {"virtual_hosts": [{"name": "llm", "domains": ["*"], "routes": [
+                   {"match": {"prefix": "/"}, "route": {"cluster": "llama", "timeout": "0s"}}]}]}}
+    endpoints = [{"endpoint": {"address": {"socket_address": {"address": host, "port_value": int(port)}}}}
+                 for host, port in (address.rsplit(":", 1) for address in servers.values())]
+    config = {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
+        "static_resources": {
+            "listeners": [{"name": "llm",
+                           "address": {"socket_address": {"address": "127.0.0.1", "port_value": listen}},
+                           "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
+                                                           "typed_config": manager}]}]}],
+            "clusters": [{"name": "llama", "type": "STATIC", "lb_policy": "LEAST_REQUEST", "connect_timeout": "2s",
+                          "load_assignment": {"cluster_name": "llama", "endpoints": [{"lb_endpoints": endpoints}]}}]}}
+    return yaml.safe_dump(config)
+
+
+@contextlib.contextmanager
+def _envoy(config: str, workdir: Path, listen: int, admin: int) -> Iterator[str]:
+    with EnvoyProcess(config, workdir / "envoy", f"http://127.0.0.1:{admin}"):
+        ping = {"prompt": "ping", "n_predict": 1}
+        wait_until(lambda: _answers(f"http://127.0.0.1:{listen}/completion", ping), timeout=20, what="Envoy")
+        yield f"http://127.0.0.1:{listen}"
 
 
 def _answers(url: str, body: dict[str, object]) -> bool:
