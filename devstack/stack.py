@@ -26,15 +26,15 @@ from generator.haproxy import BACKEND_NAME
 class BalancerStack:
     """paddler-agent plus HAProxy or Envoy (``kind``) for a fleet; ``backends``/``standby`` map names
     to host:port. Observations that both proxies share (``/health``, ``is_up``) work for either.
-    ``models`` declares backends' models (name → model list); ``top`` adds top-level fleet keys
-    (``models``, ``default_model``)."""
+    ``models`` declares backends' models (name → model list), ``slots`` their slot counts (the fleet's
+    ``slots:``); ``top`` adds top-level fleet keys (``models``, ``default_model``)."""
 
     def __init__(self, workdir: Path, backends: dict[str, str], standby: dict[str, str] | None = None,
                  balancer: dict[str, Any] | None = None, interval: str = "500ms",
                  agent: dict[str, Any] | None = None, statsd: dict[str, Any] | None = None,
                  agent_env: dict[str, str] | None = None, kind: str = "haproxy",
                  master_worker: bool = False, models: dict[str, list[str]] | None = None,
-                 top: dict[str, Any] | None = None) -> None:
+                 top: dict[str, Any] | None = None, slots: dict[str, int] | None = None) -> None:
         self.kind = kind
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -47,7 +47,8 @@ class BalancerStack:
         declared = models or {}
 
         def entry(name: str, address: str) -> dict[str, Any]:
-            return {"name": name, "address": address, **({"models": declared[name]} if name in declared else {})}
+            return {"name": name, "address": address, **({"models": declared[name]} if name in declared else {}),
+                    **({"slots": slots[name]} if slots and name in slots else {})}
 
         self.fleet: dict[str, Any] = {
             "backends": [entry(name, address) for name, address in backends.items()],

@@ -8,7 +8,8 @@
 - ``envoy-least_request``: plain Envoy as most teams run it: a static cluster of the servers, ``LEAST_REQUEST``
   (two random choices), Envoy's default circuit breakers, no route timeout (answers stream), one worker.
 - ``paddler-envoy-agent-down``: the generated Envoy config without the Lua filter, i.e. its fallback while the
-  agent is away (``least_request`` with every server capped at the fleet's fewest slots, docs/envoy.md).
+  agent is away, for a fleet file that declares every server's ``slots:`` as docs/envoy.md advises
+  (``least_request`` with every server capped at the fleet's fewest slots; without ``slots:``, at 1).
 - Peers, from PyPI into their own virtualenv (``bench/peers.sh``; ``PADDLER_PEERS_VENV``), skipped when
   absent: ``sglang-<policy>`` is SGLang's model gateway (``sglang-router --backend openai``),
   ``vllm-router-<policy>`` vLLM's router. Both get the fleet's slot total as their concurrency limit and
@@ -145,7 +146,7 @@ def run_strategy(name: str, servers: dict[str, str], slots: dict[str, int], work
             yield url
         return
     if name == "paddler-envoy-agent-down":
-        with BalancerStack(workdir / "stack", servers, kind="envoy", interval=agent_interval) as stack:
+        with BalancerStack(workdir / "stack", servers, kind="envoy", interval=agent_interval, slots=slots) as stack:
             stack.wait_slots(slots, timeout=20)
             listen, admin = free_port(), free_port()
             with _envoy(without_lua(stack.config, listen, admin), workdir, listen, admin) as url:
