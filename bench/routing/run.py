@@ -353,7 +353,9 @@ def main() -> int:
         fresh = {(row["strategy"], row["scenario"], row["load"]) for row in runs}
         kept = [row for row in json.loads(args.output.read_text())["runs"]
                 if (row["strategy"], row["scenario"], row["load"]) not in fresh]
-        runs = kept + runs
+        cells = list(dict.fromkeys((row["scenario"], row["load"]) for row in kept + runs))
+        runs = sorted(kept + runs, key=lambda row: (cells.index((row["scenario"], row["load"])),
+                                                    row["strategy"] != "ideal"))  # stable: each cell's ideal first
     args.output.write_text(json.dumps({"fleet": args.fleet, "seed": args.seed, "duration_s": args.duration,
                                        "conversation_duration_s": args.conversation_duration,
                                        "agent_interval": args.agent_interval, "runs": runs}, indent=1) + "\n")
