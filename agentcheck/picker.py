@@ -354,8 +354,8 @@ class Picker:
         """Usable backends other than ``chosen`` (serving ``model``), those with a slot free first: free beyond
         those offered as alternates to other requests on ``chosen`` still in transit (issued within
         SETTLE_SECONDS: a refused connection is retried in that time; requests on other backends fail only if
-        those die too), standby first, then most free. When fewer are free, the least busy of the others fill
-        the list: a retry that waits in a live server's queue beats one that Envoy's fallback sends back to
+        those die too), standby first, then most free. When fewer are free, the others fill the list in the
+        same order: a retry that waits in a live server's queue beats one that Envoy's fallback sends back to
         the dead server (outlier ejection reaches the worker threads only a moment after the refusal)."""
         while self._offered and self._offered[0][0] + SETTLE_SECONDS < now:
             self._offered.popleft()
