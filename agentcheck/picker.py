@@ -186,14 +186,18 @@ class Picker:
     def candidates(self, model: str | None = None) -> list[str]:
         """Backends that may get new requests: ready, not drained primaries; else such standby ones. With
         ``model``: only those that serve it."""
-        usable = [member for member in self._model if self._placeable(member)
-                  and (model is None or self._share(member, model) is not None)]
+        usable = [member for member in self._model if self._placeable(member) and self._serves(member, model)]
         primaries = [member.name for member in usable if member.role is Role.PRIMARY]
         return primaries or [member.name for member in usable]
 
     @staticmethod
     def _share(member: Member, model: str) -> ModelStatus | None:
         return model_share(member.backend, member.status, model)
+
+    @staticmethod
+    def _serves(member: Member, model: str | None) -> bool:
+        """Any backend serves a request that names no model."""
+        return model is None or Picker._share(member, model) is not None
 
     def open(self, poll_interval: float) -> None:
         """The agent starts answering Envoy's filter: see OPEN_SETTLE_SECONDS."""
@@ -363,7 +367,7 @@ class Picker:
                           if placed == chosen and offered_for == model for name in names)
         free = {member.name: self._total(member.name, model) - self.busy(member.name, model) - offered[member.name]
                 for member in self._model if member.name != chosen and self._placeable(member)
-                and (model is None or self._share(member, model) is not None)}
+                and self._serves(member, model)}
         return tuple(heapq.nlargest(MAX_ALTERNATES, free,
                                     key=lambda n: (free[n] > 0, self._model[n].role is Role.STANDBY, free[n], n)))
 
@@ -429,7 +433,7 @@ class Picker:
         self._refused[lease.backend] = now
         moved_to = self._names.get(served_by or "")
         if (lease.released_at is None and moved_to is not None and moved_to != lease.backend
-                and (lease.model is None or self._share(self._model[moved_to], lease.model) is not None)):
+                and self._serves(self._model[moved_to], lease.model)):
             del self._leases[lease.backend][lease.id]
             lease.backend, lease.address, lease.issued_at = moved_to, str(self._model[moved_to].backend.address), now
             self._leases.setdefault(moved_to, {})[lease.id] = lease
