@@ -169,18 +169,18 @@ def plain_haproxy(name: str, servers: dict[str, str], slots: dict[str, int], por
 def proxy_report(name: str, servers: dict[str, str], slots: dict[str, int]) -> dict[str, Any] | None:
     """For a plain proxy strategy: the proxy, its version and its exact config (ports as 0), for the report."""
     if name in PLAIN_HAPROXY_STRATEGIES:
-        binary, config = haproxy_binary(), plain_haproxy(name, servers, slots, 0, Path("haproxy.sock"))
+        binary, version_flag, flags = haproxy_binary(), "-v", []
+        config = plain_haproxy(name, servers, slots, 0, Path("haproxy.sock"))
     elif name == "envoy-least_request":
-        binary, config = envoy_binary(), plain_envoy(servers, 0, 0)
+        binary, version_flag, flags = envoy_binary(), "--version", ["--concurrency", "1"]
+        config = plain_envoy(servers, 0, 0)
     else:
         return None
     if binary is None:
         return None
-    output = subprocess.run([binary, "--version" if name == "envoy-least_request" else "-v"], capture_output=True,
-                            text=True).stdout.strip().splitlines()
+    output = subprocess.run([binary, version_flag], capture_output=True, text=True).stdout.strip().splitlines()
     version = output[0].split("version: ")[-1] if output else None  # envoy prints its path first
-    return {"package": Path(binary).name, "version": version, "config": config,
-            "flags": ["--concurrency", "1"] if name == "envoy-least_request" else []}
+    return {"package": Path(binary).name, "version": version, "config": config, "flags": flags}
 
 
 def plain_envoy(servers: dict[str, str], listen: int, admin: int) -> str:
