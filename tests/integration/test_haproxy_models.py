@@ -7,6 +7,7 @@ import json
 import math
 import random
 import statistics
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -176,11 +177,18 @@ def trickle(stack: BalancerStack, count: int) -> list[tuple[int, float, float]]:
 
 def test_a_burst_on_one_model_waits_in_its_own_queue_and_leaves_the_other_alone(stack: BalancerStack) -> None:
     """5x alpha's slots at once, while beta gets one request after another: beta's queue never holds
-    anything, alpha's holds the excess, and every request is served."""
+    anything, alpha's holds the excess, and every request is served. The burst's threads all start before any
+    of them sends, so how fast a loaded host starts threads does not decide how many requests overlap."""
     alone = trickle(stack, 10)
     alpha_slots = sum(slots for model, slots in SERVERS.values() if model == "alpha")
+    all_started = threading.Barrier(5 * alpha_slots)
+
+    def together() -> tuple[int, float, float]:
+        all_started.wait(timeout=30)
+        return first_token(stack, "alpha", 640)
+
     with ThreadPoolExecutor(5 * alpha_slots + 1) as pool:
-        burst = [pool.submit(first_token, stack, "alpha", 160) for _ in range(5 * alpha_slots)]
+        burst = [pool.submit(together) for _ in range(5 * alpha_slots)]
         wait_until(lambda: int(stack.haproxy.server(model_backend("alpha"), "BACKEND")["qcur"]) > 0, timeout=10,
                    interval=0.01, what="alpha's burst queued in its backend")
         beside = pool.submit(trickle, stack, 10).result(timeout=120)
