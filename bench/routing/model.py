@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import heapq
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 PP_TG_RATIO = 80.0  # prompt tokens processed per decode-step time (see the module docstring)
@@ -362,7 +363,11 @@ class _Tracking:
     cached: int = 0
 
 
-def ideal(trace: list[RequestSpec], fleet: list[ServerSpec]) -> list[Outcome]:
+# Which server with a free slot takes a request: its index in the name-sorted servers, None if none has one.
+Placement = Callable[[list["ServerState"], RequestSpec], "int | None"]
+
+
+def ideal(trace: list[RequestSpec], fleet: list[ServerSpec], placement: Placement | None = None) -> list[Outcome]:
     """The ideal queue: one perfect FIFO in front of the whole fleet, with exact instant knowledge.
 
     Discrete-event simulation in virtual time. In arrival order (ties by id), a request goes
@@ -375,7 +380,8 @@ def ideal(trace: list[RequestSpec], fleet: list[ServerSpec]) -> list[Outcome]:
     turn (``follows``) arrives ``think`` seconds after its previous turn ended. Events at the
     same instant are taken together: steps end (slots free), arrivals join the queue, the
     queue is dispatched, then every server with work and no running step starts one.
-    Outcomes come in ``trace`` order.
+    Outcomes come in ``trace`` order. ``placement`` replaces the choice of server (the queue stays
+    perfect), to measure what another rule would cost (``bench.routing.placement``).
     """
     if not trace:
         return []
@@ -396,6 +402,7 @@ def ideal(trace: list[RequestSpec], fleet: list[ServerSpec]) -> list[Outcome]:
                 raise ValueError(f"request {request.id} follows {request.follows}: unknown, or taken")
             followers[request.follows] = request
 
+    place = placement or first_token_soonest
     servers = [ServerState(spec) for spec in sorted(fleet, key=lambda s: s.name)]
     arrivals = [(r.arrival, r.id, r) for r in trace if r.follows is None]
     heapq.heapify(arrivals)
@@ -421,7 +428,7 @@ def ideal(trace: list[RequestSpec], fleet: list[ServerSpec]) -> list[Outcome]:
         while arrivals and arrivals[0][0] == now:
             queue.append(heapq.heappop(arrivals)[2])
         while queue:
-            best = _first_token_soonest(servers, queue[0])
+            best = place(servers, queue[0])
             if best is None:
                 break
             request = queue.popleft()
@@ -442,7 +449,8 @@ def ideal(trace: list[RequestSpec], fleet: list[ServerSpec]) -> list[Outcome]:
     return outcomes
 
 
-def _first_token_soonest(servers: list[ServerState], request: RequestSpec) -> int | None:
+def first_token_soonest(servers: list[ServerState], request: RequestSpec) -> int | None:
+    """The ideal's rule: the server where the first token would come soonest, counting its cached prefix."""
     best, best_key = None, None
     for index, state in enumerate(servers):  # sorted by name, so the first of equal keys wins on name
         if state.free <= 0:

@@ -173,6 +173,24 @@ def test_ideal_picks_the_server_whose_step_stays_fastest() -> None:
     assert ideal([req(0)], twins)[0].server == "a"
 
 
+def test_ideal_takes_another_placement_and_keeps_its_perfect_queue() -> None:
+    fast = ServerSpec("fast", slots=1, token_ms=10, prompt_ms_per_token=0)
+    slow = ServerSpec("slow", slots=1, token_ms=30, prompt_ms_per_token=0)
+
+    def slowest_free(servers: list[ServerState], _: RequestSpec) -> int | None:
+        free = [index for index, state in enumerate(servers) if state.free > 0]
+        return max(free, key=lambda index: servers[index].spec.token_ms, default=None)
+
+    trace = [req(i, 0.0, out=2) for i in range(3)]
+    assert [o.server for o in ideal(trace, [fast, slow])] == ["fast", "slow", "fast"]
+    got = ideal(trace, [fast, slow], slowest_free)
+    # The slow server first, the fast one next; the third waits in the queue for whichever frees first (fast,
+    # at 20 ms), never deferred.
+    assert [o.server for o in got] == ["slow", "fast", "fast"]
+    assert [o.ttft for o in got] == [pytest.approx(0.030), pytest.approx(0.010), pytest.approx(0.030)]
+    assert not any(o.deferred for o in got)
+
+
 def test_ideal_queues_instead_of_deferring() -> None:
     fleet = [ServerSpec("a", slots=1, token_ms=10), ServerSpec("b", slots=2, token_ms=20)]
     trace = [req(i, 0.001 * i, prompt=50, out=20) for i in range(30)]
