@@ -125,9 +125,13 @@ class Monitor:
                 offset = self._interval * index / count
                 self._start(backend, offset=offset - offset % POLL_BATCH)
 
-    def poll_soon(self, name: str) -> None:
-        """Poll this backend now instead of at its turn (the picker could not tell whether the last poll
-        counted a request that has ended since); a poll under way is followed by another. Never two at once."""
+    def poll_soon(self, name: str, delay: float = 0.0) -> None:
+        """Poll this backend now, or in ``delay`` seconds, instead of at its turn (the picker cannot tell
+        whether the last poll counted a request that has ended since, or one that began just before it); a
+        poll under way is followed by another. Never two at once."""
+        if delay > 0:
+            asyncio.get_running_loop().call_later(delay, self.poll_soon, name)
+            return
         soon = self._soon.get(name)
         if soon is not None:
             soon.set()

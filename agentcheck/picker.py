@@ -9,7 +9,9 @@ cannot know yet:
            - leases issued before that poll started and released after it finished
 
 so two requests a millisecond apart never both get the last free slot, and a slot freed
-by a finished request is reused at once instead of at the next poll. Busy is never taken
+by a finished request is reused at once instead of at the next poll. A lease issued just before
+a poll may be in it or not, so it counts on top; while requests wait, such a backend is polled
+again once its leases have settled, rather than looking a slot fuller until its next turn. Busy is never taken
 below the number of our own running leases (what HAProxy's maxconn counts), since llama.cpp
 lists a new request as processing only once its main loop picks it up. When no slot is
 free (or no backend is usable at all: scale from zero), requests wait in one FIFO across
@@ -113,12 +115,13 @@ class Picker:
                  clock: Callable[[], float] = time.monotonic,
                  in_balancer: Callable[[str], bool] = lambda name: True,
                  limits: Callable[[str], tuple[int, float]] | None = None,
-                 poll_soon: Callable[[str], None] = lambda name: None) -> None:
+                 poll_soon: Callable[[str, float], None] = lambda name, delay: None) -> None:
         """``in_balancer(name)``: whether Envoy has this backend's endpoint yet (agentcheck.eds); override_host
         ignores an address its cluster does not have, so nothing is placed on a backend before that.
         ``limits(model)``: (max_buffered_requests, buffered_request_timeout) of that model's queue (Fleet.limits);
-        without it every model's queue has the balancer's. ``poll_soon(name)``: poll that backend now
-        (Monitor.poll_soon), when a request ends that its last poll may still count."""
+        without it every model's queue has the balancer's. ``poll_soon(name, delay)``: poll that backend after
+        ``delay`` seconds (Monitor.poll_soon): at once when a request ends that its last poll may still count,
+        and once recent leases have settled when requests wait (_poll_when_settled)."""
         self._model = model
         self._in_balancer = in_balancer
         self._max_buffered_requests = max_buffered_requests
@@ -143,6 +146,7 @@ class Picker:
         self._affinity_of: dict[asyncio.Future[Lease], Affinity] = {}  # waiting requests' conversations
         # backend → (since, future) of conversations waiting for a poll of their backend that began after ``since``
         self._awaiting_poll: dict[str, list[tuple[float, asyncio.Future[None]]]] = {}
+        self._settle_poll_at: dict[str, float] = {}  # backend → when the poll _poll_when_settled asked for starts
 
     @property
     def waiting(self) -> int:
@@ -304,7 +308,7 @@ class Picker:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         waiting = self._awaiting_poll.setdefault(name, [])
         waiting.append((since, done))
-        self._poll_soon(name)
+        self._poll_soon(name, 0.0)
         try:
             async with asyncio.timeout(AFFINE_POLL_WAIT):
                 await done
@@ -388,6 +392,7 @@ class Picker:
         max_waiting, timeout = self._limits(model)
         if self.waiting_for(model) >= self._buffer_room(model, max_waiting):
             raise BufferFull()
+        self._poll_when_settled(self.candidates(model))
         waiter: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
         queue = self._queues.setdefault(model, deque())
         queue.append(waiter)
@@ -417,7 +422,7 @@ class Picker:
             return False
         lease.released_at = self._clock()
         if self._maybe_counted(lease, self._model[lease.backend].poll):
-            self._poll_soon(lease.backend)
+            self._poll_soon(lease.backend, 0.0)
         self.wake()
         return True
 
@@ -468,6 +473,7 @@ class Picker:
             del self._by_id[lease_id]
         self._poll_history.pop(member.name, None)
         self._refused.pop(member.name, None)
+        self._settle_poll_at.pop(member.name, None)
         self._names.pop(str(member.backend.address), None)
 
     def wake(self, changed: Member | None = None) -> None:
@@ -497,6 +503,26 @@ class Picker:
                     break
                 queue.popleft()
                 head.set_result(lease)
+        if changed is not None and any(self._queues.values()):
+            self._poll_when_settled([changed.name])
+
+    def _poll_when_settled(self, names: list[str]) -> None:
+        """Requests wait: ask for a poll of each of these backends once the leases its last poll may not show
+        have settled. busy() counts such a lease on top of the poll, so a backend polled just after one was issued
+        looks a slot fuller than it is until its next poll; waiting requests should not wait an interval for
+        that slot. One poll per backend for the latest such lease."""
+        now = self._clock()
+        for name in names:
+            poll = self._model[name].poll
+            if poll is None:
+                continue
+            settled_at = max((lease.issued_at + SETTLE_SECONDS for lease in self._leases.get(name, {}).values()
+                              if lease.released_at is None and lease.issued_at + SETTLE_SECONDS > poll.started),
+                             default=None)
+            if settled_at is None or self._settle_poll_at.get(name, float("-inf")) >= settled_at:
+                continue
+            self._settle_poll_at[name] = settled_at
+            self._poll_soon(name, max(0.0, settled_at - now))
 
     def _record_poll(self, member: Member) -> None:
         if member.poll is None:

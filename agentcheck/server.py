@@ -90,9 +90,9 @@ class Agent:
         return self._buffered(self.picker.waiting_for(model),
                               lambda probe: probe.requests_buffered_by_model.get(model))
 
-    def _poll_soon(self, name: str) -> None:
+    def _poll_soon(self, name: str, delay: float) -> None:
         if self.monitor is not None:
-            self.monitor.poll_soon(name)
+            self.monitor.poll_soon(name, delay)
 
     def _buffered(self, picker: int, haproxy: Callable[[BalancerProbe], int | None]) -> int | None:
         if self._probe is None or self._probe.balancer_is_picker:

@@ -218,3 +218,33 @@ async def test_poll_soon_polls_out_of_turn_one_poll_at_a_time_and_keeps_the_sche
     assert len(polls) == 3
     assert not overlapped
     assert model["gpu1"].status == ready(2)
+
+
+async def test_poll_soon_with_a_delay_polls_once_that_delay_has_passed() -> None:
+    """An interval of a minute: the second poll is the one asked for, no sooner than its delay."""
+    polls: list[float] = []
+    polled = asyncio.Condition()
+
+    async def poll(_backend: Backend) -> BackendStatus:
+        polls.append(asyncio.get_running_loop().time())
+        async with polled:
+            polled.notify_all()
+        return ready(2)
+
+    async def polls_reach(count: int) -> None:
+        async with polled:
+            await asyncio.wait_for(polled.wait_for(lambda: len(polls) >= count), timeout=2.0)
+
+    monitor = Monitor(FleetModel([GPU1]), poll, interval=60.0, poll_timeout=30.0)
+    run = asyncio.create_task(monitor.run())
+    try:
+        await polls_reach(1)
+        asked_at = asyncio.get_running_loop().time()
+        monitor.poll_soon("gpu1", 0.2)
+        await polls_reach(2)
+    finally:
+        run.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await run
+
+    assert polls[1] - asked_at >= 0.2

@@ -155,6 +155,51 @@ async def test_release_frees_the_slot_before_the_next_poll() -> None:
     assert picker.free_slots() == {"small": 0, "large": 1}
 
 
+def make_asking() -> tuple[FleetModel, Picker, Clock, list[tuple[str, float]]]:
+    """make(), with the polls the picker asks for (Monitor.poll_soon: backend, delay) recorded."""
+    asked: list[tuple[str, float]] = []
+    clock = Clock()
+    model = FleetModel(BACKENDS, STANDBY)
+    picker = Picker(model, 10, 5.0, clock, poll_soon=lambda name, delay: asked.append((name, delay)))
+    model.subscribe(picker.on_member_change)
+    poll(model, clock, small=ready(2), large=ready(4), spare=ready(2))
+    return model, picker, clock, asked
+
+
+async def test_a_waiting_request_asks_for_a_poll_once_leases_the_last_poll_may_not_show_have_settled() -> None:
+    """A poll right after large's last leases shows them (llama.cpp was quick), but busy() cannot know it did and
+    counts them on top: after a release large still looks full. The waiting request gets that slot from a poll
+    asked for once those leases are SETTLE_SECONDS old, not from the next poll in turn."""
+    model, picker, clock, asked = make_asking()
+    leases = [await picker.acquire() for _ in range(6)]
+    issued = clock.now
+    poll(model, clock, in_transit=True, small=ready(2, 2), large=ready(4, 4))
+    picker.release(next(lease for lease in leases if lease.backend == "large").id)
+    assert picker.free_slots()["large"] == 0, "the in-transit leases count on top of the poll"
+    asked.clear()  # the release asked for a poll at once: it also began too soon to settle them
+    waiter = asyncio.ensure_future(picker.acquire())
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    assert dict(asked) == {"small": pytest.approx(issued + SETTLE_SECONDS - clock.now),
+                           "large": pytest.approx(issued + SETTLE_SECONDS - clock.now)}
+    clock.now = issued + SETTLE_SECONDS
+    poll(model, clock, in_transit=True, small=ready(2, 2), large=ready(4, 3))
+    assert (await waiter).backend == "large"
+
+
+async def test_no_poll_is_asked_for_while_nobody_waits_and_one_poll_serves_every_waiter() -> None:
+    model, picker, clock, asked = make_asking()
+    [await picker.acquire() for _ in range(6)]
+    poll(model, clock, in_transit=True, small=ready(2, 2), large=ready(4, 4))
+    assert asked == []
+    waiters = [asyncio.ensure_future(picker.acquire()) for _ in range(3)]
+    await asyncio.sleep(0)
+    poll(model, clock, in_transit=True, small=ready(2, 2))  # small's poll with requests waiting asks nothing new
+    assert sorted(name for name, _ in asked) == ["large", "small"]
+    for waiter in waiters:
+        waiter.cancel()
+
+
 async def test_waiters_are_served_first_come_first_served_as_slots_free() -> None:
     _model, picker, _clock = make()
     leases = [await picker.acquire() for _ in range(6)]

@@ -87,12 +87,12 @@ async def test_among_backends_with_a_free_slot_the_faster_speed_class_comes_firs
     assert (await picker.acquire()).backend == "large"
 
 
-def make_asking() -> tuple[FleetModel, Picker, Clock, list[str]]:
-    """The fleet of make(), with the polls the picker asks for (Monitor.poll_soon) recorded."""
-    asked: list[str] = []
+def make_asking() -> tuple[FleetModel, Picker, Clock, list[tuple[str, float]]]:
+    """The fleet of make(), with the polls the picker asks for (Monitor.poll_soon: backend, delay) recorded."""
+    asked: list[tuple[str, float]] = []
     clock = Clock()
     model = FleetModel(BACKENDS, STANDBY)
-    picker = Picker(model, 10, 5.0, clock, poll_soon=asked.append)
+    picker = Picker(model, 10, 5.0, clock, poll_soon=lambda name, delay: asked.append((name, delay)))
     model.subscribe(picker.on_member_change)
     poll(model, clock, small=ready(2), large=ready(4), spare=ready(2))
     return model, picker, clock, asked
@@ -114,11 +114,11 @@ async def small_full_with_an_ended_turn(model: FleetModel, picker: Picker, clock
 async def test_a_request_that_ended_right_after_a_poll_that_may_count_it_asks_for_a_poll() -> None:
     model, picker, clock, asked = make_asking()
     await small_full_with_an_ended_turn(model, picker, clock)
-    assert asked == ["small"]
+    assert asked == [("small", 0.0)]
     lease = await picker.acquire()  # placed well after large's poll: its release is not in doubt
     poll(model, clock, small=ready(2, 1), large=ready(4, 1))
     picker.release(lease.id)
-    assert asked == ["small"]
+    assert asked == [("small", 0.0)]
 
 
 async def test_the_next_turn_waits_for_that_poll_and_then_finds_its_backend_free() -> None:
