@@ -355,6 +355,10 @@ class BalancerConfig:
     # Prompt-cache affinity (docs/affinity.md): a conversation's next turn goes to the server that served
     # the last one while that server has a slot free.
     affinity: bool = key(_boolean, False)
+    # Envoy only: requests its least_request fallback sends one llama-server at a time while the agent is away
+    # (docs/envoy.md, "When the agent is down"). Unset: the fewest slots in the fleet, so no server is ever
+    # overfilled. Higher serves more of an uneven fleet's slots, and llama.cpp then queues on smaller servers.
+    envoy_fallback_per_server: int | None = key(whole_number(1, 1024), None)
 
     exclusive: ClassVar[tuple[tuple[str, str], ...]] = ()
 

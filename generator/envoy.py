@@ -61,7 +61,12 @@ def fallback_per_host(fleet: Fleet) -> tuple[int, str]:
 
     Envoy's per-host limit is one number for every endpoint, so it is the smallest slot count in the
     fleet; a backend without ``slots`` counts as 1, since nothing is known about it (never overfill).
+    ``balancer.envoy_fallback_per_server`` sets it instead: the operator's choice of queueing in llama.cpp
+    over turning requests away.
     """
+    chosen = fleet.balancer.envoy_fallback_per_server
+    if chosen is not None:
+        return chosen, "balancer.envoy_fallback_per_server in the fleet file"
     backends = fleet.all_backends()
     unknown = [comment_text(backend.name) for backend in backends if backend.slots is None]
     if unknown:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fleet import contract, default_fleet, load_fleet
+from fleet import FleetError, contract, default_fleet, load_fleet
 from generator.envoy import (
     AGENT_UNAVAILABLE,
     check_envoy,
@@ -190,6 +190,22 @@ def test_the_fallback_gets_a_per_host_limit_of_the_fewest_slots(tmp_path: Path) 
             "      per_host_thresholds:\n"
             "      - {priority: DEFAULT, max_connections: 3}\n") in text
     assert "at most 3 per llama-server at a time (the fewest slots in the fleet, small;\n" in text
+
+
+def test_the_operator_may_set_the_fallback_limit_above_the_fewest_slots(tmp_path: Path) -> None:
+    path = tmp_path / "fleet.yaml"
+    path.write_text("backends:\n  - {name: small, address: '10.0.0.1:8080', slots: 2}\n"
+                    "  - {name: large, address: '10.0.0.2:8080', slots: 8}\n"
+                    "balancer: {envoy_fallback_per_server: 8}\n")
+    text = render_envoy(load_fleet(path))
+    assert "      - {priority: DEFAULT, max_connections: 8}\n" in text
+    assert "at most 8 per llama-server at a time (balancer.envoy_fallback_per_server in the fleet file;\n" in text
+    for bad, problem in (("0", "1"), ("1025", "1024"), ("'8; x'", "whole number")):
+        path.write_text(f"backends:\n  - {{name: small, address: '10.0.0.1:8080'}}\n"
+                        f"balancer: {{envoy_fallback_per_server: {bad}}}\n")
+        with pytest.raises(FleetError, match="balancer.envoy_fallback_per_server") as caught:
+            load_fleet(path)
+        assert problem in str(caught.value)
 
 
 def test_a_backend_without_slots_makes_the_fallback_limit_1() -> None:
