@@ -359,8 +359,11 @@ def main() -> int:
     args.output.write_text(json.dumps({"fleet": args.fleet, "seed": args.seed, "duration_s": args.duration,
                                        "conversation_duration_s": args.conversation_duration,
                                        "agent_interval": args.agent_interval, "runs": runs}, indent=1) + "\n")
-    plot(ttfts, args.output.with_suffix(".png"))
-    print(f"wrote {args.output} and {args.output.with_suffix('.png')}")
+    if args.append:  # the kept rows' TTFTs are not stored: a plot of this run alone would replace the report's
+        print(f"wrote {args.output} (the plot is left as it was)")
+    else:
+        plot(ttfts, args.output.with_suffix(".png"))
+        print(f"wrote {args.output} and {args.output.with_suffix('.png')}")
     return 0
 
 
