@@ -10,6 +10,8 @@
 - ``paddler-envoy-agent-down``: the generated Envoy config without the Lua filter, i.e. its fallback while the
   agent is away, for a fleet file that declares every server's ``slots:`` as docs/envoy.md advises
   (``least_request`` with every server capped at the fleet's fewest slots; without ``slots:``, at 1).
+  ``paddler-envoy-agent-down-largest``: the same with ``balancer.envoy_fallback_per_server`` at the largest
+  server's slots (every slot usable; the smaller servers then get more than they have).
 - Peers, from PyPI into their own virtualenv (``bench/peers.sh``; ``PADDLER_PEERS_VENV``), skipped when
   absent: ``sglang-<policy>`` is SGLang's model gateway (``sglang-router --backend openai``),
   ``vllm-router-<policy>`` vLLM's router. Both get the fleet's slot total as their concurrency limit and
@@ -43,7 +45,7 @@ VLLM_POLICIES = ("cache_aware", "power_of_two")
 PEERS = tuple(f"sglang-{p}" for p in SGLANG_POLICIES) + tuple(f"vllm-router-{p}" for p in VLLM_POLICIES)
 STRATEGIES = ("roundrobin", "leastconn", "haproxy-hash-bounded", "paddler-haproxy", "paddler-haproxy-slots-only",
               "paddler-haproxy-affinity", "paddler-envoy", "paddler-envoy-affinity", "paddler-envoy-agent-down",
-              "envoy-least_request", *PEERS)
+              "paddler-envoy-agent-down-largest", "envoy-least_request", *PEERS)
 # Strategies whose clients send each conversation's id in X-Session-Id: HAProxy's own hashing has no other key
 # (it cannot hash a JSON body's leading messages), so it gets the one an application would send.
 SESSION_HEADER = frozenset({"haproxy-hash-bounded"})
@@ -145,8 +147,10 @@ def run_strategy(name: str, servers: dict[str, str], slots: dict[str, int], work
         with _envoy(plain_envoy(servers, listen, admin), workdir, listen, admin) as url:
             yield url
         return
-    if name == "paddler-envoy-agent-down":
-        with BalancerStack(workdir / "stack", servers, kind="envoy", interval=agent_interval, slots=slots) as stack:
+    if name in ("paddler-envoy-agent-down", "paddler-envoy-agent-down-largest"):
+        cap = {"envoy_fallback_per_server": max(slots.values())} if name.endswith("-largest") else None
+        with BalancerStack(workdir / "stack", servers, kind="envoy", interval=agent_interval, slots=slots,
+                           balancer=cap) as stack:
             stack.wait_slots(slots, timeout=20)
             listen, admin = free_port(), free_port()
             with _envoy(without_lua(stack.config, listen, admin), workdir, listen, admin) as url:
