@@ -203,7 +203,7 @@ def test_the_operator_may_set_the_fallback_limit_above_the_fewest_slots(tmp_path
     for bad, problem in (("0", "1"), ("1025", "1024"), ("'8; x'", "whole number")):
         path.write_text(f"backends:\n  - {{name: small, address: '10.0.0.1:8080'}}\n"
                         f"balancer: {{envoy_fallback_per_server: {bad}}}\n")
-        with pytest.raises(FleetError, match="balancer.envoy_fallback_per_server") as caught:
+        with pytest.raises(FleetError, match=r"balancer\.envoy_fallback_per_server") as caught:
             load_fleet(path)
         assert problem in str(caught.value)
 
