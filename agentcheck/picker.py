@@ -9,12 +9,12 @@ cannot know yet:
            - leases issued before that poll started and released after it finished
 
 so two requests a millisecond apart never both get the last free slot, and a slot freed
-by a finished request is reused at once instead of at the next poll. A lease issued just before
-a poll may be in it or not, so it counts on top; while requests wait, such a backend is polled
-again once its leases have settled, rather than looking a slot fuller until its next turn. Busy is never taken
-below the number of our own running leases (what HAProxy's maxconn counts), since llama.cpp
-lists a new request as processing only once its main loop picks it up. When no slot is
-free (or no backend is usable at all: scale from zero), requests wait in one FIFO across
+by a finished request is reused at once instead of at the next poll. A lease issued just
+before a poll may be in it or not, so it counts on top; while requests wait, such a backend
+is polled again once its leases have settled, rather than looking a slot fuller until its
+next turn. Busy is never taken below the number of our own running leases (what HAProxy's
+maxconn counts), since llama.cpp lists a new request as processing only once its main loop
+picks it up. When no slot is free (or no backend is usable at all: scale from zero), requests wait in one FIFO across
 the whole fleet, bounded in length and time, with the same outcomes as the HAProxy path.
 
 Each lease also names alternates, where Envoy retries if the chosen backend refuses the
@@ -507,10 +507,10 @@ class Picker:
             self._poll_when_settled([changed.name])
 
     def _poll_when_settled(self, names: list[str]) -> None:
-        """Requests wait: ask for a poll of each of these backends once the leases its last poll may not show
+        """Requests wait: ask for a poll of each backend named once the leases that its last poll may not show
         have settled. busy() counts such a lease on top of the poll, so a backend polled just after one was issued
         looks a slot fuller than it is until its next poll; waiting requests should not wait an interval for
-        that slot. One poll per backend for the latest such lease."""
+        that slot. One poll per backend, timed for its latest such lease."""
         now = self._clock()
         for name in names:
             poll = self._model[name].poll
