@@ -172,79 +172,82 @@ async def test_each_poll_is_counted_with_its_window() -> None:
     assert window is not None and 0 <= window.seconds < 0.5
 
 
+class PollLog:
+    """When each poll ended, and a way to await the n-th."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._changed = asyncio.Condition()
+
+    async def record(self) -> None:
+        self.times.append(asyncio.get_running_loop().time())
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def reach(self, count: int) -> None:
+        async with self._changed:
+            await asyncio.wait_for(self._changed.wait_for(lambda: len(self.times) >= count), timeout=2.0)
+
+
 async def test_poll_soon_polls_out_of_turn_one_poll_at_a_time_and_keeps_the_schedule() -> None:
     """An interval of a minute: every poll after the first is one asked for; one asked for while a poll runs
     follows it, never beside it."""
     running = 0
     overlapped = False
-    polls: list[float] = []
+    polls = PollLog()
     release_poll = asyncio.Event()
     hanging = asyncio.Event()
-    polled = asyncio.Condition()
 
     async def poll(_backend: Backend) -> BackendStatus:
         nonlocal running, overlapped
         running += 1
         overlapped = overlapped or running > 1
-        if len(polls) == 1:
+        if len(polls.times) == 1:
             hanging.set()
             await release_poll.wait()  # the second poll hangs until told: poll_soon meanwhile must wait for it
         running -= 1
-        polls.append(asyncio.get_running_loop().time())
-        async with polled:
-            polled.notify_all()
+        await polls.record()
         return ready(2)
-
-    async def polls_reach(count: int) -> None:
-        async with polled:
-            await asyncio.wait_for(polled.wait_for(lambda: len(polls) >= count), timeout=2.0)
 
     model = FleetModel([GPU1])
     monitor = Monitor(model, poll, interval=60.0, poll_timeout=30.0)
     run = asyncio.create_task(monitor.run())
     try:
-        await polls_reach(1)
+        await polls.reach(1)
         monitor.poll_soon("gpu1")  # the second poll starts and hangs
         await asyncio.wait_for(hanging.wait(), timeout=2.0)
         monitor.poll_soon("gpu1")  # asked while it runs: a third poll, after it
         release_poll.set()
-        await polls_reach(3)
+        await polls.reach(3)
         monitor.poll_soon("unknown")  # a backend the monitor does not poll: nothing happens
     finally:
         run.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await run
 
-    assert len(polls) == 3
+    assert len(polls.times) == 3
     assert not overlapped
     assert model["gpu1"].status == ready(2)
 
 
 async def test_poll_soon_with_a_delay_polls_once_that_delay_has_passed() -> None:
     """An interval of a minute: the second poll is the one asked for, no sooner than its delay."""
-    polls: list[float] = []
-    polled = asyncio.Condition()
+    polls = PollLog()
 
     async def poll(_backend: Backend) -> BackendStatus:
-        polls.append(asyncio.get_running_loop().time())
-        async with polled:
-            polled.notify_all()
+        await polls.record()
         return ready(2)
-
-    async def polls_reach(count: int) -> None:
-        async with polled:
-            await asyncio.wait_for(polled.wait_for(lambda: len(polls) >= count), timeout=2.0)
 
     monitor = Monitor(FleetModel([GPU1]), poll, interval=60.0, poll_timeout=30.0)
     run = asyncio.create_task(monitor.run())
     try:
-        await polls_reach(1)
+        await polls.reach(1)
         asked_at = asyncio.get_running_loop().time()
         monitor.poll_soon("gpu1", 0.2)
-        await polls_reach(2)
+        await polls.reach(2)
     finally:
         run.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await run
 
-    assert polls[1] - asked_at >= 0.2
+    assert polls.times[1] - asked_at >= 0.2

@@ -15,7 +15,7 @@ import pytest
 from agentcheck import picker as picker_module
 from agentcheck.model import FleetModel
 from agentcheck.picker import Affinity, Picker
-from tests.unit.test_picker import BACKENDS, STANDBY, Clock, make, poll, ready
+from tests.unit.test_picker import Clock, make, make_asking, poll, ready
 
 
 def turn(number: int) -> Affinity:
@@ -85,17 +85,6 @@ async def test_among_backends_with_a_free_slot_the_faster_speed_class_comes_firs
     poll(model, clock, small=replace(ready(2), seconds_per_token=0.011),
          large=replace(ready(4), seconds_per_token=0.012))  # within a quarter: equally fast, most free first
     assert (await picker.acquire()).backend == "large"
-
-
-def make_asking() -> tuple[FleetModel, Picker, Clock, list[tuple[str, float]]]:
-    """The fleet of make(), with the polls the picker asks for (Monitor.poll_soon: backend, delay) recorded."""
-    asked: list[tuple[str, float]] = []
-    clock = Clock()
-    model = FleetModel(BACKENDS, STANDBY)
-    picker = Picker(model, 10, 5.0, clock, poll_soon=lambda name, delay: asked.append((name, delay)))
-    model.subscribe(picker.on_member_change)
-    poll(model, clock, small=ready(2), large=ready(4), spare=ready(2))
-    return model, picker, clock, asked
 
 
 async def small_full_with_an_ended_turn(model: FleetModel, picker: Picker, clock: Clock) -> None:
