@@ -112,3 +112,26 @@ def test_one_key_on_every_request_still_spreads_when_its_server_is_full(
     assert Counter(answer.status for answer in answers) == {200: 60}
     assert deferrals.worst() == 0, deferrals.nonzero[:10]
     assert all(count > 0 for count in served.values()), served
+
+
+@pytest.mark.parametrize("kind", ["haproxy", "envoy"])
+def test_a_thousand_keys_neither_pile_onto_one_server_nor_overfill_any(
+        servers: dict[str, LlamaServer], tmp_path: Path, kind: str) -> None:
+    """Every request names its own session (a client minting keys): none has a server to go back to, so they
+    are placed on free slots as without affinity. No server past its slots, every server its share."""
+    requests_sent = 1000
+    with affinity_stack(tmp_path, servers, True, kind) as stack:
+        stack.wait_slots(SERVERS)
+        before = {name: server.metric("llamacpp:tokens_predicted_total") or 0.0 for name, server in servers.items()}
+        with IncarnationDeferrals(servers, interval=0.05) as deferrals, ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(lambda index: request(
+                f"{stack.url}/v1/chat/completions", {"messages": [{"role": "user", "content": f"hi {index}"}],
+                                                     "max_tokens": 4, "ignore_eos": True},
+                headers={"X-Session-Id": f"session-{index}"}, timeout=60), range(requests_sent), timeout=600))
+        tokens = {name: (server.metric("llamacpp:tokens_predicted_total") or 0.0) - before[name]
+                  for name, server in servers.items()}
+    shares = {name: count / sum(tokens.values()) for name, count in tokens.items()}
+    print(f"{kind}: {requests_sent} keys, 6 at a time, share of tokens per server: {shares}")
+    assert Counter(answer.status for answer in answers) == {200: requests_sent}
+    assert deferrals.worst() == 0, deferrals.nonzero[:10]
+    assert all(share > 0.15 for share in shares.values()), shares  # a third each when even; one pile fails
