@@ -93,24 +93,33 @@ def test_follow_up_turns_find_their_history_in_the_cache_with_affinity(
     # 82-92% of follow-ups back to the same server (docs/affinity.md); nothing to assert about it.
 
 
-@pytest.mark.parametrize("kind", ["haproxy", "envoy"])
-def test_one_key_on_every_request_still_spreads_when_its_server_is_full(
-        servers: dict[str, LlamaServer], tmp_path: Path, kind: str) -> None:
-    """Every request names one session: its server fills, and the rest go to the others, never waiting
-    while a slot is free and never past a server's slots."""
+def keyed_chats(servers: dict[str, LlamaServer], tmp_path: Path, kind: str, count: int, max_tokens: int,
+                key: Callable[[int], str]) -> tuple[Counter[int], dict[str, float]]:
+    """``count`` one-message chats, 6 at a time, request ``i`` with ``X-Session-Id: key(i)``, affinity on: their
+    statuses and the tokens each server generated for them. llama.cpp never defers one (sampled every 50 ms)."""
     with affinity_stack(tmp_path, servers, True, kind) as stack:
         stack.wait_slots(SERVERS)
         before = {name: server.metric("llamacpp:tokens_predicted_total") or 0.0 for name, server in servers.items()}
         with IncarnationDeferrals(servers, interval=0.05) as deferrals, ThreadPoolExecutor(6) as pool:
             answers = list(pool.map(lambda index: request(
                 f"{stack.url}/v1/chat/completions", {"messages": [{"role": "user", "content": f"hello {index}"}],
-                                                     "max_tokens": 64, "ignore_eos": True},
-                headers={"X-Session-Id": "everyone"}, timeout=60), range(60), timeout=300))
-        served = {name: ((server.metric("llamacpp:tokens_predicted_total") or 0.0) - before[name]) / 64
+                                                     "max_tokens": max_tokens, "ignore_eos": True},
+                headers={"X-Session-Id": key(index)}, timeout=60), range(count), timeout=600))
+        tokens = {name: (server.metric("llamacpp:tokens_predicted_total") or 0.0) - before[name]
                   for name, server in servers.items()}
-    print(f"{kind}: one key, 60 requests 6 at a time, requests per server: {served}")
-    assert Counter(answer.status for answer in answers) == {200: 60}
     assert deferrals.worst() == 0, deferrals.nonzero[:10]
+    return Counter(answer.status for answer in answers), tokens
+
+
+@pytest.mark.parametrize("kind", ["haproxy", "envoy"])
+def test_one_key_on_every_request_still_spreads_when_its_server_is_full(
+        servers: dict[str, LlamaServer], tmp_path: Path, kind: str) -> None:
+    """Every request names one session: its server fills, and the rest go to the others, never waiting
+    while a slot is free and never past a server's slots."""
+    statuses, tokens = keyed_chats(servers, tmp_path, kind, 60, 64, lambda index: "everyone")
+    served = {name: count / 64 for name, count in tokens.items()}
+    print(f"{kind}: one key, 60 requests 6 at a time, requests per server: {served}")
+    assert statuses == {200: 60}
     assert all(count > 0 for count in served.values()), served
 
 
@@ -119,19 +128,8 @@ def test_a_thousand_keys_neither_pile_onto_one_server_nor_overfill_any(
         servers: dict[str, LlamaServer], tmp_path: Path, kind: str) -> None:
     """Every request names its own session (a client minting keys): none has a server to go back to, so they
     are placed on free slots as without affinity. No server past its slots, every server its share."""
-    requests_sent = 1000
-    with affinity_stack(tmp_path, servers, True, kind) as stack:
-        stack.wait_slots(SERVERS)
-        before = {name: server.metric("llamacpp:tokens_predicted_total") or 0.0 for name, server in servers.items()}
-        with IncarnationDeferrals(servers, interval=0.05) as deferrals, ThreadPoolExecutor(6) as pool:
-            answers = list(pool.map(lambda index: request(
-                f"{stack.url}/v1/chat/completions", {"messages": [{"role": "user", "content": f"hi {index}"}],
-                                                     "max_tokens": 4, "ignore_eos": True},
-                headers={"X-Session-Id": f"session-{index}"}, timeout=60), range(requests_sent), timeout=600))
-        tokens = {name: (server.metric("llamacpp:tokens_predicted_total") or 0.0) - before[name]
-                  for name, server in servers.items()}
+    statuses, tokens = keyed_chats(servers, tmp_path, kind, 1000, 4, lambda index: f"session-{index}")
     shares = {name: count / sum(tokens.values()) for name, count in tokens.items()}
-    print(f"{kind}: {requests_sent} keys, 6 at a time, share of tokens per server: {shares}")
-    assert Counter(answer.status for answer in answers) == {200: requests_sent}
-    assert deferrals.worst() == 0, deferrals.nonzero[:10]
+    print(f"{kind}: 1000 keys, 6 at a time, share of tokens per server: {shares}")
+    assert statuses == {200: 1000}
     assert all(share > 0.15 for share in shares.values()), shares  # a third each when even; one pile fails
