@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import pytest
 
@@ -27,10 +28,11 @@ def ready(total: int, processing: int = 0) -> BackendStatus:
     return BackendStatus(State.READY, slots_total=total, slots_processing=processing, slot_source=SlotSource.SLOTS)
 
 
-def make(max_waiting: int = 10, timeout: float = 5.0) -> tuple[FleetModel, Picker, Clock]:
+def make(max_waiting: int = 10, timeout: float = 5.0,
+         poll_soon: Callable[[str, float], None] = lambda name, delay: None) -> tuple[FleetModel, Picker, Clock]:
     clock = Clock()
     model = FleetModel(BACKENDS, STANDBY)
-    picker = Picker(model, max_waiting, timeout, clock)
+    picker = Picker(model, max_waiting, timeout, clock, poll_soon=poll_soon)
     model.subscribe(picker.on_member_change)
     poll(model, clock, small=ready(2), large=ready(4), spare=ready(2))
     return model, picker, clock
@@ -158,11 +160,7 @@ async def test_release_frees_the_slot_before_the_next_poll() -> None:
 def make_asking() -> tuple[FleetModel, Picker, Clock, list[tuple[str, float]]]:
     """make(), with the polls the picker asks for (Monitor.poll_soon: backend, delay) recorded."""
     asked: list[tuple[str, float]] = []
-    clock = Clock()
-    model = FleetModel(BACKENDS, STANDBY)
-    picker = Picker(model, 10, 5.0, clock, poll_soon=lambda name, delay: asked.append((name, delay)))
-    model.subscribe(picker.on_member_change)
-    poll(model, clock, small=ready(2), large=ready(4), spare=ready(2))
+    model, picker, clock = make(poll_soon=lambda name, delay: asked.append((name, delay)))
     return model, picker, clock, asked
 
 
