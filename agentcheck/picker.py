@@ -179,7 +179,7 @@ class Picker:
                 continue
             if lease.released_at is None:
                 own += 1
-                if lease.issued_at + SETTLE_SECONDS > poll_started:  # too recent for the poll to show
+                if self._in_transit(lease, poll_started):
                     polled += 1
             elif self._counted_then_ended(lease, poll):
                 # One released *during* the poll may or may not be in the count: it keeps counting
@@ -330,11 +330,17 @@ class Picker:
         return not Picker._counted_then_ended(lease, poll)
 
     @staticmethod
+    def _in_transit(lease: Lease, poll_started: float) -> bool:
+        """Issued too recently before the poll (or after it) for the poll to be sure to show it: busy() counts
+        it on top of the polled count while it runs."""
+        return lease.issued_at + SETTLE_SECONDS > poll_started
+
+    @staticmethod
     def _counted_then_ended(lease: Lease, poll: PollWindow | None) -> bool:
         """A released lease the latest poll surely counted (issued SETTLE_SECONDS before it began) and that
         ended after it finished: busy() takes it off the polled count."""
         return (poll is not None and lease.released_at is not None
-                and lease.issued_at + SETTLE_SECONDS <= poll.started and poll.finished < lease.released_at)
+                and not Picker._in_transit(lease, poll.started) and poll.finished < lease.released_at)
 
     def _remember(self, model: str | None, affinity: Affinity, name: str) -> None:
         for key in affinity.remember:
@@ -517,7 +523,7 @@ class Picker:
             if poll is None:
                 continue
             settled_at = max((lease.issued_at + SETTLE_SECONDS for lease in self._leases.get(name, {}).values()
-                              if lease.released_at is None and lease.issued_at + SETTLE_SECONDS > poll.started),
+                              if lease.released_at is None and self._in_transit(lease, poll.started)),
                              default=None)
             if settled_at is None or self._settle_poll_at.get(name, float("-inf")) >= settled_at:
                 continue
@@ -554,7 +560,7 @@ class Picker:
         if previous is None:
             return
         old = [lease for lease in leases.values()  # issue order
-               if lease.released_at is None and lease.issued_at + SETTLE_SECONDS <= previous]
+               if lease.released_at is None and not self._in_transit(lease, previous)]
         running = self._model[name].status.slots_processing
         for lease in old[:max(0, len(old) - running)]:
             lease.released_at = self._clock()
