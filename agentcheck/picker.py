@@ -14,8 +14,9 @@ before a poll may be in it or not, so it counts on top; while requests wait, suc
 is polled again once its leases have settled, rather than looking a slot fuller until its
 next turn. Busy is never taken below the number of our own running leases (what HAProxy's
 maxconn counts), since llama.cpp lists a new request as processing only once its main loop
-picks it up. When no slot is free (or no backend is usable at all: scale from zero), requests wait in one FIFO across
-the whole fleet, bounded in length and time, with the same outcomes as the HAProxy path.
+picks it up. When no slot is free (or no backend is usable at all: scale from zero),
+requests wait in one FIFO across the whole fleet, bounded in length and time, with the same
+outcomes as the HAProxy path.
 
 Each lease also names alternates, where Envoy retries if the chosen backend refuses the
 connection: others with a slot free that no other request in transit to the same backend was
