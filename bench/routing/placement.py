@@ -25,14 +25,15 @@ from bench.routing.model import Placement, RequestSpec, ServerState, first_token
 from bench.routing.run import Scenario, percentile, workload
 from bench.routing.simulator import parse_fleet
 
-Key = Callable[[ServerState, list[ServerState]], tuple[float, ...]]
+Key = Callable[[ServerState, float], tuple[float, ...]]  # (a server, the fleet's fastest token_ms) → its key
 
 
 def lowest(key: Key) -> Placement:
     """The server with a free slot whose key is lowest; servers come sorted by name, so ties go by name."""
     def place(servers: list[ServerState], _: RequestSpec) -> int | None:
+        fastest = min(state.spec.token_ms for state in servers)
         free = [index for index, state in enumerate(servers) if state.free > 0]
-        return min(free, key=lambda index: key(servers[index], servers), default=None)
+        return min(free, key=lambda index: key(servers[index], fastest), default=None)
     return place
 
 
@@ -42,18 +43,14 @@ def _leastconn_idle(state: ServerState) -> float:
     return (state.busy + 1) * state.spec.slots / state.free
 
 
-def _fastest_token_ms(servers: list[ServerState]) -> float:
-    return min(state.spec.token_ms for state in servers)
-
-
 PLACEMENTS: dict[str, Placement] = {
     "ideal (first token soonest)": first_token_soonest,
     "most free slots (Paddler)": lowest(lambda state, _: (-state.free,)),
     "leastconn, weight idle (paddler-haproxy)": lowest(lambda state, _: (_leastconn_idle(state),)),
     "leastconn, weight idle x speed": lowest(
-        lambda state, servers: (_leastconn_idle(state) * state.spec.token_ms / _fastest_token_ms(servers),)),
+        lambda state, fastest: (_leastconn_idle(state) * state.spec.token_ms / fastest,)),
     "speed class, then most free (paddler-envoy)": lowest(
-        lambda state, servers: (speed_class(state.spec.token_ms, _fastest_token_ms(servers)), -state.free)),
+        lambda state, fastest: (speed_class(state.spec.token_ms, fastest), -state.free)),
 }
 
 
