@@ -240,6 +240,10 @@ def test_a_killed_agent_gets_its_registrations_back_within_two_heartbeats_and_tr
                 process.start(timeout=10)
             before = {name: wait_until(lambda name=name: spare_of(stack, name), timeout=5, what=f"{name} on a spare")
                       for name in ("gpu-b", "gpu-c")}
+            # The agent names the spare before its fill commands (which pass through MAINT) reach HAProxy.
+            for name, spare in before.items():
+                wait_until(lambda spare=spare: stack.haproxy.server_takes_requests("llama", spare), timeout=5,
+                           what=f"{name}'s spare filled")
             watched.update(before)
             with Streams(stack.port, CLIENTS, MAX_TOKENS, max_seconds=LOAD_SECONDS) as streams:
                 wait_until(lambda: all(len(streams.served_by(name)) >= 2 for name in servers), timeout=30,
