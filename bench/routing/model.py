@@ -363,8 +363,17 @@ class _Tracking:
     cached: int = 0
 
 
-# Which server with a free slot takes a request: its index in the name-sorted servers, None if none has one.
-Placement = Callable[[list["ServerState"], RequestSpec], "int | None"]
+@dataclass(frozen=True)
+class Hold:
+    """A placement's answer for a request that would rather wait a while for a server now full: it stays queued
+    (requests behind it may go), asked again after ``seconds`` at the latest."""
+
+    seconds: float
+
+
+# Which server takes a queued request, given how long it has waited: its index in the name-sorted servers (one
+# with a free slot), None if none has a slot for it (the whole queue waits), or Hold.
+Placement = Callable[[list["ServerState"], RequestSpec, float], "int | Hold | None"]
 
 
 def ideal(trace: list[RequestSpec], fleet: list[ServerSpec], placement: Placement | None = None) -> list[Outcome]:
@@ -381,7 +390,8 @@ def ideal(trace: list[RequestSpec], fleet: list[ServerSpec], placement: Placemen
     same instant are taken together: steps end (slots free), arrivals join the queue, the
     queue is dispatched, then every server with work and no running step starts one.
     Outcomes come in ``trace`` order. ``placement`` replaces the choice of server (the queue stays
-    perfect), to measure what another rule would cost (``bench.routing.placement``).
+    perfect), to measure what another rule would cost (``bench.routing.placement``); a request it holds
+    lets the ones behind it go first.
     """
     if not trace:
         return []
@@ -408,9 +418,13 @@ def ideal(trace: list[RequestSpec], fleet: list[ServerSpec], placement: Placemen
     heapq.heapify(arrivals)
     queue: deque[RequestSpec] = deque()
     step_ends: list[tuple[float, int]] = []  # (time, server index); one per running server
+    recheck: list[float] = []  # when held requests are asked again (a heap; the soonest is all it needs)
 
-    while arrivals or step_ends:
-        now = min(arrivals[0][0] if arrivals else float("inf"), step_ends[0][0] if step_ends else float("inf"))
+    while arrivals or step_ends or recheck:
+        now = min(arrivals[0][0] if arrivals else float("inf"), step_ends[0][0] if step_ends else float("inf"),
+                  recheck[0] if recheck else float("inf"))
+        while recheck and recheck[0] <= now:
+            heapq.heappop(recheck)
         touched = set()  # servers that may need a step now: their step ended, or they got a request
         while step_ends and step_ends[0][0] == now:
             _, index = heapq.heappop(step_ends)
@@ -427,11 +441,18 @@ def ideal(trace: list[RequestSpec], fleet: list[ServerSpec], placement: Placemen
                     heapq.heappush(arrivals, (now + follower.think, follower.id, follower))
         while arrivals and arrivals[0][0] == now:
             queue.append(heapq.heappop(arrivals)[2])
-        while queue:
-            best = place(servers, queue[0])
+        position = 0
+        while position < len(queue) and any(state.free > 0 for state in servers):
+            request = queue[position]
+            best = place(servers, request, now - tracking[request.id].arrival)
             if best is None:
                 break
-            request = queue.popleft()
+            if isinstance(best, Hold):
+                if not recheck or now + best.seconds < recheck[0]:  # each dispatch asks every held one again
+                    heapq.heappush(recheck, now + best.seconds)
+                position += 1
+                continue
+            del queue[position]
             servers[best].admit(request.id, request)
             tracking[request.id].server = servers[best].spec.name
             tracking[request.id].cached = servers[best].reused.pop(request.id)
@@ -449,7 +470,7 @@ def ideal(trace: list[RequestSpec], fleet: list[ServerSpec], placement: Placemen
     return outcomes
 
 
-def first_token_soonest(servers: list[ServerState], request: RequestSpec) -> int | None:
+def first_token_soonest(servers: list[ServerState], request: RequestSpec, _waited: float = 0.0) -> int | None:
     """The ideal's rule: the server where the first token would come soonest, counting its cached prefix."""
     best, best_key = None, None
     for index, state in enumerate(servers):  # sorted by name, so the first of equal keys wins on name

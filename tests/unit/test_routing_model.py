@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from bench.routing.model import (
     TOKEN,
+    Hold,
     Outcome,
     PromptCache,
     RequestSpec,
@@ -177,7 +178,7 @@ def test_ideal_takes_another_placement_and_keeps_its_perfect_queue() -> None:
     fast = ServerSpec("fast", slots=1, token_ms=10, prompt_ms_per_token=0)
     slow = ServerSpec("slow", slots=1, token_ms=30, prompt_ms_per_token=0)
 
-    def slowest_free(servers: list[ServerState], _: RequestSpec) -> int | None:
+    def slowest_free(servers: list[ServerState], _: RequestSpec, _waited: float) -> int | None:
         free = [index for index, state in enumerate(servers) if state.free > 0]
         return max(free, key=lambda index: servers[index].spec.token_ms, default=None)
 
@@ -189,6 +190,23 @@ def test_ideal_takes_another_placement_and_keeps_its_perfect_queue() -> None:
     assert [o.server for o in got] == ["slow", "fast", "fast"]
     assert [o.ttft for o in got] == [pytest.approx(0.030), pytest.approx(0.010), pytest.approx(0.030)]
     assert not any(o.deferred for o in got)
+
+
+def test_a_held_request_lets_the_ones_behind_it_go_and_is_asked_again_at_its_time() -> None:
+    fleet = [ServerSpec("a", slots=1, token_ms=10, prompt_ms_per_token=0), ServerSpec("b", slots=1, token_ms=10,
+                                                                                       prompt_ms_per_token=0)]
+    asked: list[tuple[int, float]] = []
+
+    def hold_request_0(servers: list[ServerState], request: RequestSpec, waited: float) -> int | Hold | None:
+        asked.append((request.id, waited))
+        if request.id == 0 and waited < 0.05:
+            return Hold(0.05 - waited)
+        return next((index for index, state in enumerate(servers) if state.free > 0), None)
+
+    got = ideal([req(0, 0.0, out=1), req(1, 0.0, out=1)], fleet, hold_request_0)
+    assert (got[1].server, got[1].ttft) == ("a", pytest.approx(0.010))  # went past the held one
+    assert (got[0].server, got[0].ttft) == ("a", pytest.approx(0.060))  # taken at 0.05, without any other event
+    assert asked[-1] == (0, pytest.approx(0.05))
 
 
 def test_ideal_queues_instead_of_deferring() -> None:
