@@ -72,6 +72,9 @@ OPEN_SETTLE_SECONDS = 0.3
 # long at most for a poll asked for at once, instead of re-reading its whole history on another server: a
 # /slots poll takes milliseconds, a re-prefill far longer (docs/affinity.md).
 AFFINE_POLL_WAIT = 0.1
+# A request held for its conversation's backend (affinity_wait) stops waiting for it this long before its
+# buffered_request_timeout, time enough to take another backend's slot.
+HOLD_MARGIN = 0.05
 
 
 class PickerError(Exception):
@@ -95,6 +98,14 @@ class Affinity:
     lookups: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class Held:
+    """No lease yet for a conversation whose backend is full while another has a slot free: it waits for its own
+    backend (affinity_wait), and requests behind it may go first."""
+
+    backend: str
+
+
 @dataclass
 class Lease:
     id: str
@@ -116,13 +127,16 @@ class Picker:
                  clock: Callable[[], float] = time.monotonic,
                  in_balancer: Callable[[str], bool] = lambda name: True,
                  limits: Callable[[str], tuple[int, float]] | None = None,
-                 poll_soon: Callable[[str, float], None] = lambda name, delay: None) -> None:
+                 poll_soon: Callable[[str, float], None] = lambda name, delay: None,
+                 affinity_wait: float = 0.0) -> None:
         """``in_balancer(name)``: whether Envoy has this backend's endpoint yet (agentcheck.eds); override_host
         ignores an address its cluster does not have, so nothing is placed on a backend before that.
         ``limits(model)``: (max_buffered_requests, buffered_request_timeout) of that model's queue (Fleet.limits);
         without it every model's queue has the balancer's. ``poll_soon(name, delay)``: poll that backend after
         ``delay`` seconds (Monitor.poll_soon): at once when a request ends that its last poll may still count,
-        and once recent leases have settled when requests wait (_poll_when_settled)."""
+        and once recent leases have settled when requests wait (_poll_when_settled). ``affinity_wait``: how long a
+        conversation's request waits for the backend that took its last turn while another has a slot free
+        (balancer.affinity_wait; 0: it never does)."""
         self._model = model
         self._in_balancer = in_balancer
         self._max_buffered_requests = max_buffered_requests
@@ -145,6 +159,9 @@ class Picker:
         # (model, conversation key) → the backend that last took it, oldest first (bounded, most recent kept).
         self._affine: OrderedDict[tuple[str | None, str], str] = OrderedDict()
         self._affinity_of: dict[asyncio.Future[Lease], Affinity] = {}  # waiting requests' conversations
+        self._affinity_wait = affinity_wait
+        self._held_since: dict[asyncio.Future[Lease], float] = {}  # waiting for their own backend since
+        self._give_up_at: dict[asyncio.Future[Lease], float] = {}  # conversations' buffered_request_timeout
         # backend → (since, future) of conversations waiting for a poll of their backend that began after ``since``
         self._awaiting_poll: dict[str, list[tuple[float, asyncio.Future[None]]]] = {}
         self._settle_poll_at: dict[str, float] = {}  # backend → when the poll _poll_when_settled asked for starts
@@ -252,17 +269,25 @@ class Picker:
         self._trusted_from = float("-inf")  # once settled, for good
         return True
 
-    def _try_lease(self, model: str | None = None, affinity: Affinity | None = None) -> Lease | None:
+    def _try_lease(self, model: str | None = None, affinity: Affinity | None = None,
+                   hold: bool = False) -> Lease | Held | None:
+        """A lease on the best backend with a slot free, None if there is none. With ``hold``, Held instead while
+        the conversation's backend is full and another has a slot free."""
         candidates = self.candidates(model)
         if not self._settled(candidates):
             return None
         free = self._free(candidates, model)
-        # The backend that took this conversation last, if it has a slot free now (the load guard: never wait
-        # for it); else, among backends with a slot free, the fastest (agentcheck.policy.speed_class), then the
+        # The backend that took this conversation last, if it has a slot free now (else, with ``hold``, wait for
+        # it); else, among backends with a slot free, the fastest (agentcheck.policy.speed_class), then the
         # most free slots, the larger server, the name, for a stable order.
+        affine = self._affine_choice(free, model, affinity)
+        if affine is None and hold and affinity is not None and any(slots > 0 for slots in free.values()):
+            home = self._home(model, affinity, candidates)
+            if home is not None:
+                return Held(home)
         speeds = {n: self._model[n].status.seconds_per_token for n in free}
         fastest = min((speed for speed in speeds.values() if speed is not None), default=None)
-        name = self._affine_choice(free, model, affinity) or max(
+        name = affine or max(
             free, key=lambda n: (free[n] > 0, -speed_class(speeds[n], fastest), free[n], self._total(n, model), n),
             default=None)
         if name is None or free[name] <= 0:
@@ -296,8 +321,7 @@ class Picker:
         candidates = self.candidates(model)
         if not self._settled(candidates):
             return
-        name = next((name for key in affinity.lookups
-                     if (name := self._affine.get((model, key))) in candidates), None)
+        name = self._home(model, affinity, candidates)
         if name is None or self._total(name, model) - self.busy(name, model) > 0:
             return
         poll = self._model[name].poll
@@ -319,6 +343,11 @@ class Picker:
             waiting.remove((since, done))
             if not waiting:
                 self._awaiting_poll.pop(name, None)
+
+    def _home(self, model: str | None, affinity: Affinity, candidates: list[str]) -> str | None:
+        """The backend remembered for the conversation's best key, among the candidates: where its cache is."""
+        return next((name for key in affinity.lookups if (name := self._affine.get((model, key))) in candidates),
+                    None)
 
     @staticmethod
     def _maybe_counted(lease: Lease, poll: PollWindow | None) -> bool:
@@ -389,13 +418,13 @@ class Picker:
 
     async def acquire(self, model: str | None = None, affinity: Affinity | None = None) -> Lease:
         """A lease on the best backend (for ``model``: one that serves it; for a conversation: the one that took
-        it last, when it has a slot free) now, or after waiting in that model's FIFO."""
+        it last, when it has a slot free, or within affinity_wait) now, or after waiting in that model's FIFO."""
         if affinity is not None and not self._queues.get(model):
             await self._await_affine_poll(model, affinity)
         if not self._queues.get(model):
-            lease = self._try_lease(model, affinity)
-            if lease is not None:
-                return lease
+            got = self._try_lease(model, affinity, hold=affinity is not None and self._affinity_wait > 0)
+            if isinstance(got, Lease):
+                return got
         max_waiting, timeout = self._limits(model)
         if self.waiting_for(model) >= self._buffer_room(model, max_waiting):
             raise BufferFull()
@@ -405,6 +434,8 @@ class Picker:
         queue.append(waiter)
         if affinity is not None:
             self._affinity_of[waiter] = affinity
+            self._give_up_at[waiter] = self._clock() + timeout
+        self._serve(model, queue)  # past requests held for their own backend, this one may have a slot now
         lease = None
         try:
             async with asyncio.timeout(timeout):
@@ -414,6 +445,8 @@ class Picker:
             raise BufferTimeout() from None
         finally:
             self._affinity_of.pop(waiter, None)
+            self._held_since.pop(waiter, None)
+            self._give_up_at.pop(waiter, None)
             if waiter in queue:
                 queue.remove(waiter)
             if not queue and self._queues.get(model) is queue:
@@ -500,18 +533,44 @@ class Picker:
             for name in [changed.name] if changed is not None else list(self._leases):
                 self._prune(name)
         for model, queue in list(self._queues.items()):
-            while queue:
-                head = queue[0]
-                if head.done():  # timed out or cancelled, about to be removed by its owner
-                    queue.popleft()
-                    continue
-                lease = self._try_lease(model, self._affinity_of.get(head))
-                if lease is None:
-                    break
-                queue.popleft()
-                head.set_result(lease)
+            self._serve(model, queue)
         if changed is not None and any(self._queues.values()):
             self._poll_when_settled([changed.name])
+
+    def _serve(self, model: str | None, queue: deque[asyncio.Future[Lease]]) -> None:
+        """Hand free slots to ``model``'s waiting requests, oldest first; one held for its own backend
+        (affinity_wait) lets those behind it go."""
+        position = 0
+        while position < len(queue):
+            waiter = queue[position]
+            if waiter.done():  # timed out or cancelled, about to be removed by its owner
+                del queue[position]
+                continue
+            got = self._try_lease(model, self._affinity_of.get(waiter), hold=self._holding(waiter))
+            if got is None:
+                return
+            if isinstance(got, Held):
+                if waiter not in self._held_since:
+                    now = self._held_since[waiter] = self._clock()
+                    asyncio.get_running_loop().call_later(self._hold_end(waiter) - now, self.wake)
+                position += 1
+                continue
+            del queue[position]
+            waiter.set_result(got)
+
+    def _holding(self, waiter: asyncio.Future[Lease]) -> bool:
+        """A conversation's request may still wait for its own backend: affinity_wait has not run out since it
+        was first held."""
+        if not self._affinity_wait or waiter not in self._affinity_of:
+            return False
+        return self._clock() < self._hold_end(waiter)
+
+    def _hold_end(self, waiter: asyncio.Future[Lease]) -> float:
+        """affinity_wait after it was first held (from now if not yet), and HOLD_MARGIN before its
+        buffered_request_timeout: a request that waited in the queue while every slot was busy still gets another
+        backend's free slot rather than a 503."""
+        since = self._held_since.get(waiter, self._clock())
+        return min(since + self._affinity_wait, self._give_up_at[waiter] - HOLD_MARGIN)
 
     def _poll_when_settled(self, names: list[str]) -> None:
         """Requests wait: ask for a poll of each backend named once the leases that its last poll may not show

@@ -54,7 +54,7 @@ class Agent:
         self.picker = Picker(self.model, settings.fleet.balancer.max_buffered_requests,
                              settings.fleet.balancer.buffered_request_timeout,
                              in_balancer=self.discovery.acknowledged, limits=settings.fleet.limits,
-                             poll_soon=self._poll_soon)
+                             poll_soon=self._poll_soon, affinity_wait=settings.fleet.balancer.affinity_wait or 0.0)
         balancer = settings.fleet.balancer
         self.spares = (SparePool(self.model, self.replies, RuntimeAPI(balancer.stats_socket), contract.HAPROXY_BACKEND,
                                  contract.spare_server_names(balancer.spare_servers), settings.interval,

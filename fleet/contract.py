@@ -51,6 +51,7 @@ HAPROXY_LUA_ENV = {
     "default_model": "PADDLER_DEFAULT_MODEL",
     "max_request_body": "PADDLER_MAX_REQUEST_BODY",
     "affinity": "PADDLER_AFFINITY",  # "on", or absent
+    "affinity_wait_ms": "PADDLER_AFFINITY_WAIT_MS",  # with affinity, when balancer.affinity_wait is set
 }
 
 # HAProxy 2.6 hands a server that comes back UP queued requests it does not count, unless its weight is 0

@@ -355,6 +355,10 @@ class BalancerConfig:
     # Prompt-cache affinity (docs/affinity.md): a conversation's next turn goes to the server that served
     # the last one while that server has a slot free.
     affinity: bool = key(_boolean, False)
+    # With affinity: how long a conversation's next turn waits for that server while another has a slot free,
+    # instead of re-reading its history there (docs/affinity.md, "Waiting for the conversation's server").
+    # Unset: it never waits. Worth it where prompt processing is slow against decoding (CPU, Apple silicon).
+    affinity_wait: float | None = key(duration(0.01, 60), None)
     # Envoy only: requests its least_request fallback sends one llama-server at a time while the agent is away
     # (docs/envoy.md, "When the agent is down"). Unset: the fewest slots in the fleet, so no server is ever
     # overfilled. Higher serves more of an uneven fleet's slots, and llama.cpp then queues on smaller servers.
@@ -539,6 +543,15 @@ def parse_fleet(data: Any, source: str = "<fleet>") -> Fleet:
         default_model=_default_model(source, top.get("default_model")),
     )
     _refuse_shared_addresses(fleet)
+    if fleet.balancer.affinity_wait is not None:
+        if not fleet.balancer.affinity:
+            raise FleetError(source, "balancer.affinity_wait", "needs balancer.affinity: true")
+        shortest = min([fleet.balancer.buffered_request_timeout, *(fleet.limits(name)[1]
+                                                                   for name in fleet.model_names())])
+        if fleet.balancer.affinity_wait >= shortest:
+            raise FleetError(source, "balancer.affinity_wait",
+                             f"must be shorter than buffered_request_timeout ({_duration_text(shortest)}: the "
+                             "longest any request waits)")
     if len(fleet.model_names()) > MAX_MODELS:
         raise FleetError(source, "models", f"at most {MAX_MODELS} models in a fleet, got {len(fleet.model_names())}")
     return fleet

@@ -118,6 +118,8 @@ def lua_env(fleet: Fleet) -> list[tuple[str, Any]]:
             env.append((contract.HAPROXY_LUA_ENV["default_model"], default))
     if balancer.affinity:
         env.append((contract.HAPROXY_LUA_ENV["affinity"], "on"))
+        if balancer.affinity_wait is not None:
+            env.append((contract.HAPROXY_LUA_ENV["affinity_wait_ms"], round(balancer.affinity_wait * 1000)))
     if fleet.routes_by_model() or balancer.affinity:
         env.append((contract.HAPROXY_LUA_ENV["max_request_body"], balancer.max_request_body))
     return env

@@ -22,7 +22,8 @@
 --                       GET /health?model=NAME answers for one model); with affinity (PADDLER_AFFINITY),
 --                       keeps the request's conversation keys.
 --   lua.paddler_affine  http-request action (backend): txn.paddler_affine = the server that served the
---                       conversation, when it has a slot free now (use-server rules send it there).
+--                       conversation, when it has a slot free now (use-server rules send it there), or
+--                       once it has one within PADDLER_AFFINITY_WAIT_MS, while another has a slot free.
 --   lua.paddler_remember  http-response action: remembers which server served the conversation.
 --   handover task       only in a worker started by a reload (master-worker mode, SIGUSR2): the
 --                       old worker still runs its streams, and feeds its queue to the same
@@ -37,6 +38,8 @@
 --       setenv PADDLER_MODELS alpha,30,10000/beta,50,20000   routing by model only, with:
 --       setenv PADDLER_MAX_REQUEST_BODY 1048576               required with PADDLER_MODELS
 --       setenv PADDLER_DEFAULT_MODEL alpha                    optional
+--       setenv PADDLER_AFFINITY on                            prompt-cache affinity only, with:
+--       setenv PADDLER_AFFINITY_WAIT_MS 500                   optional
 --       lua-load /etc/haproxy/paddler/paddler.lua
 --   frontend llm
 --       http-request set-var(txn.paddler_route) lua.paddler_route
@@ -53,7 +56,11 @@ local paddler = {}
 -- Filled from the environment at load (read_settings); nothing here is a fallback.
 local settings = {
   hold_poll_ms = 50,
+  affinity_wait_ms = 0,
 }
+-- How often a request waiting for its conversation's server (affinity_wait_ms) looks at its slots: short
+-- against a re-prefill, which is what the wait saves.
+local AFFINE_POLL_MS = 5
 
 -- Requests held while no server is usable: held[id] = { deadline = ms, backend = name }. A client that
 -- goes away kills its stream without running Lua cleanup, so entries also expire at their deadline.
@@ -342,8 +349,10 @@ function paddler.read(txn)
 end
 
 -- Backend, after paddler_admit: the server that served this conversation, if it has a slot free now
--- (txn.paddler_affine; haproxy.cfg's use-server rules send the request there), else nothing: leastconn
--- chooses, and the request never waits for its affine server.
+-- (txn.paddler_affine; haproxy.cfg's use-server rules send the request there). Else, with
+-- PADDLER_AFFINITY_WAIT_MS, while that server is full and another has a slot free, the request sleeps here,
+-- out of the queue (requests behind it go on), until its server has a slot or the wait is over. Else, or
+-- then, nothing: leastconn chooses, or the request waits in the backend's queue for any server.
 function paddler.affine(txn)
   local keys, backend = txn:get_priv(), txn.f:be_name()
   local memory = affinity_memory[backend]
@@ -351,14 +360,51 @@ function paddler.affine(txn)
     return
   end
   local servers = core.backends[backend].servers
+  local home
   for _, key in ipairs(keys.lookups) do
     local name = paddler.recall(memory, key)
     local server = name and servers[name]
-    if server ~= nil and paddler.has_free_slot(server:get_stats()) then
-      txn:set_var("txn.paddler_affine", name)
-      return
+    if server ~= nil then
+      if paddler.has_free_slot(server:get_stats()) then
+        txn:set_var("txn.paddler_affine", name)
+        return
+      end
+      home = home or name
     end
   end
+  if home == nil or settings.affinity_wait_ms <= 0 then
+    return
+  end
+  local stats = {}
+  for name, server in pairs(servers) do
+    stats[name] = server:get_stats()
+  end
+  if not paddler.worth_waiting(home, stats) then
+    return
+  end
+  local deadline = now_ms() + settings.affinity_wait_ms
+  repeat
+    core.msleep(AFFINE_POLL_MS)
+    if paddler.has_free_slot(servers[home]:get_stats()) then
+      txn:set_var("txn.paddler_affine", home)
+      return
+    end
+  until now_ms() >= deadline
+end
+
+-- Whether a conversation should wait for its server ``home`` (stats: server name -> {status=, weight=, scur=,
+-- slim=}): it is usable but full, and another has a slot free now (with none free, the queue is as good).
+function paddler.worth_waiting(home, stats)
+  local own = stats[home]
+  if own == nil or not paddler.is_usable(own.status) or (tonumber(own.weight) or 0) <= 0 then
+    return false
+  end
+  for name, server in pairs(stats) do
+    if name ~= home and paddler.has_free_slot(server) then
+      return true
+    end
+  end
+  return false
 end
 
 -- Response: remember which server served the conversation.
@@ -980,6 +1026,9 @@ local function read_settings()
   settings.affinity = os.getenv("PADDLER_AFFINITY") == "on"
   if settings.affinity then
     settings.max_request_body = paddler.required_env(os.getenv, "PADDLER_MAX_REQUEST_BODY", "number")
+    if os.getenv("PADDLER_AFFINITY_WAIT_MS") ~= nil then
+      settings.affinity_wait_ms = paddler.required_env(os.getenv, "PADDLER_AFFINITY_WAIT_MS", "number")
+    end
   end
   local models = os.getenv("PADDLER_MODELS")
   if models ~= nil then

@@ -9,6 +9,8 @@ common to every prompt, so "any cached token" would count every turn)."""
 from __future__ import annotations
 
 import random
+import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +20,7 @@ from typing import Any
 import pytest
 
 from devstack.chaos import IncarnationDeferrals
-from devstack.processes import LlamaServer
+from devstack.processes import LlamaServer, wait_until
 from devstack.stack import BalancerStack
 from tests.integration.clients import request
 
@@ -133,3 +135,53 @@ def test_a_thousand_keys_neither_pile_onto_one_server_nor_overfill_any(
     print(f"{kind}: 1000 keys, 6 at a time, share of tokens per server: {shares}")
     assert statuses == {200: 1000}
     assert all(share > 0.15 for share in shares.values()), shares  # a third each when even; one pile fails
+
+
+BLOCKER_TOKENS = 1500  # seconds of decoding on the tiny model: the conversation's server stays full meanwhile
+
+
+@pytest.mark.parametrize("kind", ["haproxy", "envoy"])
+@pytest.mark.parametrize(("wait", "expected"), [("30s", "home"), ("200ms", "other"), (None, "other")],
+                         ids=["waits-for-home", "wait-runs-out", "never-waits"])
+def test_with_affinity_wait_a_turn_waits_for_its_busy_server_while_another_is_idle(
+        make_llama: Callable[..., LlamaServer], tmp_path: Path, kind: str, wait: str | None, expected: str) -> None:
+    """Two one-slot servers. A conversation's first turn runs on one (home); another request of the same session
+    then fills home for seconds; the second turn comes while the other server is idle. It waits for home within
+    ``affinity_wait``, else goes to the other at once, or when the wait runs out, home still busy."""
+    servers = {name: make_llama(name, slots=1, ctx_per_slot=2048).start() for name in ("one", "two")}
+    balancer: dict[str, Any] = {"affinity": True, "buffered_request_timeout": "60s"} | (
+        {"affinity_wait": wait} if wait else {})
+    session = {"X-Session-Id": "the-conversation"}
+    messages = [{"role": "user", "content": "Turn 1: " + "tell me more " * 20}]
+    ended: dict[str, float] = {}
+
+    def chat(body: dict[str, Any], name: str) -> dict[str, Any]:
+        answer = request(f"{stack.url}/v1/chat/completions", body | {"ignore_eos": True}, headers=session,
+                         timeout=120)
+        ended[name] = time.monotonic()
+        assert answer.status == 200, (name, answer.status, answer.body[:200])
+        return dict(answer.json())
+
+    with BalancerStack(tmp_path / "lb", {name: server.address for name, server in servers.items()},
+                       balancer=balancer, kind=kind) as stack:
+        stack.wait_slots({name: 1 for name in servers})
+        with IncarnationDeferrals(servers, interval=0.05) as deferrals:
+            first = chat({"messages": messages, "max_tokens": 8}, "turn 1")
+            home = first["model"]
+            blocker = threading.Thread(target=chat, args=({"messages": [{"role": "user", "content": "block"}],
+                                                          "max_tokens": BLOCKER_TOKENS}, "blocker"))
+            blocker.start()
+            wait_until(lambda: servers[home].busy_slots() == 1, timeout=10,
+                       what=f"the blocker running on {home}")
+            messages += [{"role": "assistant", "content": first["choices"][0]["message"]["content"]},
+                         {"role": "user", "content": "Turn 2: and then?"}]
+            sent = time.monotonic()
+            second = chat({"messages": messages, "max_tokens": 8}, "turn 2")
+            blocker.join(timeout=120)
+    assert "blocker" in ended and not blocker.is_alive()
+    assert ended["blocker"] > sent  # home was full when turn 2 came
+    assert deferrals.worst() == 0, deferrals.nonzero[:10]
+    if expected == "home":
+        assert second["model"] == home and ended["blocker"] <= ended["turn 2"]
+    else:
+        assert second["model"] != home and ended["turn 2"] < ended["blocker"]  # home was still busy

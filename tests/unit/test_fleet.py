@@ -267,6 +267,10 @@ OUT_OF_RANGE = [
                  "must be 1s-24h, got 999ms", id="idle-timeout-999ms"),
     pytest.param(with_section("balancer", idle_timeout="100000m"), "balancer.idle_timeout",
                  "must be 1s-24h, got 100000m", id="idle-timeout-huge"),
+    pytest.param(with_section("balancer", affinity=True, affinity_wait="9ms"), "balancer.affinity_wait",
+                 "must be 10ms-1m, got 9ms", id="affinity-wait-9ms"),
+    pytest.param(with_section("balancer", affinity=True, affinity_wait="61s"), "balancer.affinity_wait",
+                 "must be 10ms-1m, got 61s", id="affinity-wait-61s"),
     pytest.param(with_section("balancer", spare_servers=257), "balancer.spare_servers",
                  "must be 0-256, got 257", id="spare-servers-257"),
     pytest.param(with_section("agent", max_registered_backends=-1), "agent.max_registered_backends",
@@ -274,6 +278,21 @@ OUT_OF_RANGE = [
     pytest.param(with_section("agent", registration_timeout="999ms"), "agent.registration_timeout",
                  "must be 1s-1h, got 999ms", id="registration-timeout-999ms"),
 ]
+
+
+def test_affinity_wait_is_read_with_affinity_and_refused_without_it() -> None:
+    fleet = parse_fleet({**one_backend(), "balancer": {"affinity": True, "affinity_wait": "750ms"}}, source=SOURCE)
+    assert fleet.balancer.affinity_wait == 0.75
+    assert parse_fleet(one_backend(), source=SOURCE).balancer.affinity_wait is None
+    assert str(fleet_error({**one_backend(), "balancer": {"affinity_wait": "1s"}})) == \
+        f"{SOURCE}: balancer.affinity_wait: needs balancer.affinity: true"
+    too_long = {"affinity": True, "affinity_wait": "10s", "buffered_request_timeout": "10s"}
+    assert str(fleet_error({**one_backend(), "balancer": too_long})) == (
+        f"{SOURCE}: balancer.affinity_wait: must be shorter than buffered_request_timeout (10s: the longest any "
+        "request waits)")
+    a_model_waits_less = {**one_backend(), "balancer": {"affinity": True, "affinity_wait": "3s"},
+                          "models": {"tiny": {"buffered_request_timeout": "2s"}}}
+    assert "must be shorter than buffered_request_timeout (2s" in str(fleet_error(a_model_waits_less))
 
 
 @pytest.mark.parametrize(("data", "key", "message"), OUT_OF_RANGE)

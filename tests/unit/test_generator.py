@@ -81,6 +81,9 @@ def test_affinity_reads_bodies_and_sends_each_conversation_to_its_server_by_name
     assert "    http-response lua.paddler_remember\n" in text
     assert "    setenv PADDLER_AFFINITY on\n" in text and "PADDLER_MODELS" not in text
     assert "use_backend" not in text  # one model: no pool to pick
+    assert "PADDLER_AFFINITY_WAIT_MS" not in text
+    waiting = replace(with_affinity, balancer=replace(with_affinity.balancer, affinity_wait=0.75))
+    assert "    setenv PADDLER_AFFINITY_WAIT_MS 750\n" in render_haproxy(waiting, lua_dir="/etc/haproxy/paddler")
 
 
 def test_a_one_model_fleet_reads_no_body() -> None:

@@ -247,3 +247,23 @@ print(memory.size, paddler.recall(memory, "k1"), memory.size, paddler.recall(mem
 def test_the_load_guard_wants_a_slot_free_now(stats: dict[str, str], free: bool) -> None:
     table = ", ".join(f"{key}={json.dumps(value)}" for key, value in stats.items())
     assert run_lua(f"print(paddler.has_free_slot({{{table}}}))") == str(free).lower()
+
+
+def servers_table(servers: dict[str, tuple[str, str, str, str]]) -> str:
+    """name → (status, weight, scur, slim) as a Lua table of get_stats() rows."""
+    return "{" + ", ".join(f"[{json.dumps(name)}] = {{status={json.dumps(status)}, weight={json.dumps(weight)}, "
+                           f"scur={json.dumps(scur)}, slim={json.dumps(slim)}}}"
+                           for name, (status, weight, scur, slim) in servers.items()) + "}"
+
+
+@pytest.mark.parametrize(("servers", "worth"), [
+    ({"home": ("UP", "100", "2", "2"), "other": ("UP", "100", "0", "2")}, True),  # full, and another is free
+    ({"home": ("UP", "100", "2", "2"), "other": ("UP", "100", "2", "2")}, False),  # all full: the queue will do
+    ({"home": ("DOWN", "100", "0", "2"), "other": ("UP", "100", "0", "2")}, False),  # home is not coming back
+    ({"home": ("UP", "0", "2", "2"), "other": ("UP", "100", "0", "2")}, False),  # drained by the agent
+    ({"home": ("UP", "100", "2", "2"), "other": ("DRAIN", "100", "0", "2")}, False),  # the only free one is out
+    ({"other": ("UP", "100", "0", "2")}, False),  # home is not in this backend
+])
+def test_a_conversation_waits_for_its_server_only_while_it_is_full_and_another_is_free(
+        servers: dict[str, tuple[str, str, str, str]], worth: bool) -> None:
+    assert run_lua(f'print(paddler.worth_waiting("home", {servers_table(servers)}))') == str(worth).lower()

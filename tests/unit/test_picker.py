@@ -29,10 +29,11 @@ def ready(total: int, processing: int = 0) -> BackendStatus:
 
 
 def make(max_waiting: int = 10, timeout: float = 5.0,
-         poll_soon: Callable[[str, float], None] = lambda name, delay: None) -> tuple[FleetModel, Picker, Clock]:
+         poll_soon: Callable[[str, float], None] = lambda name, delay: None,
+         affinity_wait: float = 0.0) -> tuple[FleetModel, Picker, Clock]:
     clock = Clock()
     model = FleetModel(BACKENDS, STANDBY)
-    picker = Picker(model, max_waiting, timeout, clock, poll_soon=poll_soon)
+    picker = Picker(model, max_waiting, timeout, clock, poll_soon=poll_soon, affinity_wait=affinity_wait)
     model.subscribe(picker.on_member_change)
     poll(model, clock, small=ready(2), large=ready(4), spare=ready(2))
     return model, picker, clock

@@ -14,7 +14,7 @@ import pytest
 
 from agentcheck import picker as picker_module
 from agentcheck.model import FleetModel
-from agentcheck.picker import Affinity, Picker
+from agentcheck.picker import Affinity, Lease, Picker
 from tests.unit.test_picker import Clock, make, make_asking, poll, ready
 
 
@@ -63,6 +63,69 @@ async def test_a_waiting_conversation_takes_the_first_slot_that_frees_on_its_bac
     for lease in (*held, granted):
         picker.release(lease.id)
     assert (await picker.acquire(affinity=turn(3))).backend == "small"  # the queued grant was remembered
+
+
+async def small_full_of_its_conversation(affinity_wait: float) -> tuple[Picker, Clock, list[Lease]]:
+    """Turn 1 ran on small; turn 2 twice fills small's two slots; large has four free."""
+    model, picker, clock = make(affinity_wait=affinity_wait)
+    await placed_on_small(model, picker, clock, turn(1))
+    held = [await picker.acquire(affinity=turn(2)) for _ in range(2)]
+    assert [lease.backend for lease in held] == ["small", "small"]
+    return picker, clock, held
+
+
+async def test_with_affinity_wait_a_turn_waits_for_its_backend_and_lets_others_pass() -> None:
+    picker, _, held = await small_full_of_its_conversation(affinity_wait=1.0)
+    waiting = asyncio.ensure_future(picker.acquire(affinity=turn(2)))
+    await asyncio.sleep(0)
+    assert not waiting.done() and picker.waiting == 1  # large has four slots free, but its history is on small
+    assert (await picker.acquire()).backend == "large"  # another request does not wait behind it
+    assert (await picker.acquire(affinity=turn(9))).backend == "large"  # nor does a conversation new to all
+    picker.release(held[0].id)
+    assert (await waiting).backend == "small"
+
+
+async def test_a_turn_held_for_its_backend_goes_elsewhere_once_affinity_wait_has_run_out() -> None:
+    picker, clock, _ = await small_full_of_its_conversation(affinity_wait=1.0)
+    waiting = asyncio.ensure_future(picker.acquire(affinity=turn(2)))
+    await asyncio.sleep(0)
+    clock.now += 0.99
+    picker.wake()
+    assert not waiting.done()
+    clock.now += 0.02
+    picker.wake()  # what the timer set when it was first held does, a second later by the event loop's clock
+    assert (await waiting).backend == "large"
+
+
+async def test_affinity_wait_runs_only_while_another_backend_has_a_slot_free() -> None:
+    picker, clock, held = await small_full_of_its_conversation(affinity_wait=1.0)
+    others = [await picker.acquire() for _ in range(4)]
+    assert {lease.backend for lease in others} == {"large"}
+    waiting = asyncio.ensure_future(picker.acquire(affinity=turn(2)))
+    await asyncio.sleep(0)
+    clock.now += 2.0  # every slot busy meanwhile: an ordinary wait in the queue
+    picker.release(others[0].id)
+    assert not waiting.done()  # large has a slot now: from here it waits at most affinity_wait for small
+    picker.release(held[0].id)
+    assert (await waiting).backend == "small"
+
+
+async def test_a_held_turn_stops_waiting_for_its_backend_before_its_buffered_request_timeout() -> None:
+    picker, clock, _ = await small_full_of_its_conversation(affinity_wait=1.0)  # timeout 5 s
+    others = [await picker.acquire() for _ in range(4)]
+    waiting = asyncio.ensure_future(picker.acquire(affinity=turn(2)))
+    await asyncio.sleep(0)
+    clock.now += 4.5
+    picker.release(others[0].id)
+    assert not waiting.done()  # held, but only until 0.05 s before its 5 s are up, not for a whole second
+    clock.now += 0.46
+    picker.wake()
+    assert (await waiting).backend == "large"
+
+
+async def test_without_affinity_wait_a_full_backend_is_never_waited_for() -> None:
+    picker, _, _ = await small_full_of_its_conversation(affinity_wait=0.0)
+    assert (await picker.acquire(affinity=turn(2))).backend == "large"
 
 
 async def test_the_memory_keeps_the_most_recent_conversations(monkeypatch: pytest.MonkeyPatch) -> None:
