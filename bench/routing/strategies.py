@@ -4,8 +4,8 @@
   ``option http-no-delay`` like ours, so only the routing differs).
 - ``paddler-haproxy`` (the fleet's defaults, as shipped), ``paddler-haproxy-slots-only``
   (``balancer.affinity: false``), ``paddler-haproxy-affinity`` (``true``), ``paddler-envoy``,
-  ``paddler-envoy-affinity``, ``paddler-envoy-affinity-wait`` (``affinity_wait: 500ms``): this project, configs
-  from ``paddler-gen`` with the real agent.
+  ``paddler-envoy-affinity``, and each proxy's ``-affinity-wait`` (``affinity_wait: 500ms``): this project,
+  configs from ``paddler-gen`` with the real agent.
 - ``envoy-least_request``: plain Envoy as most teams run it: a static cluster of the servers, ``LEAST_REQUEST``
   (two random choices), Envoy's default circuit breakers, no route timeout (answers stream), one worker.
 - ``paddler-envoy-agent-down``: the generated Envoy config without the Lua filter, i.e. its fallback while the
@@ -45,15 +45,17 @@ SGLANG_POLICIES = ("cache_aware", "power_of_two")
 VLLM_POLICIES = ("cache_aware", "power_of_two")
 PEERS = tuple(f"sglang-{p}" for p in SGLANG_POLICIES) + tuple(f"vllm-router-{p}" for p in VLLM_POLICIES)
 STRATEGIES = ("roundrobin", "leastconn", "haproxy-hash-bounded", "paddler-haproxy", "paddler-haproxy-slots-only",
-              "paddler-haproxy-affinity", "paddler-envoy", "paddler-envoy-affinity", "paddler-envoy-affinity-wait",
-              "paddler-envoy-agent-down",
-              "paddler-envoy-agent-down-largest", "envoy-least_request", *PEERS)
+              "paddler-haproxy-affinity", "paddler-haproxy-affinity-wait", "paddler-envoy", "paddler-envoy-affinity",
+              "paddler-envoy-affinity-wait", "paddler-envoy-agent-down", "paddler-envoy-agent-down-largest",
+              "envoy-least_request", *PEERS)
 # Strategies whose clients send each conversation's id in X-Session-Id: HAProxy's own hashing has no other key
 # (it cannot hash a JSON body's leading messages), so it gets the one an application would send.
 SESSION_HEADER = frozenset({"haproxy-hash-bounded"})
 # This project's strategies: the proxy, and the fleet file's balancer settings beside the defaults.
 PADDLER = {"paddler-haproxy": ("haproxy", {}), "paddler-haproxy-slots-only": ("haproxy", {"affinity": False}),
-           "paddler-haproxy-affinity": ("haproxy", {"affinity": True}), "paddler-envoy": ("envoy", {}),
+           "paddler-haproxy-affinity": ("haproxy", {"affinity": True}),
+           "paddler-haproxy-affinity-wait": ("haproxy", {"affinity": True, "affinity_wait": "500ms"}),
+           "paddler-envoy": ("envoy", {}),
            "paddler-envoy-affinity": ("envoy", {"affinity": True}),
            "paddler-envoy-affinity-wait": ("envoy", {"affinity": True, "affinity_wait": "500ms"})}
 CHAT_ONLY = frozenset(PEERS)  # strategies that serve /v1/chat/completions only
