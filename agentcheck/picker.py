@@ -16,7 +16,9 @@ next turn. Busy is never taken below the number of our own running leases (what 
 maxconn counts), since llama.cpp lists a new request as processing only once its main loop
 picks it up. When no slot is free (or no backend is usable at all: scale from zero),
 requests wait in one FIFO across the whole fleet, bounded in length and time, with the same
-outcomes as the HAProxy path.
+outcomes as the HAProxy path. The one exception to its order: with affinity_wait, a conversation's
+request whose backend is full while another has a slot free is held for its own backend a bounded
+time, and those behind it go first (docs/affinity.md).
 
 Each lease also names alternates, where Envoy retries if the chosen backend refuses the
 connection: others with a slot free that no other request in transit to the same backend was
