@@ -46,6 +46,7 @@ import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from agentcheck.model import FleetModel, Member, PollWindow, Role
 from agentcheck.model_routing import model_share
@@ -77,6 +78,13 @@ AFFINE_POLL_WAIT = 0.1
 # A request held for its conversation's backend (affinity_wait) stops waiting for it this long before its
 # buffered_request_timeout, time enough to take another backend's slot.
 HOLD_MARGIN = 0.05
+
+
+class PollSeen(NamedTuple):
+    """When a backend's poll began, and how many requests it counted running."""
+
+    started: float
+    processing: int
 
 
 class PickerError(Exception):
@@ -151,7 +159,7 @@ class Picker:
         self._by_id: dict[str, Lease] = {}
         # One FIFO per model named (None: requests that name none); a model's is dropped once empty.
         self._queues: dict[str | None, deque[asyncio.Future[Lease]]] = {}
-        self._poll_history: dict[str, tuple[float, float | None]] = {}  # backend → (latest, previous) poll start
+        self._poll_history: dict[str, tuple[PollSeen, PollSeen | None]] = {}  # backend → (latest, previous) poll
         self._refused: dict[str, float] = {}  # backend → when the filter last saw it refuse a connection
         self._names = {str(member.backend.address): member.name for member in model}
         self._trusted_from = float("-inf")  # polls that began before this may miss running requests
@@ -596,8 +604,8 @@ class Picker:
         if member.poll is None:
             return
         latest = self._poll_history.get(member.name, (None, None))[0]
-        if member.poll.started != latest:
-            self._poll_history[member.name] = (member.poll.started, latest)
+        if latest is None or member.poll.started != latest.started:
+            self._poll_history[member.name] = (PollSeen(member.poll.started, member.status.slots_processing), latest)
 
     def _prune(self, name: str) -> None:
         leases = self._leases.get(name)
@@ -615,14 +623,16 @@ class Picker:
 
     def _forget_lost_leases(self, name: str, leases: dict[str, Lease]) -> None:
         """Polled state supersedes leases whose release never came (the client went away mid-stream,
-        so the filter never saw the end): when the latest poll counts fewer running requests than
-        there are unreleased leases old enough for the poll before it to have seen them, the oldest
-        of those leases are over."""
-        previous = self._poll_history.get(name, (None, None))[1]
-        if previous is None:
+        so the filter never saw the end): when the last two polls both count fewer running requests
+        than there are unreleased leases old enough for the earlier one to have seen them, the oldest
+        of those leases are over. One poll is not enough: a request that ended just before it may have
+        its release still on the way, and forgetting an older lease that still runs in its place would
+        count that slot free once the release comes."""
+        latest, previous = self._poll_history.get(name, (None, None))
+        if latest is None or previous is None:
             return
         old = [lease for lease in leases.values()  # issue order
-               if lease.released_at is None and not self._in_transit(lease, previous)]
-        running = self._model[name].status.slots_processing
+               if lease.released_at is None and not self._in_transit(lease, previous.started)]
+        running = max(latest.processing, previous.processing)
         for lease in old[:max(0, len(old) - running)]:
             lease.released_at = self._clock()

@@ -127,8 +127,22 @@ async def test_a_poll_that_started_after_a_lease_supersedes_it() -> None:
     assert picker.busy("large") == 1
     poll(model, clock, large=ready(4, 1))  # llama.cpp now reports that request itself
     assert picker.busy("large") == 1  # not 2
-    poll(model, clock, large=ready(4, 0))  # it finished without a release (client went away)
+    poll(model, clock, large=ready(4, 0))  # it finished without a release (client went away) ...
+    assert picker.busy("large") == 1  # ... or its release is still on the way
+    poll(model, clock, large=ready(4, 0))  # a second poll without it: the release never came
     assert picker.busy("large") == 0
+
+
+async def test_a_request_that_ended_before_its_release_came_does_not_free_an_older_ones_slot() -> None:
+    model, picker, clock = make()
+    first = await picker.acquire()  # large: a long answer
+    second = await picker.acquire()  # large: a short one
+    assert first.backend == second.backend == "large"
+    poll(model, clock, large=ready(4, 2))
+    poll(model, clock, large=ready(4, 1))  # the short one ended; its release is still on the way
+    assert picker.release(second.id)
+    assert picker.busy("large") == 1, "the long request's slot was counted free while it still runs"
+    assert picker.release(first.id)  # its own release, not one the picker had already assumed
 
 
 async def test_a_poll_right_after_a_lease_may_not_see_the_request_yet() -> None:
