@@ -392,14 +392,31 @@ function paddler.affine(txn)
   until now_ms() >= deadline
 end
 
+-- A server HAProxy may give requests now: usable, not drained by the agent (weight 0).
+local function in_service(stats)
+  return stats ~= nil and paddler.is_usable(stats.status) and (tonumber(stats.weight) or 0) > 0
+end
+
+-- The servers HAProxy would place ``home``'s requests on: those of its tier (primaries, or standby ones
+-- when home is one) in service. stats: server name -> get_stats() row.
+local function tier_of(home, stats)
+  local tier, bck = {}, tonumber(stats[home].bck) or 0
+  for name, server in pairs(stats) do
+    if (tonumber(server.bck) or 0) == bck and in_service(server) then
+      tier[name] = server
+    end
+  end
+  return tier
+end
+
 -- Whether a conversation should wait for its server ``home`` (stats: server name -> {status=, weight=, scur=,
--- slim=}): it is usable but full, and another has a slot free now (with none free, the queue is as good).
+-- slim=, bck=}): it is in service but full, and another of its tier has a slot free now (with none free, the
+-- queue is as good; a free standby server takes nothing while primaries serve).
 function paddler.worth_waiting(home, stats)
-  local own = stats[home]
-  if own == nil or not paddler.is_usable(own.status) or (tonumber(own.weight) or 0) <= 0 then
+  if not in_service(stats[home]) then
     return false
   end
-  for name, server in pairs(stats) do
+  for name, server in pairs(tier_of(home, stats)) do
     if name ~= home and paddler.has_free_slot(server) then
       return true
     end
@@ -808,8 +825,7 @@ end
 -- The load guard: an affine server takes the request only with a slot free now (HAProxy's own count), so a
 -- request never waits for it, nor makes llama.cpp queue. Each item: {status=, weight=, scur=, slim=}.
 function paddler.has_free_slot(stats)
-  return paddler.is_usable(stats.status) and (tonumber(stats.weight) or 0) > 0
-         and (tonumber(stats.scur) or 0) < (tonumber(stats.slim) or 0)
+  return in_service(stats) and (tonumber(stats.scur) or 0) < (tonumber(stats.slim) or 0)
 end
 
 -- llama-server's GET /slots: a JSON list with one "is_processing" per slot. Returns slots, busy

@@ -249,11 +249,16 @@ def test_the_load_guard_wants_a_slot_free_now(stats: dict[str, str], free: bool)
     assert run_lua(f"print(paddler.has_free_slot({{{table}}}))") == str(free).lower()
 
 
-def servers_table(servers: dict[str, tuple[str, str, str, str]]) -> str:
-    """name → (status, weight, scur, slim) as a Lua table of get_stats() rows."""
-    return "{" + ", ".join(f"[{json.dumps(name)}] = {{status={json.dumps(status)}, weight={json.dumps(weight)}, "
-                           f"scur={json.dumps(scur)}, slim={json.dumps(slim)}}}"
-                           for name, (status, weight, scur, slim) in servers.items()) + "}"
+def servers_table(servers: dict[str, tuple[str, ...]]) -> str:
+    """name → (status, weight, scur, slim[, bck[, qcur]]) as a Lua table of get_stats() rows (strings, as
+    HAProxy gives them; bck and qcur "0" unless given)."""
+    rows = []
+    for name, row in servers.items():
+        status, weight, scur, slim, bck, qcur = (*row, "0", "0")[:6]
+        rows.append(f"[{json.dumps(name)}] = {{status={json.dumps(status)}, weight={json.dumps(weight)}, "
+                    f"scur={json.dumps(scur)}, slim={json.dumps(slim)}, bck={json.dumps(bck)}, "
+                    f"qcur={json.dumps(qcur)}}}")
+    return "{" + ", ".join(rows) + "}"
 
 
 @pytest.mark.parametrize(("servers", "worth"), [
@@ -263,7 +268,12 @@ def servers_table(servers: dict[str, tuple[str, str, str, str]]) -> str:
     ({"home": ("UP", "0", "2", "2"), "other": ("UP", "100", "0", "2")}, False),  # drained by the agent
     ({"home": ("UP", "100", "2", "2"), "other": ("DRAIN", "100", "0", "2")}, False),  # the only free one is out
     ({"other": ("UP", "100", "0", "2")}, False),  # home is not in this backend
+    # A free standby server takes nothing while the primaries serve: no reason to wait.
+    ({"home": ("UP", "100", "2", "2"), "other": ("UP", "100", "2", "2"), "standby": ("UP", "100", "0", "2", "1")},
+     False),
+    # Home is a standby (the primaries are down): the other standby servers are its peers.
+    ({"home": ("UP", "100", "2", "2", "1"), "standby": ("UP", "100", "0", "2", "1")}, True),
 ])
 def test_a_conversation_waits_for_its_server_only_while_it_is_full_and_another_is_free(
-        servers: dict[str, tuple[str, str, str, str]], worth: bool) -> None:
+        servers: dict[str, tuple[str, ...]], worth: bool) -> None:
     assert run_lua(f'print(paddler.worth_waiting("home", {servers_table(servers)}))') == str(worth).lower()
