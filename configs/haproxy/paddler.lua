@@ -350,9 +350,11 @@ end
 
 -- Backend, after paddler_admit: the server that served this conversation, if it has a slot free now
 -- (txn.paddler_affine; haproxy.cfg's use-server rules send the request there). Else, with
--- PADDLER_AFFINITY_WAIT_MS, while that server is full and another has a slot free, the request sleeps here,
--- out of the queue (requests behind it go on), until its server has a slot or the wait is over. Else, or
--- then, nothing: leastconn chooses, or the request waits in the backend's queue for any server.
+-- PADDLER_AFFINITY_WAIT_MS: when every server is full and enough requests queue (queue_at_home), that server
+-- too, and HAProxy queues the request in that server's own queue, served in arrival order with the backend's;
+-- while that server is full and another has a slot free, the request sleeps here, out of the queue (requests
+-- behind it go on), until its server has a slot or the wait is over. Else, or then, nothing: leastconn
+-- chooses, or the request waits in the backend's queue for any server.
 function paddler.affine(txn)
   local keys, backend = txn:get_priv(), txn.f:be_name()
   local memory = affinity_memory[backend]
@@ -378,6 +380,10 @@ function paddler.affine(txn)
   local stats = {}
   for name, server in pairs(servers) do
     stats[name] = server:get_stats()
+  end
+  if paddler.queue_at_home(home, stats, tonumber(txn.f:queue(backend)) or 0) then
+    txn:set_var("txn.paddler_affine", home)
+    return
   end
   if not paddler.worth_waiting(home, stats) then
     return
@@ -424,6 +430,26 @@ function paddler.worth_waiting(home, stats)
   return false
 end
 
+-- Whether a conversation should wait in its server ``home``'s own HAProxy queue (stats as for worth_waiting,
+-- with qcur; queued: the backend's queued requests, server queues included): every server of its tier is full,
+-- home's queue is shorter than its slots, and enough requests wait that the slots the others free before home
+-- frees one (about their slots over home's) go to them rather than stay free.
+function paddler.queue_at_home(home, stats, queued)
+  if not in_service(stats[home]) then
+    return false
+  end
+  local own_slots, others = tonumber(stats[home].slim) or 0, 0
+  for name, server in pairs(tier_of(home, stats)) do
+    if paddler.has_free_slot(server) then
+      return false
+    end
+    if name ~= home then
+      others = others + (tonumber(server.slim) or 0)
+    end
+  end
+  return own_slots > 0 and (tonumber(stats[home].qcur) or 0) < own_slots and queued * own_slots >= others
+end
+
 -- Response: remember which server served the conversation.
 function paddler.remember_server(txn)
   local keys = txn:get_priv()
@@ -450,13 +476,23 @@ function paddler.health_pool(query)
   return settings.model_pools ~= nil and settings.model_pools[model] or false
 end
 
+-- Requests waiting in a backend (an HAProxy Proxy object): its own queue and its servers' (affinity_wait
+-- queues a conversation at its own server), as the queue() sample fetch counts them.
+function paddler.queued(backend)
+  local queued = tonumber(backend:get_stats().qcur) or 0
+  for _, server in pairs(backend.servers) do
+    queued = queued + (tonumber(server:get_stats().qcur) or 0)
+  end
+  return queued
+end
+
 function paddler.health(applet)
   local pool = paddler.health_pool(applet.qs)
   local body, status = UNKNOWN_MODEL_HEALTH, 404
   if pool ~= false then
     local queued = 0
     for backend in pairs(pool and { [pool] = true } or settings.pools) do
-      queued = queued + (tonumber(core.backends[backend]:get_stats().qcur) or 0)
+      queued = queued + paddler.queued(core.backends[backend])
     end
     body, status = paddler.health_body(paddler.aggregate(server_stats(pool)), queued + paddler.held_count(now_ms(), pool))
   end

@@ -185,3 +185,58 @@ def test_with_affinity_wait_a_turn_waits_for_its_busy_server_while_another_is_id
         assert second["model"] == home and ended["blocker"] <= ended["turn 2"]
     else:
         assert second["model"] != home and ended["turn 2"] < ended["blocker"]  # home was still busy
+
+
+# Generation lengths for the next test, at 300-1,250 tokens/s per server: the other server's request ends
+# seconds after the turn is queued, the queued request seconds before home's ends.
+HOME_TOKENS, OTHER_TOKENS, QUEUED_TOKENS = 7000, 3000, 1000
+
+
+@pytest.mark.parametrize("kind", ["haproxy", "envoy"])
+def test_with_affinity_wait_a_turn_that_finds_every_server_full_still_waits_for_its_own(
+        make_llama: Callable[..., LlamaServer], tmp_path: Path, kind: str) -> None:
+    """Two one-slot servers, both full (home with a request of the conversation, the other with another), one
+    more request queued before the conversation's next turn. The other server then frees its slot twice: the
+    first goes to the queued request, the second would go to the turn. With ``affinity_wait`` the turn waits
+    for home instead (HAProxy: in home's own queue; Envoy: held in the picker) and is served there once home
+    frees. Without it the turn runs on the other server, and this test fails."""
+    servers = {name: make_llama(name, slots=1, ctx_per_slot=8192).start() for name in ("one", "two")}
+    balancer = {"affinity": True, "affinity_wait": "30s", "buffered_request_timeout": "60s"}
+    session = {"X-Session-Id": "the-conversation"}
+    messages = [{"role": "user", "content": "Turn 1: " + "tell me more " * 20}]
+
+    def chat(content: str | list[dict[str, str]], max_tokens: int, headers: dict[str, str]) -> dict[str, Any]:
+        listed = [{"role": "user", "content": content}] if isinstance(content, str) else content
+        answer = request(f"{stack.url}/v1/chat/completions",
+                         {"messages": listed, "max_tokens": max_tokens, "ignore_eos": True}, headers=headers,
+                         timeout=120)
+        assert answer.status == 200, (answer.status, answer.body[:200])
+        return dict(answer.json())
+
+    with BalancerStack(tmp_path / "lb", {name: server.address for name, server in servers.items()},
+                       balancer=balancer, kind=kind) as stack, ThreadPoolExecutor(4) as pool:
+        stack.wait_slots({name: 1 for name in servers})
+        with IncarnationDeferrals(servers, interval=0.05) as deferrals:
+            first = chat(messages, 8, session)
+            home = first["model"]
+            other = next(name for name in servers if name != home)
+            at_home = pool.submit(chat, "keep home busy", HOME_TOKENS, session)
+            wait_until(lambda: servers[home].busy_slots() == 1, timeout=10, what=f"{home} full")
+            elsewhere = pool.submit(chat, "keep the other busy", OTHER_TOKENS, {})
+            wait_until(lambda: servers[other].busy_slots() == 1, timeout=10, what=f"{other} full")
+            queued = pool.submit(chat, "wait in the queue", QUEUED_TOKENS, {})
+            wait_until(lambda: stack.health().get("requests_buffered") == 1, timeout=10, what="one request queued")
+            messages += [{"role": "assistant", "content": first["choices"][0]["message"]["content"]},
+                         {"role": "user", "content": "Turn 2: and then?"}]
+            turn = pool.submit(chat, messages, 8, session)
+            wait_until(lambda: stack.health().get("requests_buffered") == 2, timeout=10, what="the turn queued")
+            if kind == "haproxy":  # the mechanism: the turn waits in home's own queue
+                assert stack.server(home)["qcur"] == "1"
+            assert not elsewhere.done(), "the other server's request ended before the turn was queued"
+            assert queued.result(timeout=120)["model"] == other
+            still_busy = servers[home].busy_slots() == 1
+            second = turn.result(timeout=120)
+            at_home.result(timeout=120)
+    assert still_busy, "home's request ended before the queued one: the test proves nothing on this machine"
+    assert second["model"] == home
+    assert deferrals.worst() == 0, deferrals.nonzero[:10]

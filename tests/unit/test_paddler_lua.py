@@ -277,3 +277,35 @@ def servers_table(servers: dict[str, tuple[str, ...]]) -> str:
 def test_a_conversation_waits_for_its_server_only_while_it_is_full_and_another_is_free(
         servers: dict[str, tuple[str, ...]], worth: bool) -> None:
     assert run_lua(f'print(paddler.worth_waiting("home", {servers_table(servers)}))') == str(worth).lower()
+
+
+@pytest.mark.parametrize(("servers", "queued", "at_home"), [
+    # Everyone full, home has 2 of 6 slots: 2 queued requests take the 4 slots the others free before home frees one.
+    ({"home": ("UP", "100", "2", "2"), "other": ("UP", "100", "4", "4")}, 2, True),
+    ({"home": ("UP", "100", "2", "2"), "other": ("UP", "100", "4", "4")}, 1, False),  # a slot elsewhere would idle
+    ({"home": ("UP", "100", "8", "8"), "other": ("UP", "100", "2", "2")}, 1, True),  # the big server frees first
+    ({"home": ("UP", "100", "8", "8"), "other": ("UP", "100", "2", "2")}, 0, False),  # nothing else would take it
+    ({"home": ("UP", "100", "2", "2"), "other": ("UP", "100", "1", "4")}, 9, False),  # a slot is free: go there
+    ({"home": ("UP", "100", "2", "2", "0", "2"), "other": ("UP", "100", "2", "2")}, 9, False),  # its queue is full
+    ({"home": ("UP", "100", "2", "2", "0", "1"), "other": ("UP", "100", "2", "2")}, 9, True),
+    ({"home": ("DOWN", "100", "0", "2"), "other": ("UP", "100", "2", "2")}, 9, False),  # home is not coming back
+    ({"home": ("UP", "0", "2", "2"), "other": ("UP", "100", "2", "2")}, 9, False),  # drained by the agent
+    ({"other": ("UP", "100", "2", "2")}, 9, False),  # home is not in this backend
+    # A free standby server takes nothing while the primaries serve; a drained one frees nothing.
+    ({"home": ("UP", "100", "2", "2"), "standby": ("UP", "100", "0", "8", "1"), "out": ("UP", "0", "0", "8")}, 0,
+     True),
+])
+def test_a_conversation_queues_at_its_server_when_every_server_is_full_and_others_would_take_the_slots_freed(
+        servers: dict[str, tuple[str, ...]], queued: int, at_home: bool) -> None:
+    lua = f'print(paddler.queue_at_home("home", {servers_table(servers)}, {queued}))'
+    assert run_lua(lua) == str(at_home).lower()
+
+
+def test_the_queue_counts_requests_waiting_for_one_server_too() -> None:
+    """/health's requests_buffered: the backend's queue and its servers' (where affinity_wait queues a turn)."""
+    lua = """
+local function stats_of(qcur) return function() return { qcur = qcur } end end
+local backend = { get_stats = stats_of("3"),
+                  servers = { home = { get_stats = stats_of("1") }, other = { get_stats = stats_of("0") } } }
+print(paddler.queued(backend))"""
+    assert run_lua(lua) == "4"
