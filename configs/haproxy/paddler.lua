@@ -350,11 +350,11 @@ end
 
 -- Backend, after paddler_admit: the server that served this conversation, if it has a slot free now
 -- (txn.paddler_affine; haproxy.cfg's use-server rules send the request there). Else, with
--- PADDLER_AFFINITY_WAIT_MS: when every server is full and enough requests queue (queue_at_home), that server
--- too, and HAProxy queues the request in that server's own queue, served in arrival order with the backend's;
--- while that server is full and another has a slot free, the request sleeps here, out of the queue (requests
--- behind it go on), until its server has a slot or the wait is over. Else, or then, nothing: leastconn
--- chooses, or the request waits in the backend's queue for any server.
+-- PADDLER_AFFINITY_WAIT_MS: if every server is full (queue_at_home), that server all the same, and HAProxy
+-- queues the request in the server's own queue, which it serves in arrival order with the backend's. If
+-- another server has a slot free, the request sleeps here, out of the queue (requests behind it go on), until
+-- its server has a slot or the wait is over. Else, or then, nothing: leastconn chooses, or the request waits
+-- in the backend's queue for any server.
 function paddler.affine(txn)
   local keys, backend = txn:get_priv(), txn.f:be_name()
   local memory = affinity_memory[backend]
