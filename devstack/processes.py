@@ -34,10 +34,22 @@ class StartError(RuntimeError):
     """A process did not become ready; the message carries the tail of its log."""
 
 
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free loopback ports: each socket stays bound until all are chosen, so the kernel
+    cannot hand the same port out twice (one at a time, it sometimes did: a stack's listen and management
+    ports once collided)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind((LOOPBACK, 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return sock.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def wait_until(condition: Callable[[], T], timeout: float, interval: float = 0.05, what: str = "condition") -> T:
@@ -402,8 +414,9 @@ class AgentProcess(_Process):
     def __init__(self, workdir: Path, args: list[str], port: int | None = None,
                  extra_env: dict[str, str] | None = None, management_port: int | None = None) -> None:
         super().__init__(workdir)
-        self.port = port or free_port()
-        self.management_port = management_port or free_port()
+        ports = free_ports(2)
+        self.port = port or ports[0]
+        self.management_port = management_port or ports[1]
         self.args = args
         self.extra_env = extra_env or {}
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from devstack.processes import LOOPBACK, AgentProcess, EnvoyProcess, HAProxy, free_port, http_get, wait_until
+from devstack.processes import LOOPBACK, AgentProcess, EnvoyProcess, HAProxy, free_ports, http_get, wait_until
 from generator import envoy, haproxy
 from generator.haproxy import BACKEND_NAME
 
@@ -38,10 +38,7 @@ class BalancerStack:
         self.kind = kind
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.agent_port = free_port()
-        self.management_port = free_port()
-        self.admin_port = free_port()
+        self.port, self.agent_port, self.management_port, self.admin_port = free_ports(4)
         proxy_keys = ({"stats_socket": str(self.workdir / "haproxy.sock")} if kind == "haproxy"
                       else {"metrics_listen": f"{LOOPBACK}:{self.admin_port}"})
         declared = models or {}
