@@ -28,6 +28,7 @@ from typing import Any
 import aiohttp
 
 from bench.routing.model import TOKEN, RequestSpec, ServerSpec, chat_template, common_tokens, tokens
+from bench.routing.simulator import SENT_HEADER
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,11 @@ class Result:
     cached_tokens: int | None = None
 
 
+def _sent_now() -> dict[str, str]:
+    """The header that tells the simulator when the request left (bench.routing.simulator.HandOffs)."""
+    return {SENT_HEADER: f"{time.monotonic():.6f}"}
+
+
 async def _one(session: aiohttp.ClientSession, url: str, request: RequestSpec, bypass: bool,
                timeout: float, sent: float) -> Result:
     body = {"prompt": request.text or "x" * (4 * request.prompt_tokens), "n_predict": request.output_tokens,
@@ -116,7 +122,7 @@ async def _one(session: aiohttp.ClientSession, url: str, request: RequestSpec, b
     started = time.perf_counter()
     ttft = None
     try:
-        async with session.post(url + "/completion", json=body,
+        async with session.post(url + "/completion", json=body, headers=_sent_now(),
                                 timeout=aiohttp.ClientTimeout(total=timeout)) as response:
             if response.status != 200:
                 await response.read()
@@ -268,7 +274,7 @@ async def _chat(session: aiohttp.ClientSession, url: str, request_id: int, messa
     usage: dict[str, Any] = {}
     timings: dict[str, Any] = {}
     try:
-        async with session.post(url + "/v1/chat/completions", json=body, headers=headers,
+        async with session.post(url + "/v1/chat/completions", json=body, headers={**headers, **_sent_now()},
                                 timeout=aiohttp.ClientTimeout(total=timeout)) as response:
             if response.status != 200:
                 await response.read()

@@ -155,6 +155,15 @@ class Simulator:
         result: dict[str, dict[str, int]] = json.loads(body)
         return result
 
+    def handoffs(self) -> dict[str, Any]:
+        """The simulator's HandOffs report: held_while_free_s, requests, requests_with_send_time."""
+        first = next(iter(self.ports.values()))
+        status, body = http_get(f"http://127.0.0.1:{first}/sim/handoffs")
+        if status != 200:
+            raise RuntimeError(f"the simulator's /sim/handoffs answered {status}")
+        report: dict[str, Any] = json.loads(body)
+        return report
+
     def progress(self, what: str, every: float = 15.0) -> threading.Event:
         """Print how many requests the fleet has answered every ``every`` seconds until the event is set."""
         done = threading.Event()
@@ -268,7 +277,8 @@ def _measure(strategy: str, work: Workload, fleet_text: str, slots: dict[str, in
                                                      seed))
                 finally:
                     done.set()
-            row = {"strategy": strategy, **measured_run(work.trace, results, simulator.stats(), timeout)}
+            row = {"strategy": strategy, **measured_run(work.trace, results, simulator.stats(), timeout),
+                   "held_while_free_s": simulator.handoffs()["held_while_free_s"]}
             report = peer_report(strategy, servers, slots)
             if report is not None:
                 row["peer"] = report
@@ -294,7 +304,7 @@ def format_row(row: dict[str, Any]) -> str:
             f"p99 {fmt(row['ttft_p99_s']):>7} ({'-' if ratio is None else f'{ratio:.2f}x'} ideal)  "
             f"e2e p99 {fmt(row['e2e_p99_s']):>7}  non-2xx {row['non_2xx']:>3}  deferrals {row['deferrals']:>3}  "
             f"{row['throughput_rps']:.2f} req/s  {row['completed']}/{row['sent']}  cached "
-            f"{fmt(row.get('cached_token_ratio'), '')}")
+            f"{fmt(row.get('cached_token_ratio'), '')}  held while a slot was free {fmt(row.get('held_while_free_s'))}")
 
 
 def plot(ttfts: Distributions, path: Path) -> None:

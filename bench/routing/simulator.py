@@ -16,7 +16,8 @@ per 4 bytes (``model.tokens``), roughly what llama-server's tokenizer gives for 
 Endpoints (llama.cpp-shaped): ``GET /health``, ``/slots``, ``/props``, ``/metrics``;
 ``POST /completion`` (``prompt``, ``n_predict``, ``stream``), ``POST /v1/chat/completions``
 (OpenAI-style, SSE ending with ``data: [DONE]``); plus ``GET /sim/stats`` for the benchmark
-(per server: deferrals, completions, prompt tokens and the cached ones). Answers report the
+(per server: deferrals, completions, prompt tokens and the cached ones) and ``GET /sim/handoffs`` (how long
+the balancer held requests back while a slot was free: ``HandOffs``). Answers report the
 cache like llama-server: ``timings.cache_n`` (reused), ``timings.prompt_n`` (processed),
 ``usage.prompt_tokens_details.cached_tokens``. A client that disconnects frees its slot.
 
@@ -35,6 +36,7 @@ import asyncio
 import inspect
 import itertools
 import json
+import math
 import os
 import signal
 import socket
@@ -50,6 +52,10 @@ from bench.routing.model import CACHE_RAM_TOKENS, TOKEN, RequestSpec, ServerSpec
 SERVER_HEADER = "llamacpp-simulator"
 N_CTX = 4096
 DEFAULT_N_PREDICT = 16  # llama.cpp's n_predict -1 means "until EOS"; the simulator has no EOS
+# The client's send time (time.monotonic(): one clock for every process on the host), set by bench.routing.loadgen.
+SENT_HEADER = "X-Bench-Sent"
+# A request on its way longer than this counts as held by the balancer: one proxy hop here takes 1-4 ms.
+HOLD_GRACE = 0.02
 
 _ids = itertools.count()
 
@@ -66,11 +72,61 @@ class _Live:
     done: bool = False
 
 
+def held_while_free(held: list[tuple[float, float]], free: list[tuple[float, str, int]],
+                    slots: dict[str, int]) -> float:
+    """Slot-seconds during which a request was held and a slot was free: the integral over time of the smaller of
+    the two counts. ``held``: each request's (from, until); ``free``: (when, server, its free slots from then on);
+    ``slots``: each server's free slots before its first change."""
+    events = sorted([(start, 1, "", 0) for start, end in held if end > start]
+                    + [(end, -1, "", 0) for start, end in held if end > start]
+                    + [(when, 0, name, count) for when, name, count in free])
+    current = dict(slots)
+    holding = 0
+    total = 0.0
+    last = events[0][0] if events else 0.0
+    for when, change, name, count in events:
+        total += min(holding, sum(current.values())) * (when - last)
+        last = when
+        holding += change
+        if not change:
+            current[name] = count
+    return total
+
+
+class HandOffs:
+    """How long the balancer kept requests from free slots, fleet-wide. A request that carries the client's send
+    time (SENT_HEADER) is held from that time plus HOLD_GRACE until it arrives; each server's free slots are
+    recorded as they change. A balancer that hands every slot over at once scores 0 (the ideal queue does)."""
+
+    def __init__(self, slots: dict[str, int]) -> None:
+        self._slots = slots
+        self._held: list[tuple[float, float]] = []
+        self._free: list[tuple[float, str, int]] = []
+        self.requests = 0
+        self.marked = 0
+
+    def arrived(self, sent: float | None, now: float) -> None:
+        self.requests += 1
+        if sent is not None:
+            self.marked += 1
+            self._held.append((sent + HOLD_GRACE, now))
+
+    def free_changed(self, name: str, free: int, now: float) -> None:
+        self._free.append((now, name, free))
+
+    def report(self) -> dict[str, Any]:
+        """``held_while_free_s`` is None unless every request carried its send time (a peer may drop the header)."""
+        complete = self.marked == self.requests
+        return {"held_while_free_s": held_while_free(self._held, self._free, self._slots) if complete else None,
+                "requests": self.requests, "requests_with_send_time": self.marked}
+
+
 class SimServer:
     """One simulated llama.cpp server: a ``ServerState`` driven in real time."""
 
-    def __init__(self, spec: ServerSpec, start: float) -> None:
+    def __init__(self, spec: ServerSpec, start: float, handoffs: HandOffs) -> None:
         self.spec = spec
+        self.handoffs = handoffs
         self.state = ServerState(spec)
         self.start = start  # loop time of the run's start (arrivals are relative to it)
         self.live: dict[int, _Live] = {}
@@ -78,10 +134,12 @@ class SimServer:
         self.tokens_predicted_seconds = 0.0  # each emitted token's step time, as llama.cpp sums generation time
         self._wake = asyncio.Event()
 
-    def submit(self, prompt: str, n_predict: int) -> _Live:
+    def submit(self, prompt: str, n_predict: int, sent: float | None = None) -> _Live:
         now = asyncio.get_running_loop().time()
         request = RequestSpec(next(_ids), now - self.start, tokens(prompt), n_predict, text=prompt)
         deferred = self.state.admit(request.id, request)
+        self.handoffs.arrived(sent, time.monotonic())
+        self.handoffs.free_changed(self.spec.name, self.state.free, time.monotonic())
         live = _Live(request, now, deferred)
         self.live[request.id] = live
         self._wake.set()
@@ -93,6 +151,7 @@ class SimServer:
         self.state.reused.pop(live.request.id, None)
         if not live.done:
             self.state.cancel(live.request.id)
+            self.handoffs.free_changed(self.spec.name, self.state.free, time.monotonic())
             self._wake.set()
 
     async def run(self) -> None:
@@ -114,6 +173,8 @@ class SimServer:
             if delay > 0:
                 await asyncio.sleep(delay)
             _, finished = self.state.end_step(end)
+            if finished:
+                self.handoffs.free_changed(self.spec.name, self.state.free, time.monotonic())
             done = set(finished)
             for request_id in self.state.last_emitted:
                 live = self.live.get(request_id)
@@ -183,6 +244,14 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
     return body
 
 
+def _sent(request: web.Request) -> float | None:
+    try:
+        sent = float(request.headers.get(SENT_HEADER, ""))
+    except ValueError:
+        return None
+    return sent if math.isfinite(sent) else None
+
+
 def _positive_int(value: Any, default: int) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
         return value
@@ -246,11 +315,14 @@ def make_app(server: SimServer, fleet: dict[str, SimServer]) -> web.Application:
     async def stats(_: web.Request) -> web.Response:
         return web.json_response({name: sim.stats() for name, sim in fleet.items()})
 
+    async def handoffs(_: web.Request) -> web.Response:
+        return web.json_response(server.handoffs.report())
+
     async def completion(request: web.Request) -> web.StreamResponse:
         body = await _json_body(request)
         prompt = body.get("prompt", "")
         prompt = prompt if isinstance(prompt, str) else json.dumps(prompt)
-        live = server.submit(prompt, _positive_int(body.get("n_predict"), DEFAULT_N_PREDICT))
+        live = server.submit(prompt, _positive_int(body.get("n_predict"), DEFAULT_N_PREDICT), _sent(request))
         try:
             if body.get("stream") is True:
                 return await _stream(
@@ -272,7 +344,7 @@ def make_app(server: SimServer, fleet: dict[str, SimServer]) -> web.Application:
             raise web.HTTPBadRequest(text=json.dumps({"error": "messages must be a list"}),
                                      content_type="application/json")
         max_tokens = _positive_int(body.get("max_tokens", body.get("max_completion_tokens")), DEFAULT_N_PREDICT)
-        live = server.submit(chat_template([_content(m) for m in messages]), max_tokens)
+        live = server.submit(chat_template([_content(m) for m in messages]), max_tokens, _sent(request))
         chat_id, created = f"chatcmpl-sim-{live.request.id}", int(time.time())
         base = {"id": chat_id, "created": created, "model": model_path}
 
@@ -309,6 +381,7 @@ def make_app(server: SimServer, fleet: dict[str, SimServer]) -> web.Application:
     app.router.add_get("/props", props)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/sim/stats", stats)
+    app.router.add_get("/sim/handoffs", handoffs)
     app.router.add_post("/completion", completion)
     app.router.add_post("/completions", completion)
     app.router.add_post("/v1/chat/completions", chat)
@@ -328,7 +401,8 @@ async def serve(fleet: list[ServerSpec], on_ready: OnReady) -> None:
         raise ValueError("the fleet needs at least one server and unique names")
     loop = asyncio.get_running_loop()
     start = loop.time()
-    sims = {spec.name: SimServer(spec, start) for spec in fleet}
+    handoffs = HandOffs({spec.name: spec.slots for spec in fleet})
+    sims = {spec.name: SimServer(spec, start, handoffs) for spec in fleet}
     runners: list[web.AppRunner] = []
     tasks = [asyncio.create_task(sim.run(), name=f"sim-{name}") for name, sim in sims.items()]
     try:

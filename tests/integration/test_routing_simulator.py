@@ -30,7 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from agentcheck.llamacpp import Reply, interpret
 from agentcheck.status import SlotSource, State
 from bench.routing.model import TOKEN, ServerSpec, chat_template, common_tokens, tokens
-from bench.routing.simulator import parse_fleet, serve
+from bench.routing.simulator import HOLD_GRACE, SENT_HEADER, parse_fleet, serve
 
 ROOT = Path(__file__).resolve().parents[2]
 FLEET = [ServerSpec("a", slots=2, token_ms=20), ServerSpec("b", slots=4, token_ms=25)]
@@ -169,6 +169,26 @@ async def test_three_requests_on_two_slots_defer_one(sim: Sim) -> None:
                           "cached_tokens": 0}
     metrics = await sim.metrics("a")
     assert metrics["llamacpp_sim:requests_deferred_total"] == 1 and metrics["llamacpp:requests_deferred"] == 0
+
+
+async def test_handoffs_count_the_time_a_request_was_held_while_slots_were_free(sim: Sim) -> None:
+    """A request that left its client half a second before it reached an idle fleet was held that long (less the
+    grace for a proxy hop); one that carries no send time makes the measure unknown rather than wrong."""
+    sent = time.monotonic() - 0.5
+    body = {"prompt": fresh_prompt(10), "n_predict": 2}
+    async with sim.session.post(sim.url("a", "/completion"), json=body,
+                                headers={SENT_HEADER: f"{sent:.6f}"}) as response:
+        assert response.status == 200
+        await response.read()
+    arrived_by = time.monotonic()
+    report = await sim.json("b", "/sim/handoffs")
+    assert report["requests"] == report["requests_with_send_time"] == 1
+    assert 0.5 - HOLD_GRACE <= report["held_while_free_s"] <= arrived_by - sent - HOLD_GRACE
+    async with sim.session.post(sim.url("b", "/completion"), json=body) as response:
+        assert response.status == 200
+        await response.read()
+    report = await sim.json("a", "/sim/handoffs")
+    assert (report["requests"], report["requests_with_send_time"], report["held_while_free_s"]) == (2, 1, None)
 
 
 async def test_a_stream_carries_exactly_n_predict_token_events(sim: Sim) -> None:
