@@ -8,17 +8,19 @@ cannot know yet:
            + leases issued after that poll started (or just before: in transit) and still running
            - leases issued before that poll started and released after it finished
 
-so two requests a millisecond apart never both get the last free slot, and a slot freed
-by a finished request is reused at once instead of at the next poll. A lease issued just
-before a poll may be in it or not, so it counts on top; while requests wait, such a backend
-is polled again once its leases have settled, rather than looking a slot fuller until its
-next turn. Busy is never taken below the number of our own running leases (what HAProxy's
-maxconn counts), since llama.cpp lists a new request as processing only once its main loop
-picks it up. When no slot is free (or no backend is usable at all: scale from zero),
-requests wait in one FIFO across the whole fleet, bounded in length and time, with the same
-outcomes as the HAProxy path. The one exception to its order: with affinity_wait, a conversation's
-request whose backend is full while another has a slot free is held for its own backend a bounded
-time, and those behind it go first (docs/affinity.md).
+so two requests a millisecond apart never both get the last free slot, and a slot freed by a
+finished request is reused at once instead of at the next poll. A lease issued just before a poll
+may be in it or not. A poll that counts no more requests than the leases it could have seen shows no
+load from outside the balancer: busy is then our own running leases, exact (what HAProxy's maxconn
+counts). One that counts more does show outside load; then a lease issued just before it counts on
+top, and while requests wait, such a backend is polled again once its leases have settled, rather
+than looking a slot fuller until its next turn. Busy is never taken below the number of our own
+running leases, since llama.cpp lists a new request as processing only once its main loop picks it
+up. When no slot is free (or no backend is usable at all: scale from zero), requests wait in one
+FIFO across the whole fleet, bounded in length and time, with the same outcomes as the HAProxy path.
+The one exception to its order: with affinity_wait, a conversation's request whose backend is full
+while another has a slot free is held for its own backend a bounded time, and those behind it go
+first (docs/affinity.md).
 
 Each lease also names alternates, where Envoy retries if the chosen backend refuses the
 connection: others with a slot free that no other request in transit to the same backend was
@@ -184,10 +186,11 @@ class Picker:
         return len(self._queues.get(model, ()))
 
     def busy(self, name: str, model: str | None = None) -> int:
-        """The larger of two views: our own running leases (exact for what this balancer placed, like
-        HAProxy's connection count) and the last poll corrected by leases since (which also sees load
-        from outside the balancer, but lags: llama.cpp lists a request as processing only once its
-        task is picked up, a few hundred ms later on a busy host).
+        """Our own running leases (exact for what this balancer placed, like HAProxy's connection count) while
+        the last poll counts no more requests than ours it could have seen. Else, when it shows load from
+        outside the balancer, the larger of those and the poll corrected by leases since (which lags: llama.cpp
+        lists a request as processing only once its task is picked up, a few hundred ms later on a busy host).
+        Outside load that a poll's count hides behind our requests it missed shows at the next poll.
 
         With ``model``: the slots of this backend that serve it (model_share; 0 when it serves none), counting
         leases for that model and those that named none (which may run on any of the server's slots)."""
@@ -201,10 +204,13 @@ class Picker:
             total, polled = share.slots_total, share.slots_processing
         poll = member.poll
         poll_started = poll.started if poll else float("-inf")
-        own = 0
+        own = seen_by_poll = 0
+        reported = polled
         for lease in self._leases.get(name, {}).values():
             if model is not None and lease.model not in (model, None):
                 continue
+            if poll is not None and self._may_be_in(lease, poll):
+                seen_by_poll += 1
             if lease.released_at is None:
                 own += 1
                 if self._in_transit(lease, poll_started):
@@ -213,6 +219,8 @@ class Picker:
                 # One released *during* the poll may or may not be in the count: it keeps counting
                 # (_maybe_counted); a slot idle until the next poll beats a slot given twice.
                 polled -= 1
+        if poll is not None and reported <= seen_by_poll:
+            return min(own, total)
         return max(0, min(max(own, polled), total))
 
     def candidates(self, model: str | None = None) -> list[str]:
@@ -368,6 +376,12 @@ class Picker:
                 or lease.issued_at > poll.finished):
             return False
         return not Picker._counted_then_ended(lease, poll)
+
+    @staticmethod
+    def _may_be_in(lease: Lease, poll: PollWindow) -> bool:
+        """The poll may have counted this lease's request: issued before it finished, not released before it
+        began."""
+        return lease.issued_at <= poll.finished and (lease.released_at is None or lease.released_at > poll.started)
 
     @staticmethod
     def _in_transit(lease: Lease, poll_started: float) -> bool:

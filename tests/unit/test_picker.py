@@ -179,12 +179,36 @@ def make_asking() -> tuple[FleetModel, Picker, Clock, list[tuple[str, float]]]:
     return model, picker, clock, asked
 
 
-async def test_a_waiting_request_asks_for_a_poll_once_leases_the_last_poll_may_not_show_have_settled() -> None:
-    """A poll right after large's last leases shows them (llama.cpp was quick), but busy() cannot know it did and
-    counts them on top: after a release large still looks full. The waiting request gets that slot from a poll
-    asked for once those leases are SETTLE_SECONDS old, not from the next poll in turn."""
-    model, picker, clock, asked = make_asking()
+async def test_a_poll_right_after_leases_that_counts_only_ours_leaves_busy_at_our_own_leases() -> None:
+    """llama.cpp was quick: the poll counts the requests of leases issued just before it. It shows nothing beyond
+    our own, so a release frees its slot at once, as HAProxy's connection count would."""
+    model, picker, clock = make()
     leases = [await picker.acquire() for _ in range(6)]
+    poll(model, clock, in_transit=True, small=ready(2, 2), large=ready(4, 4))
+    assert picker.free_slots() == {"small": 0, "large": 0}
+    picker.release(next(lease for lease in leases if lease.backend == "large").id)
+    assert picker.free_slots() == {"small": 0, "large": 1}
+
+
+async def test_a_poll_right_after_a_lease_that_shows_outside_load_counts_the_lease_on_top() -> None:
+    """Two running on large, one of them ours, issued just before: the poll may have missed ours and counted two
+    requests from outside the balancer. A slot given twice is worse than one idle until the next poll."""
+    model, picker, clock = make()
+    await picker.acquire()  # large
+    poll(model, clock, in_transit=True, large=ready(4, 2))
+    assert picker.busy("large") == 3
+    poll(model, clock, large=ready(4, 2))  # a poll well after the lease: it counts ours, and one from outside
+    assert picker.busy("large") == 2
+
+
+async def test_a_waiting_request_asks_for_a_poll_once_leases_the_last_poll_may_not_show_have_settled() -> None:
+    """Large runs one request from outside the balancer. A poll right after large's last leases shows them
+    (llama.cpp was quick), but busy() cannot know it did and counts them on top: after a release large still
+    looks full. The waiting request gets that slot from a poll asked for once those leases are SETTLE_SECONDS
+    old, not from the next poll in turn."""
+    model, picker, clock, asked = make_asking()
+    poll(model, clock, large=ready(4, 1))
+    leases = [await picker.acquire() for _ in range(5)]
     issued = clock.now
     poll(model, clock, in_transit=True, small=ready(2, 2), large=ready(4, 4))
     picker.release(next(lease for lease in leases if lease.backend == "large").id)
