@@ -146,22 +146,22 @@ class Simulator:
             lambda: self.ports_file.exists() and json.loads(self.ports_file.read_text()), timeout=30,
             what="the simulator")
 
+    def _get_json(self, path: str) -> Any:
+        """One of the simulator's fleet-wide answers (any server's port serves them)."""
+        first = next(iter(self.ports.values()))
+        status, body = http_get(f"http://127.0.0.1:{first}{path}")
+        if status != 200:
+            raise RuntimeError(f"the simulator's {path} answered {status}")
+        return json.loads(body)
+
     def stats(self) -> dict[str, dict[str, int]]:
         """Per server: deferred_total, completed, busy, queued, prompt_tokens, cached_tokens."""
-        first = next(iter(self.ports.values()))
-        status, body = http_get(f"http://127.0.0.1:{first}/sim/stats")
-        if status != 200:
-            raise RuntimeError(f"the simulator's /sim/stats answered {status}")
-        result: dict[str, dict[str, int]] = json.loads(body)
+        result: dict[str, dict[str, int]] = self._get_json("/sim/stats")
         return result
 
     def handoffs(self) -> dict[str, Any]:
         """The simulator's HandOffs report: held_while_free_s, requests, requests_with_send_time."""
-        first = next(iter(self.ports.values()))
-        status, body = http_get(f"http://127.0.0.1:{first}/sim/handoffs")
-        if status != 200:
-            raise RuntimeError(f"the simulator's /sim/handoffs answered {status}")
-        report: dict[str, Any] = json.loads(body)
+        report: dict[str, Any] = self._get_json("/sim/handoffs")
         return report
 
     def progress(self, what: str, every: float = 15.0) -> threading.Event:
