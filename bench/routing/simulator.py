@@ -138,8 +138,9 @@ class SimServer:
         now = asyncio.get_running_loop().time()
         request = RequestSpec(next(_ids), now - self.start, tokens(prompt), n_predict, text=prompt)
         deferred = self.state.admit(request.id, request)
-        self.handoffs.arrived(sent, time.monotonic())
-        self.handoffs.free_changed(self.spec.name, self.state.free, time.monotonic())
+        arrived = time.monotonic()
+        self.handoffs.arrived(sent, arrived)
+        self.handoffs.free_changed(self.spec.name, self.state.free, arrived)
         live = _Live(request, now, deferred)
         self.live[request.id] = live
         self._wake.set()
