@@ -131,6 +131,7 @@ def measured_run(trace: list[RequestSpec], results: list[Result], stats: dict[st
     summary["refused_by_status"] = {str(s): sum(1 for r in refused if r.status == s)
                                     for s in sorted({r.status for r in refused})}
     summary["refused_late"] = sum(1 for r in refused if r.e2e > timeout + 1.0)
+    summary["slots_polls_per_request"] = ratio(sum(server["slots_polls"] for server in stats.values()), len(results))
     summary["bypassed"] = sum(1 for r in results if r.bypass)
     return summary
 

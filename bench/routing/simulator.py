@@ -16,9 +16,9 @@ per 4 bytes (``model.tokens``), roughly what llama-server's tokenizer gives for 
 Endpoints (llama.cpp-shaped): ``GET /health``, ``/slots``, ``/props``, ``/metrics``;
 ``POST /completion`` (``prompt``, ``n_predict``, ``stream``), ``POST /v1/chat/completions``
 (OpenAI-style, SSE ending with ``data: [DONE]``); plus ``GET /sim/stats`` for the benchmark
-(per server: deferrals, completions, prompt tokens and the cached ones) and ``GET /sim/handoffs`` (how long
-the balancer held requests back while a slot was free: ``HandOffs``). Answers report the
-cache like llama-server: ``timings.cache_n`` (reused), ``timings.prompt_n`` (processed),
+(per server: deferrals, completions, prompt tokens and the cached ones, /slots polls answered) and
+``GET /sim/handoffs`` (how long the balancer held requests back while a slot was free: ``HandOffs``).
+Answers report the cache like llama-server: ``timings.cache_n`` (reused), ``timings.prompt_n`` (processed),
 ``usage.prompt_tokens_details.cached_tokens``. A client that disconnects frees its slot.
 
     python -m bench.routing.simulator --fleet "a:2:20,b:4:25" --ports-file ports.json
@@ -132,6 +132,7 @@ class SimServer:
         self.live: dict[int, _Live] = {}
         self.tokens_predicted = 0
         self.tokens_predicted_seconds = 0.0  # each emitted token's step time, as llama.cpp sums generation time
+        self.slots_polls = 0  # GET /slots answered: what a balancer's agent costs the server
         self._wake = asyncio.Event()
 
     def submit(self, prompt: str, n_predict: int, sent: float | None = None) -> _Live:
@@ -213,7 +214,8 @@ class SimServer:
     def stats(self) -> dict[str, int]:
         return {"deferred_total": self.state.deferred_count, "completed": self.state.completed,
                 "busy": self.state.busy, "queued": self.state.queued,
-                "prompt_tokens": self.state.prompt_tokens_total, "cached_tokens": self.state.cached_tokens_total}
+                "prompt_tokens": self.state.prompt_tokens_total, "cached_tokens": self.state.cached_tokens_total,
+                "slots_polls": self.slots_polls}
 
     def cached(self, live: _Live) -> int:
         """Prompt tokens the request reused from the cache (0 before it had a slot)."""
@@ -304,6 +306,7 @@ def make_app(server: SimServer, fleet: dict[str, SimServer]) -> web.Application:
         return web.json_response({"status": "ok"})
 
     async def slots(_: web.Request) -> web.Response:
+        server.slots_polls += 1
         return web.json_response(server.slots())
 
     async def props(_: web.Request) -> web.Response:

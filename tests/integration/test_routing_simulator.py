@@ -128,6 +128,8 @@ async def test_the_real_agent_reads_the_simulator_as_a_ready_llamacpp_server(sim
     assert await sim.json("a", "/health") == {"status": "ok"}
     assert await sim.json("a", "/slots") == [{"id": 0, "n_ctx": 4096, "is_processing": False},
                                              {"id": 1, "n_ctx": 4096, "is_processing": False}]
+    polls = {name: server["slots_polls"] for name, server in (await sim.json("a", "/sim/stats")).items()}
+    assert polls == {"a": 2, "b": 1}  # one agent view with /slots each, and a's GET above
     assert (await sim.get("a", "/no-such-endpoint")).status == 404  # labelled too (checked in get)
 
 
@@ -164,9 +166,9 @@ async def test_three_requests_on_two_slots_defer_one(sim: Sim) -> None:
     assert waited["timings"]["ttft_ms"] > min(final["timings"]["e2e_ms"] for final in served)
     stats = await sim.json("a", "/sim/stats")
     assert stats["a"] == {"deferred_total": 1, "completed": 3, "busy": 0, "queued": 0, "prompt_tokens": 120,
-                          "cached_tokens": 0}
+                          "cached_tokens": 0, "slots_polls": 0}
     assert stats["b"] == {"deferred_total": 0, "completed": 0, "busy": 0, "queued": 0, "prompt_tokens": 0,
-                          "cached_tokens": 0}
+                          "cached_tokens": 0, "slots_polls": 0}
     metrics = await sim.metrics("a")
     assert metrics["llamacpp_sim:requests_deferred_total"] == 1 and metrics["llamacpp:requests_deferred"] == 0
 
