@@ -12,12 +12,14 @@ so two requests a millisecond apart never both get the last free slot, and a slo
 finished request is reused at once instead of at the next poll. A lease issued just before a poll
 may be in it or not. A poll that counts no more requests than the leases it could have seen shows no
 load from outside the balancer: busy is then our own running leases, exact (what HAProxy's maxconn
-counts). One that counts more does show outside load; then a lease issued just before it counts on
-top, and while requests wait, such a backend is polled again once its leases have settled, rather
-than looking a slot fuller until its next turn. Busy is never taken below the number of our own
-running leases, since llama.cpp lists a new request as processing only once its main loop picks it
-up. When no slot is free (or no backend is usable at all: scale from zero), requests wait in one
-FIFO across the whole fleet, bounded in length and time, with the same outcomes as the HAProxy path.
+counts), and the picker asks for no poll out of turn. One that counts more does show outside load;
+then a lease issued just before it counts on top, and while requests wait, such a backend is polled
+again once its leases have settled, rather than looking a slot fuller until its next turn; a request
+that ends right after a poll that may have counted it has its backend polled at once. Busy is never
+taken below the number of our own running leases, since llama.cpp lists a new request as processing
+only once its main loop picks it up. When no slot is free (or no backend is usable at all: scale from
+zero), requests wait in one FIFO across the whole fleet, bounded in length and time, with the same
+outcomes as the HAProxy path.
 The one exception to its order: with affinity_wait, a conversation's request whose backend is full
 while another has a slot free is held for its own backend a bounded time, and those behind it go
 first (docs/affinity.md).
@@ -51,7 +53,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from agentcheck.model import FleetModel, Member, PollWindow, Role
-from agentcheck.model_routing import model_share
+from agentcheck.model_routing import model_share, served_models
 from agentcheck.policy import speed_class
 from agentcheck.status import ModelLoad, ModelStatus
 
@@ -187,41 +189,66 @@ class Picker:
 
     def busy(self, name: str, model: str | None = None) -> int:
         """Our own running leases (exact for what this balancer placed, like HAProxy's connection count) while
-        the last poll counts no more requests than ours it could have seen. Else, when it shows load from
-        outside the balancer, the larger of those and the poll corrected by leases since (which lags: llama.cpp
-        lists a request as processing only once its task is picked up, a few hundred ms later on a busy host).
-        Outside load that a poll's count hides behind our requests it missed shows at the next poll.
+        the last poll shows no load from outside the balancer (_outside_load). Else the larger of those and the
+        poll corrected by leases since (which lags: llama.cpp lists a request as processing only once its task
+        is picked up, a few hundred ms later on a busy host). Outside load that a poll's count hides behind our
+        requests it missed shows at the next poll.
 
         With ``model``: the slots of this backend that serve it (model_share; 0 when it serves none), counting
         leases for that model and those that named none (which may run on any of the server's slots)."""
-        member = self._model[name]
-        status = member.status
-        total, polled = status.slots_total, status.slots_processing
-        if model is not None:
-            share = model_share(member.backend, status, model)
-            if share is None:
-                return 0
-            total, polled = share.slots_total, share.slots_processing
-        poll = member.poll
+        view = self._view(name, model)
+        if view is None:
+            return 0
+        total, polled, leases = view
+        own = sum(1 for lease in leases if lease.released_at is None)
+        poll = self._model[name].poll
+        if poll is not None and not self._counts_more(poll, polled, leases):
+            return min(own, total)
         poll_started = poll.started if poll else float("-inf")
-        own = seen_by_poll = 0
-        reported = polled
-        for lease in self._leases.get(name, {}).values():
-            if model is not None and lease.model not in (model, None):
-                continue
-            if poll is not None and self._may_be_in(lease, poll):
-                seen_by_poll += 1
+        for lease in leases:
             if lease.released_at is None:
-                own += 1
                 if self._in_transit(lease, poll_started):
                     polled += 1
             elif self._counted_then_ended(lease, poll):
                 # One released *during* the poll may or may not be in the count: it keeps counting
                 # (_maybe_counted); a slot idle until the next poll beats a slot given twice.
                 polled -= 1
-        if poll is not None and reported <= seen_by_poll:
-            return min(own, total)
         return max(0, min(max(own, polled), total))
+
+    def _view(self, name: str, model: str | None) -> tuple[int, int, list[Lease]] | None:
+        """(slots, processing by the last poll, our leases counted against them) of this backend as ``model``'s
+        requests see it; None when it does not serve ``model``."""
+        member = self._model[name]
+        total, polled = member.status.slots_total, member.status.slots_processing
+        if model is not None:
+            share = model_share(member.backend, member.status, model)
+            if share is None:
+                return None
+            total, polled = share.slots_total, share.slots_processing
+        leases = [lease for lease in self._leases.get(name, {}).values()
+                  if model is None or lease.model in (model, None)]
+        return total, polled, leases
+
+    def _outside_load(self, name: str, model: str | None) -> bool:
+        """The last poll of this backend (its share of ``model``) shows load from outside the balancer, or there
+        has been no poll. Only then does busy() count anything but our own running leases, so only then can a
+        poll asked for to settle its count (release, _poll_when_settled, _await_affine_poll) free a slot sooner."""
+        view = self._view(name, model)
+        poll = self._model[name].poll
+        return view is not None and (poll is None or self._counts_more(poll, view[1], view[2]))
+
+    def _counted_on_top(self, lease: Lease) -> bool:
+        """busy() counts this lease by the poll and its corrections, not as one of our own, in some view of its
+        backend: one that counts the lease (the whole server, and its model's share or, for a lease that named
+        no model, every share) shows outside load."""
+        member = self._model[lease.backend]
+        views = (lease.model,) if lease.model is not None else served_models(member.backend, member.status)
+        return any(self._outside_load(lease.backend, view) for view in (None, *views))
+
+    @classmethod
+    def _counts_more(cls, poll: PollWindow, polled: int, leases: list[Lease]) -> bool:
+        """The poll counts more running requests than the leases of ours it could have seen: some are not ours."""
+        return polled > sum(1 for lease in leases if cls._may_be_in(lease, poll))
 
     def candidates(self, model: str | None = None) -> list[str]:
         """Backends that may get new requests: ready, not drained primaries; else such standby ones. With
@@ -340,7 +367,8 @@ class Picker:
         if not self._settled(candidates):
             return
         name = self._home(model, affinity, candidates)
-        if name is None or self._total(name, model) - self.busy(name, model) > 0:
+        if (name is None or self._total(name, model) - self.busy(name, model) > 0
+                or not self._outside_load(name, model)):
             return
         poll = self._model[name].poll
         ended = [lease.released_at for lease in self._leases.get(name, {}).values()
@@ -485,7 +513,7 @@ class Picker:
         if lease is None or lease.released_at is not None:
             return False
         lease.released_at = self._clock()
-        if self._maybe_counted(lease, self._model[lease.backend].poll):
+        if self._maybe_counted(lease, self._model[lease.backend].poll) and self._counted_on_top(lease):
             self._poll_soon(lease.backend, 0.0)
         self.wake()
         return True
@@ -607,7 +635,8 @@ class Picker:
             if poll is None:
                 continue
             settled_at = max((lease.issued_at + SETTLE_SECONDS for lease in self._leases.get(name, {}).values()
-                              if lease.released_at is None and self._in_transit(lease, poll.started)),
+                              if lease.released_at is None and self._in_transit(lease, poll.started)
+                              and self._counted_on_top(lease)),
                              default=None)
             if settled_at is None or self._settle_poll_at.get(name, float("-inf")) >= settled_at:
                 continue

@@ -217,8 +217,8 @@ async def test_a_waiting_request_asks_for_a_poll_once_leases_the_last_poll_may_n
     waiter = asyncio.ensure_future(picker.acquire())
     await asyncio.sleep(0)
     assert not waiter.done()
-    assert dict(asked) == {"small": pytest.approx(issued + SETTLE_SECONDS - clock.now),
-                           "large": pytest.approx(issued + SETTLE_SECONDS - clock.now)}
+    # small's poll counts no more than our own two: its count is exact, nothing there to settle.
+    assert dict(asked) == {"large": pytest.approx(issued + SETTLE_SECONDS - clock.now)}
     clock.now = issued + SETTLE_SECONDS
     poll(model, clock, in_transit=True, small=ready(2, 2), large=ready(4, 3))
     assert (await waiter).backend == "large"
@@ -226,7 +226,8 @@ async def test_a_waiting_request_asks_for_a_poll_once_leases_the_last_poll_may_n
 
 async def test_no_poll_is_asked_for_while_nobody_waits_and_one_poll_serves_every_waiter() -> None:
     model, picker, clock, asked = make_asking()
-    [await picker.acquire() for _ in range(6)]
+    poll(model, clock, small=ready(2, 1), large=ready(4, 1))  # one request from outside the balancer on each
+    [await picker.acquire() for _ in range(4)]
     poll(model, clock, in_transit=True, small=ready(2, 2), large=ready(4, 4))
     assert asked == []
     waiters = [asyncio.ensure_future(picker.acquire()) for _ in range(3)]
@@ -235,6 +236,21 @@ async def test_no_poll_is_asked_for_while_nobody_waits_and_one_poll_serves_every
     assert sorted(name for name, _ in asked) == ["large", "small"]
     for waiter in waiters:
         waiter.cancel()
+
+
+async def test_a_poll_that_counts_only_our_own_requests_is_exact_so_nothing_asks_for_another() -> None:
+    """Every slot runs one of ours and the polls right after the leases count just those: busy() is our own
+    running leases. A release frees its slot at once, so neither it nor the requests that wait need a poll
+    out of turn (each would be a /slots request to the server for nothing)."""
+    model, picker, clock, asked = make_asking()
+    leases = [await picker.acquire() for _ in range(6)]
+    poll(model, clock, in_transit=True, small=ready(2, 2), large=ready(4, 4))
+    waiters = [asyncio.ensure_future(picker.acquire()) for _ in range(2)]
+    await asyncio.sleep(0)
+    assert picker.release(leases[0].id)
+    assert (await asyncio.wait_for(waiters[0], 1)).backend == leases[0].backend
+    assert asked == []
+    waiters[1].cancel()
 
 
 async def test_waiters_are_served_first_come_first_served_as_slots_free() -> None:
@@ -514,6 +530,24 @@ async def test_a_servers_aliases_split_its_slots_so_together_they_never_exceed_i
     picker.release(alpha[0].id)
     await asyncio.sleep(0)
     assert waiter.result().backend == "duo"
+
+
+async def test_a_release_asks_for_a_poll_only_when_a_count_that_includes_it_shows_outside_load() -> None:
+    """duo's two aliases split its 4 slots. llama.cpp does not say which alias a running request serves, so
+    each share counts as busy as it can be (model_share). One alpha request and one naming no model run, and a
+    poll right after counts both. To beta's share, which counts only the one naming no model, the other looks
+    like load from outside. The whole server's count and alpha's are exact: alpha's release needs no poll, the
+    other's does."""
+    clock = Clock()
+    asked: list[tuple[str, float]] = []
+    model = FleetModel([backend for backend in MODEL_BACKENDS if backend.name == "duo"])
+    picker = Picker(model, 10, 5.0, clock, poll_soon=lambda name, delay: asked.append((name, delay)))
+    model.subscribe(picker.on_member_change)
+    poll(model, clock, duo=ready(4))
+    alpha, unnamed = await picker.acquire("alpha"), await picker.acquire()
+    poll(model, clock, in_transit=True, duo=ready(4, 2))
+    assert picker.release(alpha.id) and asked == []
+    assert picker.release(unnamed.id) and asked == [("duo", 0.0)]
 
 
 async def test_alternates_serve_the_requests_model() -> None:

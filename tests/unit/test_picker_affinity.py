@@ -193,6 +193,18 @@ async def test_without_that_poll_the_next_turn_goes_elsewhere_after_a_bounded_wa
         assert (await picker.acquire(affinity=turn(3))).backend == "large"
 
 
+async def test_an_ended_turn_on_a_backend_running_only_ours_frees_its_slot_without_a_poll() -> None:
+    """The small_full_with_an_ended_turn case without the request from outside: the poll right after turn 2
+    counts only turn 2, so busy() is exact and turn 2's release frees its slot at once."""
+    model, picker, clock, asked = make_asking()
+    await placed_on_small(model, picker, clock, turn(1))
+    turn_two = await picker.acquire(affinity=turn(2))
+    poll(model, clock, in_transit=True, small=ready(2, 1), large=ready(4))
+    picker.release(turn_two.id)
+    assert (await picker.acquire(affinity=turn(3))).backend == "small"
+    assert asked == []
+
+
 async def test_a_full_backend_with_no_ended_request_in_doubt_is_not_waited_for() -> None:
     model, picker, clock, asked = make_asking()
     await placed_on_small(model, picker, clock, turn(1))
