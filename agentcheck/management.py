@@ -277,12 +277,12 @@ async def failed(request: web.Request) -> web.Response:
 
 async def picker_health(request: web.Request) -> web.Response:
     """Paddler-compatible /health for a balancer that routes through the picker (Envoy): counts as the
-    picker sees them (polls corrected by its own leases), and its own queue."""
+    picker sees them (polls corrected by its own leases), and its own queue. Idle slots are those it would
+    place a request on now: none while its opening settles (Picker.open), when requests wait instead."""
     picker = request.app[PICKER_KEY]
     candidates = picker.candidates()
     processing = sum(picker.busy(name) for name in candidates)
-    total = sum(request.app[MODEL_KEY][name].status.slots_total for name in candidates)
-    body, status = health(bool(candidates), total - processing, processing, picker.waiting)
+    body, status = health(bool(candidates), sum(picker.free_slots().values()), processing, picker.waiting)
     return web.json_response(body, status=status, headers={PICKER_SOURCE_HEADER: "picker"})
 
 

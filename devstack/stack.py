@@ -130,6 +130,12 @@ class BalancerStack:
                 wait_until(functools.partial(self._envoy_sees, name, count), timeout=timeout,
                            what=f"the picker and Envoy to see {name} ready with {count} slots")
 
+    def wait_idle(self, slots: int, timeout: float = 10.0) -> None:
+        """Wait until the balancer's /health counts ``slots`` idle. Behind Envoy that is once the picker has
+        settled after opening (Picker.open), so a request sent then is placed at once rather than waiting."""
+        wait_until(lambda: self.health().get("slots_idle") == slots, timeout=timeout,
+                   what=f"the balancer to count {slots} slots idle")
+
     def _haproxy_sees(self, name: str, slots: int) -> bool:
         return self.is_up(name) and self.server(name)["slim"] == str(slots)
 

@@ -164,6 +164,7 @@ def run_strategy(name: str, servers: dict[str, str], slots: dict[str, int], work
     kind, balancer = PADDLER[name]
     with BalancerStack(workdir, servers, kind=kind, interval=agent_interval, balancer=balancer) as stack:
         stack.wait_slots(slots, timeout=20)
+        stack.wait_idle(sum(slots.values()), timeout=20)
         yield stack.url
 
 

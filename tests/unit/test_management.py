@@ -6,6 +6,7 @@ import asyncio
 import io
 import json
 import socket
+import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -16,12 +17,12 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from agentcheck.eds import TYPE_URL, EndpointDiscovery
-from agentcheck.management import create_app, host_refusal, token_refusal
+from agentcheck.management import PICKER_KEY, create_app, host_refusal, token_refusal
 from agentcheck.membership import Membership
 from agentcheck.metrics import FleetCollector, build_registry
 from agentcheck.model import FleetModel, Origin, PollWindow
 from agentcheck.monitor import PollCounters
-from agentcheck.picker import Picker
+from agentcheck.picker import OPEN_SETTLE_SECONDS, Picker
 from agentcheck.replies import AgentCheckReplies
 from agentcheck.reporting import BalancerProbe, StatsdReporter
 from agentcheck.snapshot import Snapshot, fleet_snapshot
@@ -322,6 +323,23 @@ async def test_picker_hands_out_endpoints_then_buffers_then_refuses_with_the_sha
     assert second.status == 503 and await second.text() == BUFFER_TIMEOUT
     first.release()
     second.release()
+
+
+async def test_the_pickers_health_counts_no_slot_idle_while_its_opening_settles() -> None:
+    """Right after the agent starts, the picker places nothing until every backend has had a poll that began
+    after OPEN_SETTLE_SECONDS (Picker.open); Envoy's /health says so, so a client can wait for the slots."""
+    state = Fleet()
+    runner, base = await serve(state, TOKEN)
+    runner.app[PICKER_KEY].open(poll_interval=60.0)
+    async with aiohttp.ClientSession() as session:
+        client = Api(base, session)
+        status, text = await client.get("/api/v1/picker/health")
+        assert (status, json.loads(text)) == (200, {"status": "ok", "slots_idle": 0, "slots_processing": 1,
+                                                    "requests_buffered": 0})
+        trusted = time.monotonic() + OPEN_SETTLE_SECONDS
+        state.model.record_poll("gpu1", ready(4, 1), now=trusted, window=PollWindow(trusted, trusted))
+        assert json.loads((await client.get("/api/v1/picker/health"))[1])["slots_idle"] == 3
+    await runner.cleanup()
 
 
 # The picker serves Envoy's filter only: its secret header, random lease ids released only by their holder.
