@@ -414,9 +414,11 @@ class AgentProcess(_Process):
     def __init__(self, workdir: Path, args: list[str], port: int | None = None,
                  extra_env: dict[str, str] | None = None, management_port: int | None = None) -> None:
         super().__init__(workdir)
-        ports = free_ports(2)
-        self.port = port or ports[0]
-        self.management_port = management_port or ports[1]
+        given = {chosen for chosen in (port, management_port) if chosen is not None}
+        # A given port is free but unbound, so the kernel may offer it again: never pick it for the other.
+        spare = (free for free in free_ports(2 + len(given)) if free not in given)
+        self.port = port or next(spare)
+        self.management_port = management_port or next(spare)
         self.args = args
         self.extra_env = extra_env or {}
 
