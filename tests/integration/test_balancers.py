@@ -39,6 +39,7 @@ def fleet3(request: pytest.FixtureRequest, llama_binary: Path, tiny_model: Path,
         stack = BalancerStack(workdir, {server.name: server.address for server in servers}, kind=request.param)
         with stack:
             stack.wait_slots(FLEET_SLOTS)
+            stack.wait_idle(sum(FLEET_SLOTS.values()))  # behind Envoy: once the picker places (its opening settle)
             stack.llama = {server.name: server for server in servers}  # type: ignore[attr-defined]
             yield stack
     finally:
