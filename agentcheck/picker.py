@@ -74,6 +74,10 @@ MAX_ALTERNATES = 2  # the llama routes' num_retries: one alternate per retry
 # long after opening (or one poll interval more has passed): placing on each as its poll comes would
 # send the first requests to whichever backend is polled first, not to the one with most room.
 OPEN_SETTLE_SECONDS = 0.3
+# Opening asks for a poll of every backend this much after OPEN_SETTLE_SECONDS, not at its turn up to an
+# interval later: a timer may fire a moment early, and a poll that began before the settle's end counts for
+# nothing.
+OPEN_POLL_MARGIN = 0.01
 # A conversation's backend can look full only because its last poll may have counted a request that has ended
 # since (issued just before the poll: busy() cannot tell, and keeps counting it). Its next turn then waits this
 # long at most for a poll asked for at once, instead of re-reading its whole history on another server: a
@@ -267,9 +271,12 @@ class Picker:
         return model is None or Picker._share(member, model) is not None
 
     def open(self, poll_interval: float) -> None:
-        """The agent starts answering Envoy's filter: see OPEN_SETTLE_SECONDS."""
+        """The agent starts answering Envoy's filter: see OPEN_SETTLE_SECONDS. Every backend is polled as soon
+        as its poll can end the settle."""
         self._trusted_from = self._clock() + OPEN_SETTLE_SECONDS
         self._settled_by = self._trusted_from + poll_interval
+        for member in self._model:
+            self._poll_soon(member.name, OPEN_SETTLE_SECONDS + OPEN_POLL_MARGIN)
 
     def free_slots(self, model: str | None = None) -> dict[str, int]:
         """Free slots (of ``model``'s shares) on each candidate; a model a router has not loaded has none."""

@@ -8,7 +8,15 @@ from collections.abc import Callable
 import pytest
 
 from agentcheck.model import FleetModel, Origin, PollWindow
-from agentcheck.picker import LEASE_ID_PATTERN, OPEN_SETTLE_SECONDS, SETTLE_SECONDS, BufferFull, BufferTimeout, Picker
+from agentcheck.picker import (
+    LEASE_ID_PATTERN,
+    OPEN_POLL_MARGIN,
+    OPEN_SETTLE_SECONDS,
+    SETTLE_SECONDS,
+    BufferFull,
+    BufferTimeout,
+    Picker,
+)
 from agentcheck.status import BackendStatus, ModelLoad, ModelStatus, SlotSource, State
 from fleet import Address, Backend
 
@@ -91,6 +99,18 @@ async def test_after_opening_nothing_is_placed_until_every_backend_had_a_poll_th
     poll(model, clock, in_transit=True, large=ready(4, processing=3))
     lease = await asyncio.wait_for(waiter, 1)
     assert lease.backend == "large" and picker.free_slots() == {"small": 1, "large": 0}
+
+
+async def test_opening_asks_for_a_poll_of_every_backend_once_one_can_end_the_settle() -> None:
+    """Not at each backend's turn, up to an interval later: requests wait until the last backend's poll."""
+    model, picker, clock, asked = make_asking()
+    picker.open(poll_interval=1.0)
+    assert asked == [(name, OPEN_SETTLE_SECONDS + OPEN_POLL_MARGIN) for name in ("small", "large", "spare")]
+    waiter = asyncio.ensure_future(picker.acquire())
+    await asyncio.sleep(0)
+    clock.now += OPEN_SETTLE_SECONDS + OPEN_POLL_MARGIN
+    poll(model, clock, in_transit=True, small=ready(2), large=ready(4), spare=ready(2))
+    assert (await asyncio.wait_for(waiter, 1)).backend == "large"
 
 
 async def test_while_the_opening_settles_requests_that_would_get_a_slot_wait_beside_the_full_buffer() -> None:
