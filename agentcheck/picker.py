@@ -206,7 +206,7 @@ class Picker:
         total, polled, leases = view
         own = sum(1 for lease in leases if lease.released_at is None)
         poll = self._model[name].poll
-        if poll is not None and not self._counts_more(poll, polled, leases):
+        if not self._shows_outside_load(poll, polled, leases):
             return min(own, total)
         poll_started = poll.started if poll else float("-inf")
         for lease in leases:
@@ -238,8 +238,7 @@ class Picker:
         has been no poll. Only then does busy() count anything but our own running leases, so only then can a
         poll asked for to settle its count (release, _poll_when_settled, _await_affine_poll) free a slot sooner."""
         view = self._view(name, model)
-        poll = self._model[name].poll
-        return view is not None and (poll is None or self._counts_more(poll, view[1], view[2]))
+        return view is not None and self._shows_outside_load(self._model[name].poll, view[1], view[2])
 
     def _counted_on_top(self, lease: Lease) -> bool:
         """busy() counts this lease by the poll and its corrections, not as one of our own, in some view of its
@@ -250,9 +249,10 @@ class Picker:
         return any(self._outside_load(lease.backend, view) for view in (None, *views))
 
     @classmethod
-    def _counts_more(cls, poll: PollWindow, polled: int, leases: list[Lease]) -> bool:
-        """The poll counts more running requests than the leases of ours it could have seen: some are not ours."""
-        return polled > sum(1 for lease in leases if cls._may_be_in(lease, poll))
+    def _shows_outside_load(cls, poll: PollWindow | None, polled: int, leases: list[Lease]) -> bool:
+        """The poll counts more running requests than the leases of ours it could have seen (some are not ours),
+        or there has been none: what it shows is not known."""
+        return poll is None or polled > sum(1 for lease in leases if cls._may_be_in(lease, poll))
 
     def candidates(self, model: str | None = None) -> list[str]:
         """Backends that may get new requests: ready, not drained primaries; else such standby ones. With
