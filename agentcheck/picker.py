@@ -193,10 +193,10 @@ class Picker:
 
     def busy(self, name: str, model: str | None = None) -> int:
         """Our own running leases (exact for what this balancer placed, like HAProxy's connection count) while
-        the last poll shows no load from outside the balancer (_outside_load). Else the larger of those and the
-        poll corrected by leases since (which lags: llama.cpp lists a request as processing only once its task
-        is picked up, a few hundred ms later on a busy host). Outside load that a poll's count hides behind our
-        requests it missed shows at the next poll.
+        the last poll shows no load from outside the balancer (_shows_outside_load). Else the larger of those
+        and the poll corrected by leases since (which lags: llama.cpp lists a request as processing only once
+        its task is picked up, a few hundred ms later on a busy host). Outside load that a poll's count hides
+        behind our requests it missed shows at the next poll.
 
         With ``model``: the slots of this backend that serve it (model_share; 0 when it serves none), counting
         leases for that model and those that named none (which may run on any of the server's slots)."""
