@@ -404,13 +404,11 @@ class Picker:
 
     @staticmethod
     def _maybe_counted(lease: Lease, poll: PollWindow | None) -> bool:
-        """A released lease that busy() still counts: the latest poll began before the release and may have
-        seen the request (issued before it finished), but busy() cannot tell (issued within SETTLE_SECONDS of
-        its start, or released while it ran)."""
-        if (poll is None or lease.released_at is None or lease.released_at <= poll.started
-                or lease.issued_at > poll.finished):
-            return False
-        return not Picker._counted_then_ended(lease, poll)
+        """A released lease that busy()'s margin still counts, where the poll shows outside load
+        (_counted_on_top): the latest poll may have seen the request (_may_be_in), but busy() cannot tell
+        (issued within SETTLE_SECONDS of its start, or released while it ran)."""
+        return (poll is not None and lease.released_at is not None and Picker._may_be_in(lease, poll)
+                and not Picker._counted_then_ended(lease, poll))
 
     @staticmethod
     def _may_be_in(lease: Lease, poll: PollWindow) -> bool:
