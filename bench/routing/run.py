@@ -156,7 +156,7 @@ class Simulator:
         return json.loads(body)
 
     def stats(self) -> dict[str, dict[str, int]]:
-        """Per server: deferred_total, completed, busy, queued, prompt_tokens, cached_tokens."""
+        """Per server: deferred_total, completed, busy, queued, prompt_tokens, cached_tokens, slots_polls."""
         result: dict[str, dict[str, int]] = self._get_json("/sim/stats")
         return result
 
