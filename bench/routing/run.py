@@ -49,8 +49,10 @@ from bench.routing.model import RequestSpec, ServerSpec, ideal
 from bench.routing.simulator import parse_fleet
 from bench.routing.strategies import (
     CHAT_ONLY,
+    DEFAULT_BUFFER,
     SESSION_HEADER,
     STRATEGIES,
+    Buffer,
     PeerFailed,
     peer,
     peer_command,
@@ -59,7 +61,6 @@ from bench.routing.strategies import (
     run_strategy,
 )
 from devstack.processes import http_get, wait_until
-from fleet import BalancerConfig
 
 DEFAULT_FLEET = "a:2:6,b:4:8,c:4:10,d:8:12"  # name:slots:token_ms — heterogeneous slots and speeds
 RESULTS = Path(__file__).resolve().parents[1] / "results"
@@ -207,24 +208,25 @@ def workload(scenario: Scenario, fleet: list[ServerSpec], seed: int, duration: f
                     rate=rate)
 
 
-def peer_report(strategy: str, servers: dict[str, str], slots: dict[str, int]) -> dict[str, Any] | None:
+def peer_report(strategy: str, servers: dict[str, str], slots: dict[str, int],
+                buffer: Buffer) -> dict[str, Any] | None:
     """A peer's package, version and exact flags (or a plain proxy's config; ports as 0, servers as 127.0.0.1:9000
     on: they change per run), for the report."""
     placeholders = {name: f"127.0.0.1:{9000 + index}" for index, name in enumerate(servers)}
     found = peer(strategy)
     if found is None:
-        return proxy_report(strategy, placeholders, slots)
-    command = peer_command(strategy, placeholders, slots, 0, 0)
+        return proxy_report(strategy, placeholders, slots, buffer)
+    command = peer_command(strategy, placeholders, slots, 0, 0, buffer)
     flags = command[command.index("sglang_router.launch_router") + 1:] if found[0] == "sglang-router" else command[1:]
     return {"package": found[0], "version": peer_version(strategy), "flags": flags}
 
 
 def run(fleet_text: str, scenarios: list[Scenario], strategies: list[str], seed: int, duration: float,
-        agent_interval: str, conversation_duration: float) -> tuple[list[dict[str, Any]], Distributions]:
+        agent_interval: str, conversation_duration: float,
+        buffer: Buffer = DEFAULT_BUFFER) -> tuple[list[dict[str, Any]], Distributions]:
     fleet = parse_fleet(fleet_text)
     slots = {spec.name: spec.slots for spec in fleet}
     bypass_target = max(fleet, key=lambda spec: spec.slots).name
-    timeout = BalancerConfig().buffered_request_timeout
     runs = []
     ttfts: Distributions = {}
     for scenario in scenarios:
@@ -246,7 +248,7 @@ def run(fleet_text: str, scenarios: list[Scenario], strategies: list[str], seed:
             print(f"  {strategy}: running", flush=True)
             try:
                 row = _measure(strategy, work, fleet_text, slots, scenario, bypass_target, agent_interval, seed,
-                               timeout, ttfts)
+                               buffer, ttfts)
             except PeerFailed as exc:
                 print(f"  {strategy}: skipped, {exc}", flush=True)
                 continue
@@ -259,14 +261,14 @@ def run(fleet_text: str, scenarios: list[Scenario], strategies: list[str], seed:
 
 
 def _measure(strategy: str, work: Workload, fleet_text: str, slots: dict[str, int], scenario: Scenario,
-             bypass_target: str, agent_interval: str, seed: int, timeout: float,
+             bypass_target: str, agent_interval: str, seed: int, buffer: Buffer,
              ttfts: Distributions) -> dict[str, Any]:
     """One strategy in front of a fresh simulator: its row (TTFTs go into ``ttfts``)."""
     with tempfile.TemporaryDirectory(prefix=f"route-{strategy}-") as tmp:
         simulator = Simulator(fleet_text, Path(tmp))
         try:
             servers = {name: f"127.0.0.1:{port}" for name, port in simulator.ports.items()}
-            with run_strategy(strategy, servers, slots, Path(tmp) / "lb", agent_interval) as url:
+            with run_strategy(strategy, servers, slots, Path(tmp) / "lb", agent_interval, buffer) as url:
                 done = simulator.progress(strategy)
                 try:
                     if work.conversations is not None:
@@ -278,9 +280,9 @@ def _measure(strategy: str, work: Workload, fleet_text: str, slots: dict[str, in
                                                      seed))
                 finally:
                     done.set()
-            row = {"strategy": strategy, **measured_run(work.trace, results, simulator.stats(), timeout),
+            row = {"strategy": strategy, **measured_run(work.trace, results, simulator.stats(), buffer.timeout),
                    "held_while_free_s": simulator.handoffs()["held_while_free_s"]}
-            report = peer_report(strategy, servers, slots)
+            report = peer_report(strategy, servers, slots, buffer)
             if report is not None:
                 row["peer"] = report
             ttfts[scenario.name, scenario.load, strategy] = sorted(
@@ -347,6 +349,10 @@ def main() -> int:
                         help="seconds during which conversations start")
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
     parser.add_argument("--agent-interval", default="1s")
+    parser.add_argument("--max-buffered-requests", type=int, default=DEFAULT_BUFFER.requests,
+                        help="requests that may wait for a slot, in every strategy that has a queue")
+    parser.add_argument("--buffered-request-timeout", type=float, default=DEFAULT_BUFFER.timeout,
+                        help="seconds a request may wait for a slot, in every strategy that has a queue")
     parser.add_argument("--output", type=Path, default=RESULTS / "latest.json")
     parser.add_argument("--append", action="store_true",
                         help="keep the output's other runs (rows of the same strategy, scenario and load are replaced)")
@@ -357,8 +363,9 @@ def main() -> int:
         scenarios.append(Scenario("bypass", args.bypass_load, bypass_fraction=args.bypass_fraction))
     if args.conversation_load:
         scenarios.append(Scenario("conversation", args.conversation_load))
+    buffer = Buffer(args.max_buffered_requests, args.buffered_request_timeout)
     runs, ttfts = run(args.fleet, scenarios, args.strategies.split(","), args.seed, args.duration,
-                      args.agent_interval, args.conversation_duration)
+                      args.agent_interval, args.conversation_duration, buffer)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     if args.append and args.output.exists():
         fresh = {(row["strategy"], row["scenario"], row["load"]) for row in runs}
@@ -369,7 +376,8 @@ def main() -> int:
                                                     row["strategy"] != "ideal"))  # stable: each cell's ideal first
     args.output.write_text(json.dumps({"fleet": args.fleet, "seed": args.seed, "duration_s": args.duration,
                                        "conversation_duration_s": args.conversation_duration,
-                                       "agent_interval": args.agent_interval, "runs": runs}, indent=1) + "\n")
+                                       "agent_interval": args.agent_interval, "buffer": buffer._asdict(),
+                                       "runs": runs}, indent=1) + "\n")
     if args.append:  # the kept rows' TTFTs are not stored: a plot of this run alone would replace the report's
         print(f"wrote {args.output} (the plot is left as it was)")
     else:

@@ -16,8 +16,8 @@
 - Peers, from PyPI into their own virtualenv (``bench/peers.sh``; ``PADDLER_PEERS_VENV``), skipped when
   absent: ``sglang-<policy>`` is SGLang's model gateway (``sglang-router --backend openai``),
   ``vllm-router-<policy>`` vLLM's router. Both get the fleet's slot total as their concurrency limit and
-  Paddler's buffer (30 waiting, 10 s) as their queue, the nearest they have to our semantics. They serve
-  OpenAI's chat API only, so they run the ``conversation`` scenario.
+  Paddler's buffer (``Buffer``: 30 waiting, 10 s unless the run says otherwise) as their queue, the nearest
+  they have to our semantics. They serve OpenAI's chat API only, so they run the ``conversation`` scenario.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import subprocess
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
@@ -60,6 +60,19 @@ PADDLER = {"paddler-haproxy": ("haproxy", {}), "paddler-haproxy-slots-only": ("h
            "paddler-envoy-affinity-wait": ("envoy", {"affinity": True, "affinity_wait": "500ms"})}
 CHAT_ONLY = frozenset(PEERS)  # strategies that serve /v1/chat/completions only
 
+
+class Buffer(NamedTuple):
+    """Requests that may wait for a slot, and for how long: the fleet file's ``balancer.max_buffered_requests``
+    and ``buffered_request_timeout``, and the same queue for every strategy that has one."""
+    requests: int = BalancerConfig().max_buffered_requests
+    timeout: float = BalancerConfig().buffered_request_timeout
+
+    def fleet_keys(self) -> dict[str, Any]:
+        return {"max_buffered_requests": self.requests, "buffered_request_timeout": f"{self.timeout:g}s"}
+
+
+DEFAULT_BUFFER = Buffer()  # as shipped, and Paddler's
+
 PLAIN_HAPROXY = """\
 global
     maxconn 4096
@@ -84,10 +97,10 @@ backend llama
 # HAProxy's bounded-load consistent hashing (docs/affinity.md): a session's requests go to the server its id
 # hashes to, unless that server already has 25 % more connections than the average; each server admits its
 # slots (maxconn) and the excess waits in HAProxy's queue, as long as Paddler's buffer lets a request wait.
-HASH_BOUNDED = f"""hash req.hdr(x-session-id)
+HASH_BOUNDED = """hash req.hdr(x-session-id)
     hash-type consistent
     hash-balance-factor 125
-    timeout queue {round(BalancerConfig().buffered_request_timeout)}s"""
+    timeout queue {queue_timeout}s"""
 # Plain HAProxy strategies: the backend's balance algorithm, and what each server line adds ({slots}: its slots).
 PLAIN_HAPROXY_STRATEGIES = {"roundrobin": ("roundrobin", ""), "leastconn": ("leastconn", ""),
                             "haproxy-hash-bounded": (HASH_BOUNDED, " maxconn {slots}")}
@@ -114,12 +127,11 @@ def peer_version(name: str) -> str | None:
 
 
 def peer_command(name: str, servers: dict[str, str], slots: dict[str, int], port: int,
-                 metrics_port: int) -> list[str]:
+                 metrics_port: int, buffer: Buffer = DEFAULT_BUFFER) -> list[str]:
     """How a peer is started (its exact flags go into the report)."""
     found = peer(name)
     assert found is not None, name
     package, policy, executable = found
-    buffer = BalancerConfig()
     if package == "sglang-router":
         command = [str(PEERS_VENV / "bin" / "python"), "-m", "sglang_router.launch_router", "--backend", "openai"]
     else:
@@ -128,23 +140,22 @@ def peer_command(name: str, servers: dict[str, str], slots: dict[str, int], port
         *command, "--host", "127.0.0.1", "--port", str(port),
         "--worker-urls", *(f"http://{address}" for address in servers.values()),
         "--policy", policy, "--max-concurrent-requests", str(sum(slots.values())),
-        "--queue-size", str(buffer.max_buffered_requests),
-        "--queue-timeout-secs", str(round(buffer.buffered_request_timeout)),
+        "--queue-size", str(buffer.requests), "--queue-timeout-secs", str(round(buffer.timeout)),
         "--prometheus-port", str(metrics_port), "--log-level", "warn" if package == "sglang-router" else "warning"]
 
 
 @contextlib.contextmanager
 def run_strategy(name: str, servers: dict[str, str], slots: dict[str, int], workdir: Path,
-                 agent_interval: str = "1s") -> Iterator[str]:
+                 agent_interval: str = "1s", buffer: Buffer = DEFAULT_BUFFER) -> Iterator[str]:
     """Start ``name`` in front of ``servers`` (name → host:port); yields the URL to send requests to."""
     workdir.mkdir(parents=True, exist_ok=True)
     if name in PLAIN_HAPROXY_STRATEGIES:
         port = free_port()
-        with HAProxy(plain_haproxy(name, servers, slots, port, workdir / "haproxy.sock"), workdir):
+        with HAProxy(plain_haproxy(name, servers, slots, port, workdir / "haproxy.sock", buffer), workdir):
             yield f"http://127.0.0.1:{port}"
         return
     if peer(name) is not None:
-        with _peer(name, servers, slots, workdir) as url:
+        with _peer(name, servers, slots, workdir, buffer) as url:
             yield url
         return
     if name == "envoy-least_request":
@@ -153,34 +164,38 @@ def run_strategy(name: str, servers: dict[str, str], slots: dict[str, int], work
             yield url
         return
     if name in ("paddler-envoy-agent-down", "paddler-envoy-agent-down-largest"):
-        cap = {"envoy_fallback_per_server": max(slots.values())} if name.endswith("-largest") else None
+        cap = {"envoy_fallback_per_server": max(slots.values())} if name.endswith("-largest") else {}
         with BalancerStack(workdir / "stack", servers, kind="envoy", interval=agent_interval, slots=slots,
-                           balancer=cap) as stack:
+                           balancer={**cap, **buffer.fleet_keys()}) as stack:
             stack.wait_slots(slots, timeout=20)
             listen, admin = free_port(), free_port()
             with _envoy(without_lua(stack.config, listen, admin), workdir, listen, admin) as url:
                 yield url
         return
     kind, balancer = PADDLER[name]
-    with BalancerStack(workdir, servers, kind=kind, interval=agent_interval, balancer=balancer) as stack:
+    with BalancerStack(workdir, servers, kind=kind, interval=agent_interval,
+                       balancer={**balancer, **buffer.fleet_keys()}) as stack:
         stack.wait_slots(slots, timeout=20)
         stack.wait_idle(sum(slots.values()), timeout=20)
         yield stack.url
 
 
-def plain_haproxy(name: str, servers: dict[str, str], slots: dict[str, int], port: int, socket: Path) -> str:
+def plain_haproxy(name: str, servers: dict[str, str], slots: dict[str, int], port: int, socket: Path,
+                  buffer: Buffer = DEFAULT_BUFFER) -> str:
     """HAProxy's config for a plain HAProxy strategy."""
     algorithm, server_options = PLAIN_HAPROXY_STRATEGIES[name]
     lines = "\n".join(f"    server {n} {address}{server_options.format(slots=slots[n])}"
                       for n, address in servers.items())
-    return PLAIN_HAPROXY.format(socket=socket, port=port, algorithm=algorithm, servers=lines)
+    return PLAIN_HAPROXY.format(socket=socket, port=port, servers=lines,
+                                algorithm=algorithm.format(queue_timeout=round(buffer.timeout)))
 
 
-def proxy_report(name: str, servers: dict[str, str], slots: dict[str, int]) -> dict[str, Any] | None:
+def proxy_report(name: str, servers: dict[str, str], slots: dict[str, int],
+                 buffer: Buffer = DEFAULT_BUFFER) -> dict[str, Any] | None:
     """For a plain proxy strategy: the proxy, its version and its exact config (ports as 0), for the report."""
     if name in PLAIN_HAPROXY_STRATEGIES:
         binary, version_flag, flags = haproxy_binary(), "-v", []
-        config = plain_haproxy(name, servers, slots, 0, Path("haproxy.sock"))
+        config = plain_haproxy(name, servers, slots, 0, Path("haproxy.sock"), buffer)
     elif name == "envoy-least_request":
         binary, version_flag, flags = envoy_binary(), "--version", ["--concurrency", "1"]
         config = plain_envoy(servers, 0, 0)
@@ -239,9 +254,10 @@ class PeerFailed(RuntimeError):
 
 
 @contextlib.contextmanager
-def _peer(name: str, servers: dict[str, str], slots: dict[str, int], workdir: Path) -> Iterator[str]:
+def _peer(name: str, servers: dict[str, str], slots: dict[str, int], workdir: Path,
+          buffer: Buffer) -> Iterator[str]:
     port = free_port()
-    command = peer_command(name, servers, slots, port, free_port())
+    command = peer_command(name, servers, slots, port, free_port(), buffer)
     (workdir / "command.yaml").write_text(yaml.safe_dump(command))
     with open(workdir / "peer.log", "wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
