@@ -223,7 +223,7 @@ def peer_report(strategy: str, servers: dict[str, str], slots: dict[str, int],
 
 def run(fleet_text: str, scenarios: list[Scenario], strategies: list[str], seed: int, duration: float,
         agent_interval: str, conversation_duration: float,
-        buffer: Buffer = DEFAULT_BUFFER) -> tuple[list[dict[str, Any]], Distributions]:
+        buffer: Buffer) -> tuple[list[dict[str, Any]], Distributions]:
     fleet = parse_fleet(fleet_text)
     slots = {spec.name: spec.slots for spec in fleet}
     bypass_target = max(fleet, key=lambda spec: spec.slots).name

@@ -127,7 +127,7 @@ def peer_version(name: str) -> str | None:
 
 
 def peer_command(name: str, servers: dict[str, str], slots: dict[str, int], port: int,
-                 metrics_port: int, buffer: Buffer = DEFAULT_BUFFER) -> list[str]:
+                 metrics_port: int, buffer: Buffer) -> list[str]:
     """How a peer is started (its exact flags go into the report)."""
     found = peer(name)
     assert found is not None, name
@@ -181,7 +181,7 @@ def run_strategy(name: str, servers: dict[str, str], slots: dict[str, int], work
 
 
 def plain_haproxy(name: str, servers: dict[str, str], slots: dict[str, int], port: int, socket: Path,
-                  buffer: Buffer = DEFAULT_BUFFER) -> str:
+                  buffer: Buffer) -> str:
     """HAProxy's config for a plain HAProxy strategy."""
     algorithm, server_options = PLAIN_HAPROXY_STRATEGIES[name]
     lines = "\n".join(f"    server {n} {address}{server_options.format(slots=slots[n])}"
@@ -191,7 +191,7 @@ def plain_haproxy(name: str, servers: dict[str, str], slots: dict[str, int], por
 
 
 def proxy_report(name: str, servers: dict[str, str], slots: dict[str, int],
-                 buffer: Buffer = DEFAULT_BUFFER) -> dict[str, Any] | None:
+                 buffer: Buffer) -> dict[str, Any] | None:
     """For a plain proxy strategy: the proxy, its version and its exact config (ports as 0), for the report."""
     if name in PLAIN_HAPROXY_STRATEGIES:
         binary, version_flag, flags = haproxy_binary(), "-v", []
